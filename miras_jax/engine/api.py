@@ -1,0 +1,132 @@
+"""``memorize``: the public entry point, with input validation and implementation dispatch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from miras_jax.engine.reference import MemoryState, init_state, memorize_tokens
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "auto")
+
+GATE_DOCS = {
+    "lr": "inner learning rate eta_t (beta_t for the delta family), shape [T] ([T, n] per sub-step)",
+    "decay": "retention alpha_t, shape [T] or channel-wise [T, d_k] (matrix memory)",
+    "momentum": "momentum m_t, shape [T]",
+    "delta": "Huber threshold delta_t, shape [T]",
+}
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _check_array(name, x, ndims, shape_txt):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if not _is_float(x):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if x.ndim not in ndims:
+        raise ValueError(f"{name} must have shape {shape_txt}, got {tuple(x.shape)}")
+
+
+def check_inputs(spec, params, q, k, v, gates):
+    """Validate shapes / dtypes / gates / hyper-parameters; returns the gates the spec reads,
+    each an array with leading axis ``T``. Raises ``ValueError`` / ``TypeError`` with the reason."""
+    n = spec.num_steps
+    _check_array("q", q, (2,), "[T, d_k]")
+    _check_array("k", k, (2, 3) if n > 1 else (2,), "[T, d_k]" + (" or [T, n, d_k]" if n > 1 else ""))
+    _check_array("v", v, (2, 3) if n > 1 else (2,), "[T, d_v]" + (" or [T, n, d_v]" if n > 1 else ""))
+    T, d_k = q.shape
+    d_v = v.shape[-1]
+    if k.shape[0] != T or v.shape[0] != T:
+        raise ValueError(f"q, k, v must share the token axis: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[-1] != d_k:
+        raise ValueError(f"q and k must share d_k: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.ndim == 3 and x.shape[1] != n:
+            raise ValueError(f"{name} has {x.shape[1]} sub-steps per token but the spec takes "
+                             f"num_steps={n}: {name} {tuple(x.shape)}")
+
+    expected = jax.eval_shape(lambda: spec.memory.init(jax.random.key(0), d_k, d_v))
+    got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
+    same_tree = jax.tree.structure(expected) == jax.tree.structure(got)
+    if not same_tree or any(a.shape != b.shape for a, b in zip(jax.tree.leaves(expected),
+                                                                 jax.tree.leaves(got))):
+        shapes = jax.tree.map(lambda s: tuple(s.shape), expected)
+        raise ValueError(f"memory params do not match {type(spec.memory).__name__} for d_k={d_k}, "
+                         f"d_v={d_v}: expected shapes {shapes}, got "
+                         f"{jax.tree.map(lambda s: tuple(s.shape), got)}")
+    if not all(_is_float(x) for x in jax.tree.leaves(params)):
+        raise TypeError("memory params must be floating-point arrays")
+    spec.retention.check_params(params)
+    spec.validate()
+
+    gates = {} if gates is None else gates
+    if not isinstance(gates, dict):
+        raise TypeError(f"gates must be a dict of per-token arrays, got {type(gates).__name__}")
+    out = {}
+    for name in spec.required_gates:
+        if name not in gates:
+            raise ValueError(f"spec {spec.name!r} needs gate {name!r} ({GATE_DOCS.get(name, '')}); "
+                             f"got gates {sorted(gates)}; required: {list(spec.required_gates)}")
+        g = jnp.asarray(gates[name])
+        if not _is_float(g):
+            raise TypeError(f"gate {name!r} must be floating-point, got dtype {g.dtype}")
+        if g.ndim == 0:
+            g = jnp.broadcast_to(g, (T,))
+        allowed = [(T,)]
+        if name == "lr" and n > 1:
+            allowed.append((T, n))
+        if name == "decay" and getattr(spec.memory, "kind", None) == "linear":
+            allowed.append((T, d_k))
+        if tuple(g.shape) not in allowed:
+            extra = ""
+            if name == "decay" and g.ndim == 2:
+                extra = " (channel-wise decay needs a linear/matrix memory)"
+            raise ValueError(f"gate {name!r} must have shape one of {allowed}{extra}, got {tuple(g.shape)}")
+        out[name] = g
+    return out
+
+
+def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
+             implementation: str = "reference", initial_state: MemoryState | None = None):
+    """Run the memory of ``spec`` over one sequence: write ``(k_t, v_t)``, read ``q_t``.
+
+    Args:
+      spec: a :class:`~miras_jax.spec.MirasSpec` (e.g. ``presets.get("moneta")``).
+      params: initial memory parameters ``W_0`` (``spec.memory.init(key, d_k, d_v)``).
+      q: ``[T, k]`` queries; k: ``[T, k]`` keys (``[T, n, k]`` for ``num_steps = n``);
+      v: ``[T, v]`` values (``[T, n, v]``).
+      gates: dict of per-token arrays, see ``GATE_DOCS``; unused gates are ignored.
+      chunk_size: 1 = token-by-token (exact).
+      implementation: ``"reference"`` (token-level ``lax.scan``).
+      initial_state: a ``MemoryState`` to continue from (segments); default ``init_state(params)``.
+
+    Returns:
+      ``(y, final_state)``: ``y: [T, v]`` with ``y_t = M_{W_t}(q_t)`` read after the write of
+      token t, and the final ``MemoryState`` (``.memory`` has the structure of ``params``).
+      State is kept in float32 (float64 if given float64); ``y`` has the dtype of ``v``.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    gates = check_inputs(spec, params, q, k, v, gates)
+    if implementation != "reference" or chunk_size != 1:
+        raise NotImplementedError(
+            f"implementation={implementation!r} with chunk_size={chunk_size} is not available yet: "
+            "only the token-level engine (implementation='reference', chunk_size=1) exists so far")
+
+    leaves = [q, k, v, *gates.values(), *jax.tree.leaves(params)]
+    # float32 accumulation, float64 only if asked for (x64 mode and a float64 input).
+    wide = any(jnp.result_type(x) == jnp.float64 for x in leaves)
+    dtype = jnp.float64 if wide and jax.config.jax_enable_x64 else jnp.float32
+    cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)  # noqa: E731
+    state = init_state(spec, cast(params)) if initial_state is None else cast(initial_state)
+    spec = spec.replace(hparams=cast(spec.hparams))
+    y, final = memorize_tokens(spec, state, cast(q), cast(k), cast(v), cast(gates))
+    param_dtypes = jax.tree.map(lambda x: jnp.result_type(x), params)
+    final = final._replace(memory=jax.tree.map(lambda x, d: x.astype(d), final.memory, param_dtypes))
+    return y.astype(v.dtype), final

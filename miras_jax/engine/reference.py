@@ -1,0 +1,85 @@
+"""The token-level engine: one exact Miras step per token under ``jax.lax.scan``.
+
+This is the truth every fast path is compared with. For one sequence of one head::
+
+    point_t = W_{t-1}                        (grad_at="previous")
+            | retention(W_{t-1}, u=0)        (grad_at="retained", e.g. a_t W_{t-1})
+    phi_t   = bias.residual_map(M_{point}(k_t), v_t)         # dl/dpred, [v]
+    g_t     = (dM_{point}(k_t)/dW)^T phi_t                   # VJP through the memory
+    u_t, s  = optimizer.update(g_t, s, ...)                  # e.g. -eta_t g_t
+    W_t     = retention.step(W_{t-1}, u_t, a_t)              # e.g. a_t W_{t-1} + u_t
+    y_t     = M_{W_t}(q_t)                                   # read after the write
+
+With ``optimizer.num_steps = n`` the step is repeated n times per token (key/value ``j`` of
+``k: [T, n, k]``), the decay entering only the first sub-step (DeltaProduct).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class MemoryState(NamedTuple):
+    """What the recurrence carries: memory params, retention state (accumulator), optimizer state."""
+
+    memory: Any
+    retention: Any
+    optimizer: Any
+
+
+def init_state(spec, params) -> MemoryState:
+    """State before the first token: ``W_0``, ``A_0 = W_0`` (if any), optimizer state (``S_0 = 0``)."""
+    hp = spec.hparams
+    return MemoryState(params, spec.retention.init(params, hp["retention"]), spec.optimizer.init(params))
+
+
+def _sub_gates(gates_t: dict, j: int, n: int) -> dict:
+    """Gates of sub-step ``j``: a per-step ``lr: [n]`` is indexed, the rest shared."""
+    if n == 1:
+        return gates_t
+    out = dict(gates_t)
+    if "lr" in out and jnp.ndim(out["lr"]) == 1:
+        out["lr"] = out["lr"][j]
+    return out
+
+
+def token_step(spec, state: MemoryState, k_t, v_t, gates_t: dict) -> MemoryState:
+    """One token's update. ``k_t: [k]`` or ``[n, k]``, ``v_t: [v]`` or ``[n, v]``."""
+    hp = spec.hparams
+    params, rstate, ostate = state
+    n = spec.num_steps
+    if n > 1 and k_t.ndim == 1:
+        k_t = jnp.broadcast_to(k_t, (n, k_t.shape[0]))
+    if n > 1 and v_t.ndim == 1:
+        v_t = jnp.broadcast_to(v_t, (n, v_t.shape[0]))
+    decay = spec.retention.decay_value(gates_t, hp["retention"])
+    for j in range(n):
+        k_j, v_j = (k_t[j], v_t[j]) if n > 1 else (k_t, v_t)
+        g_j = _sub_gates(gates_t, j, n)
+        a_j = decay if j == 0 else None
+        if spec.grad_at == "retained":
+            point, _ = spec.retention.step(params, rstate, None, a_j, hp["retention"])
+        else:
+            point = params
+        pred, vjp = jax.vjp(lambda w: spec.memory.apply(w, k_j), point)
+        phi = spec.bias.residual_map(pred, v_j, hp["bias"], g_j)
+        (grads,) = vjp(phi.astype(pred.dtype))
+        updates, ostate = spec.optimizer.update(grads, ostate, point, gates=g_j,
+                                                hparams=hp["optimizer"], key=k_j)
+        params, rstate = spec.retention.step(params, rstate, updates, a_j, hp["retention"])
+    return MemoryState(params, rstate, ostate)
+
+
+def memorize_tokens(spec, state: MemoryState, q, k, v, gates: dict):
+    """Scan :func:`token_step` over ``T`` tokens; returns ``(y: [T, v], final MemoryState)``."""
+
+    def body(carry, xs):
+        q_t, k_t, v_t, g_t = xs
+        carry = token_step(spec, carry, k_t, v_t, g_t)
+        return carry, spec.memory.apply(carry.memory, q_t)
+
+    final, y = jax.lax.scan(body, state, (q, k, v, gates))
+    return y, final

@@ -1,0 +1,142 @@
+"""Memory architectures: pure ``init`` / ``apply`` pairs over a parameter pytree.
+
+Axis letters: ``k`` key dim, ``v`` value dim, ``f`` hidden width of an MLP memory.
+A memory maps one key ``x: [k]`` to a value ``[v]``; batch and tokens are added with
+``jax.vmap``. Every weight is a 2-D matrix ``[out, in]`` so retention maps that act "per
+matrix" or "per row" (l_q normalisation, softmax on the simplex) have one meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Params = Any  # a pytree of [out, in] matrices
+
+INITS = ("zeros", "normal", "simplex", "unit_interval")
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "identity": lambda x: x,
+}
+
+
+def _init_matrix(key, shape, init: str, scale: float, dtype):
+    """One ``[out, in]`` weight. ``simplex``: rows are ``in * softmax(noise)`` (positive, row sum
+    = row length); ``unit_interval``: ``sigmoid(noise)`` in (0, 1); ``normal``: ``scale *
+    N(0, 1) / sqrt(in)``."""
+    fan_in = shape[-1]
+    noise = jax.random.normal(key, shape, jnp.float32)
+    if init == "zeros":
+        w = jnp.zeros(shape, jnp.float32)
+    elif init == "normal":
+        w = scale * noise / jnp.sqrt(fan_in)
+    elif init == "simplex":
+        w = fan_in * jax.nn.softmax(scale * noise, axis=-1)
+    elif init == "unit_interval":
+        w = jax.nn.sigmoid(scale * noise)
+    else:
+        raise ValueError(f"unknown memory init {init!r}; valid: {INITS}")
+    return w.astype(dtype)
+
+
+def layer_norm(x, eps: float = 1e-5):
+    """LayerNorm without affine parameters over the last axis (affine terms are outer params)."""
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mu
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    return xc * jax.lax.rsqrt(var + eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearMemory:
+    """Matrix memory ``M_W(x) = W x`` with ``W: [v, k]`` stored under ``"W"``."""
+
+    init_method: str = "zeros"
+    init_scale: float = 1.0
+    kind: str = dataclasses.field(default="linear", init=False)
+
+    def __post_init__(self):
+        if self.init_method not in INITS:
+            raise ValueError(f"unknown memory init {self.init_method!r}; valid: {INITS}")
+
+    def init(self, key, d_k: int, d_v: int, dtype=jnp.float32) -> Params:
+        """Returns ``{"W": [d_v, d_k]}``."""
+        return {"W": _init_matrix(key, (d_v, d_k), self.init_method, self.init_scale, dtype)}
+
+    def apply(self, params: Params, x):
+        """``x: [k] -> [v]``."""
+        return params["W"] @ x
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPMemory:
+    """MLP memory ``M(x) = [x +] [LN](W_{L-1} act(... act(W_0 x)))`` (no biases).
+
+    ``depth=2, expansion=4, residual=True, layer_norm=True`` is the Miras memory
+    ``x + LN(W_1 gelu(W_2 x))``; ``depth=1`` with residual and LN is TTT-Linear's ``x + LN(W x)``.
+    Params: ``{"layers": (W_0 [f, k], ..., W_{L-1} [v, f])}``. The residual needs ``d_k == d_v``.
+    """
+
+    depth: int = 2
+    expansion: int = 4
+    residual: bool = True
+    layer_norm: bool = True
+    activation: str = "gelu"
+    init_method: str = "normal"
+    init_scale: float = 1.0
+    kind: str = dataclasses.field(default="mlp", init=False)
+
+    def __post_init__(self):
+        if self.depth < 1:
+            raise ValueError(f"MLP memory depth must be >= 1, got {self.depth}")
+        if self.expansion < 1:
+            raise ValueError(f"MLP memory expansion must be >= 1, got {self.expansion}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; valid: {tuple(ACTIVATIONS)}")
+        if self.init_method not in INITS or self.init_method == "zeros":
+            raise ValueError(f"MLP memory init must be one of {INITS[1:]}, got {self.init_method!r}")
+
+    def widths(self, d_k: int, d_v: int) -> list[int]:
+        hidden = self.expansion * d_k
+        return [d_k] + [hidden] * (self.depth - 1) + [d_v]
+
+    def init(self, key, d_k: int, d_v: int, dtype=jnp.float32) -> Params:
+        if self.residual and d_k != d_v:
+            raise ValueError(f"a residual MLP memory needs d_k == d_v, got d_k={d_k}, d_v={d_v}")
+        w = self.widths(d_k, d_v)
+        keys = jax.random.split(key, self.depth)
+        layers = tuple(
+            _init_matrix(keys[i], (w[i + 1], w[i]), self.init_method, self.init_scale, dtype)
+            for i in range(self.depth)
+        )
+        return {"layers": layers}
+
+    def apply(self, params: Params, x):
+        """``x: [k] -> [v]``."""
+        act = ACTIVATIONS[self.activation]
+        layers = params["layers"]
+        h = x
+        for i, w in enumerate(layers):
+            h = w @ h
+            if i < len(layers) - 1:
+                h = act(h)
+        if self.layer_norm:
+            h = layer_norm(h)
+        return x + h if self.residual else h
+
+
+def linear_memory(init: str = "zeros", init_scale: float = 1.0) -> LinearMemory:
+    """Matrix memory ``W x``; see :class:`LinearMemory`."""
+    return LinearMemory(init_method=init, init_scale=init_scale)
+
+
+def mlp_memory(depth: int = 2, expansion: int = 4, residual: bool = True, layer_norm: bool = True,
+               activation: str = "gelu", init: str = "normal", init_scale: float = 1.0) -> MLPMemory:
+    """MLP memory; see :class:`MLPMemory`."""
+    return MLPMemory(depth=depth, expansion=expansion, residual=residual, layer_norm=layer_norm,
+                     activation=activation, init_method=init, init_scale=init_scale)

@@ -1,0 +1,172 @@
+"""Every known model as a preset of :class:`~miras_jax.spec.MirasSpec` (MIRAS.md section 2, 5).
+
+``get(name, **kw)`` builds one; ``names()`` lists them. Keyword arguments are either structural
+(``memory="linear" | "mlp"``, ``smooth``, ``num_steps``, ``expansion``, ``depth``, ``gated``) or
+numeric hyper-parameters that become array leaves (``p``, ``q``, ``decay``, ``lr_scale``,
+``delta_scale``, ``a``, ``eps``, ...). Matrix memory is ``W: [v, k]``, ``M(k) = W k``;
+``a`` is the decay gate, ``b`` the ``lr`` gate, ``r = W_{t-1} k - v``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from miras_jax import bias as B
+from miras_jax import inner_opt as O
+from miras_jax import memory as M
+from miras_jax import retention as R
+from miras_jax.spec import MirasSpec
+
+_REGISTRY: dict[str, Callable[..., MirasSpec]] = {}
+
+
+def register(fn: Callable[..., MirasSpec]) -> Callable[..., MirasSpec]:
+    """Register a preset factory under its function name."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get(name: str, **kwargs) -> MirasSpec:
+    """Build preset ``name``; structural keywords go to the factory, the rest set hyper-parameters."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(names())}")
+    fn = _REGISTRY[name]
+    structural = set(inspect.signature(fn).parameters)
+    spec = fn(**{k: v for k, v in kwargs.items() if k in structural})
+    numeric = {k: v for k, v in kwargs.items() if k not in structural}
+    if numeric:
+        try:
+            spec = spec.with_hparams(**numeric)
+        except ValueError as e:
+            raise ValueError(f"preset {name!r}: {e}; structural options: {sorted(structural)}") from None
+    spec.validate()
+    return spec
+
+
+def _memory(memory: str, init_linear: str = "zeros", init_mlp: str = "normal", **mlp_kw):
+    if memory == "linear":
+        return M.linear_memory(init=init_linear)
+    if memory == "mlp":
+        return M.mlp_memory(init=init_mlp, **mlp_kw)
+    raise ValueError(f"memory must be 'linear' or 'mlp', got {memory!r}")
+
+
+def _spec(name, memory, bias, retention, optimizer, grad_at="previous"):
+    return MirasSpec(memory=memory, bias=bias, retention=retention, optimizer=optimizer,
+                     grad_at=grad_at, name=name)
+
+
+# --- the Hebbian family: dot-product bias ---------------------------------------------------
+
+@register
+def linear_attention() -> MirasSpec:
+    """Linear attention: ``W_t = W_{t-1} + b_t v_t k_t^T`` (dot bias, no retention, GD)."""
+    return _spec("linear_attention", M.linear_memory(), B.dot_bias(), R.no_retention(), O.gd())
+
+
+@register
+def retnet() -> MirasSpec:
+    """RetNet / Lightning: ``W_t = a W_{t-1} + b_t v_t k_t^T`` with a constant ``a`` (hparam
+    ``decay``, default 1 - 2^-5)."""
+    spec = _spec("retnet", M.linear_memory(), B.dot_bias(), R.decay_retention("hparam"), O.gd())
+    return spec.with_hparams(decay=1.0 - 2.0 ** -5)
+
+
+@register
+def mamba2() -> MirasSpec:
+    """Mamba2-style: ``W_t = a_t W_{t-1} + b_t v_t k_t^T``, scalar ``a_t`` (gate ``decay: [T]``)."""
+    return _spec("mamba2", M.linear_memory(), B.dot_bias(), R.decay_retention(), O.gd())
+
+
+@register
+def gla() -> MirasSpec:
+    """GLA: ``W_t = W_{t-1} Diag(a_t) + b_t v_t k_t^T``, channel-wise ``a_t`` (gate ``decay: [T, k]``)."""
+    return _spec("gla", M.linear_memory(), B.dot_bias(), R.decay_retention(), O.gd())
+
+
+# --- the delta family: l2 bias --------------------------------------------------------------
+
+@register
+def deltanet() -> MirasSpec:
+    """DeltaNet: ``W_t = W_{t-1} - b_t (W_{t-1} k_t - v_t) k_t^T``."""
+    return _spec("deltanet", M.linear_memory(), B.l2_bias(), R.no_retention(), O.gd())
+
+
+@register
+def gated_deltanet() -> MirasSpec:
+    """Gated DeltaNet: ``W_t = a_t W_{t-1} - b_t (a_t W_{t-1} k_t - v_t) k_t^T`` (step at the
+    decayed state)."""
+    return _spec("gated_deltanet", M.linear_memory(), B.l2_bias(), R.decay_retention(), O.gd(),
+                 grad_at="retained")
+
+
+@register
+def longhorn() -> MirasSpec:
+    """Longhorn (implicit GD): ``W_t = W_{t-1} - b'_t (W_{t-1} k_t - v_t) k_t^T``,
+    ``b'_t = b_t / (1 + b_t k_t^T k_t)``."""
+    return _spec("longhorn", M.linear_memory(), B.l2_bias(), R.no_retention(), O.implicit_gd())
+
+
+@register
+def deltaproduct(num_steps: int = 2, gated: bool = True) -> MirasSpec:
+    """DeltaProduct: ``W' = a_t W_{t-1}``; for ``j < n``: ``W' = W' - b_{t,j} (W' k_{t,j} - v_{t,j})
+    k_{t,j}^T``; ``W_t = W'``. Inputs ``k: [T, n, k]``, ``v: [T, n, v]``, ``lr: [T, n]``
+    (or ``[T, k]`` / ``[T, v]`` / ``[T]`` to repeat one pair). ``gated=False`` drops ``a_t``."""
+    ret = R.decay_retention() if gated else R.no_retention()
+    return _spec("deltaproduct", M.linear_memory(), B.l2_bias(), ret, O.multi_step_gd(num_steps),
+                 grad_at="retained")
+
+
+@register
+def ttt_linear() -> MirasSpec:
+    """TTT-Linear: memory ``x + LN(W x)``, ``W_t = W_{t-1} - b_t grad l2(W_{t-1})``."""
+    mem = M.mlp_memory(depth=1, residual=True, layer_norm=True)
+    return _spec("ttt_linear", mem, B.l2_bias(), R.no_retention(), O.gd())
+
+
+@register
+def ttt_mlp(expansion: int = 4) -> MirasSpec:
+    """TTT-MLP: memory ``x + LN(W_1 gelu(W_0 x))``, ``W_t = W_{t-1} - b_t grad l2(W_{t-1})``."""
+    mem = M.mlp_memory(depth=2, expansion=expansion, residual=True, layer_norm=True)
+    return _spec("ttt_mlp", mem, B.l2_bias(), R.no_retention(), O.gd())
+
+
+# --- Titans and the three Miras models ------------------------------------------------------
+
+@register
+def titans(memory: str = "mlp", expansion: int = 4, depth: int = 2) -> MirasSpec:
+    """Titans-LMM: ``S_t = m_t S_{t-1} - b_t grad l2(W_{t-1})``; ``W_t = a_t W_{t-1} + S_t``."""
+    mem = _memory(memory, expansion=expansion, depth=depth)
+    return _spec("titans", mem, B.l2_bias(), R.decay_retention(), O.momentum_gd())
+
+
+@register
+def moneta(memory: str = "mlp", smooth: bool | None = True, expansion: int = 4,
+           depth: int = 2) -> MirasSpec:
+    """Moneta (Eq. 24-25), defaults ``p = 3``, ``q = 4``:
+    ``A_t = a_t A_{t-1} - b_t grad l_p(W_{t-1})``, ``W_t = A_t / ||A_t||_q^(q-2)`` per weight
+    matrix, ``A_0 = W_0``; for matrix memory ``grad l_p = p sign(r)|r|^(p-1) k^T``."""
+    mem = _memory(memory, expansion=expansion, depth=depth)
+    return _spec("moneta", mem, B.lp_bias(smooth), R.lq_retention(), O.gd())
+
+
+@register
+def yaad(memory: str = "mlp", smooth: bool | None = True, expansion: int = 4,
+         depth: int = 2) -> MirasSpec:
+    """Yaad (Eq. 26): ``W_t = a_t W_{t-1} - b_t g_t`` with ``g_t = grad l2`` if
+    ``||r_t|| <= delta_t`` else ``delta_t grad l1`` (gate ``delta``, times hparam ``delta_scale``)."""
+    mem = _memory(memory, expansion=expansion, depth=depth)
+    return _spec("yaad", mem, B.yaad_bias(smooth), R.decay_retention(), O.gd())
+
+
+@register
+def memora(memory: str = "mlp", expansion: int = 4, depth: int = 2) -> MirasSpec:
+    """Memora (Eq. 27): ``W_t = c Softmax(a_t log W_{t-1} - b_t grad l2(W_{t-1}))`` over each row,
+    ``c`` = row length; the memory must stay positive (initialised with ``init='simplex'``)."""
+    mem = _memory(memory, init_linear="simplex", init_mlp="simplex", expansion=expansion, depth=depth)
+    return _spec("memora", mem, B.l2_bias(), R.kl_retention(), O.gd())

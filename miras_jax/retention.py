@@ -1,0 +1,240 @@
+"""Retention gates as mirror maps (MIRAS.md section 4).
+
+Every retention gate here updates the memory in a *dual* space::
+
+    z_{t-1} = to_dual(W_{t-1})        (or the accumulator A_{t-1}, if ``accumulate``)
+    z_t     = a_t * z_{t-1} + u_t      (a_t: decay / alpha_t; u_t: the optimizer's update)
+    W_t     = from_dual(z_t)
+
+where ``u_t = -eta_t grad l(W_{t-1})`` for plain GD. The choice of ``(to_dual, from_dual)`` gives:
+
+| gate                | dual       | primal                      | equation                          |
+|---------------------|------------|-----------------------------|-----------------------------------|
+| ``none``            | W          | W                           | ``W_t = W_{t-1} + u``             |
+| ``decay`` (l2)      | W          | W                           | ``W_t = a W_{t-1} + u``           |
+| ``lq`` (Moneta)     | A (kept)   | ``A / ||A||_q^(q-2)``       | FTRL with ``||W||_q^2``           |
+| ``kl`` (Memora)     | log W      | ``c softmax(z)`` per row    | Eq. 18-21, 27                     |
+| ``elastic_net``     | W          | ``S_gamma(z)``              | Eq. 22 (learning-retaining form)  |
+| ``elastic_net_ftrl``| A (kept)   | ``S_gamma(A)``              | Eq. 23                            |
+| ``sigmoid``         | logit W    | ``sigmoid(z)``              | Bregman / logit map               |
+
+``a_t`` is a scalar or (matrix memory only) a ``[k]`` vector that scales the key channels
+(``W Diag(a)``). Its source is the gate ``"decay"``, a constant hyper-parameter ``decay``
+(RetNet), or nothing (``a = 1``). Maps act per weight matrix (``[out, in]`` leaf) and per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from miras_jax._checks import check_range, concrete
+
+DECAY_SOURCES = ("gate", "hparam", "none")
+
+
+def _tree_decay(z, a):
+    """``a * z`` leafwise; ``a`` scalar or ``[k]`` (broadcast on the last axis)."""
+    if a is None:
+        return z
+    return jax.tree.map(lambda x: a * x, z)
+
+
+def soft_threshold(z, gamma):
+    """``S_gamma(z) = sign(z) max(0, |z| - gamma)``."""
+    return jnp.sign(z) * jnp.maximum(jnp.abs(z) - gamma, 0.0)
+
+
+def lq_normalize(a, q):
+    """``A / ||A||_q^(q-2)`` for one matrix, ``||A||_q = (sum |A|^q)^(1/q)``; 0 stays 0."""
+    s = jnp.sum(jnp.abs(a) ** q)
+    pos = s > 0
+    safe = jnp.where(pos, s, 1.0)
+    return a * jnp.where(pos, safe ** (-(q - 2.0) / q), 1.0)
+
+
+def simplex_softmax(z, c=None):
+    """``c softmax(z)`` over the last axis (each row); ``c`` defaults to the row length."""
+    c = z.shape[-1] if c is None else c
+    return c * jax.nn.softmax(z, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Retention:
+    """A retention gate: ``z_t = a_t z_{t-1} + u_t`` in the dual space, ``W_t = from_dual(z_t)``.
+
+    Subclasses set ``to_dual`` / ``from_dual``; ``accumulate=True`` keeps ``z`` (the accumulator
+    ``A_t``, with ``A_0 = W_0``) in the retention state instead of recomputing it from ``W``.
+    """
+
+    decay_source: str = "gate"
+    name: str = "decay"
+    accumulate: bool = False
+    domain: str = "real"  # "real" | "positive" | "unit_interval": where W must live
+
+    def __post_init__(self):
+        if self.decay_source not in DECAY_SOURCES:
+            raise ValueError(f"decay_source must be one of {DECAY_SOURCES}, got {self.decay_source!r}")
+
+    @property
+    def gates(self) -> tuple:
+        return ("decay",) if self.decay_source == "gate" else ()
+
+    def default_hparams(self) -> dict:
+        return {"decay": 1.0} if self.decay_source == "hparam" else {}
+
+    def validate(self, hp) -> None:
+        if self.decay_source == "hparam":
+            check_range("decay", hp["decay"], low=0.0, high=1.0, low_open=True)
+
+    def to_dual(self, params, hp):
+        return params
+
+    def from_dual(self, z, hp):
+        return z
+
+    def check_params(self, params) -> None:
+        """Raise ``ValueError`` if (concrete) memory params lie outside this gate's domain."""
+        if self.domain == "real":
+            return
+        for leaf in jax.tree.leaves(params):
+            val = concrete(leaf)
+            if val is None:
+                continue
+            if self.domain == "positive" and not np.all(val > 0):
+                raise ValueError(
+                    f"retention {self.name!r} needs a strictly positive memory (it works with log W); "
+                    f"got min {val.min():.3g}. Initialise with init='simplex'.")
+            if self.domain == "unit_interval" and not np.all((val > 0) & (val < 1)):
+                raise ValueError(
+                    f"retention {self.name!r} needs memory entries in (0, 1) (it works with logit W); "
+                    f"got range [{val.min():.3g}, {val.max():.3g}]. Initialise with init='unit_interval'.")
+
+    def decay_value(self, gates_t, hp):
+        """The decay ``a_t`` for this token (``None`` = no decay)."""
+        if self.decay_source == "gate":
+            return gates_t["decay"]
+        if self.decay_source == "hparam":
+            return hp["decay"]
+        return None
+
+    def init(self, params, hp) -> Any:
+        """Retention state: the accumulator ``A_0 = W_0`` if ``accumulate``, else ``()``."""
+        return params if self.accumulate else ()
+
+    def step(self, params, state, updates, decay, hp):
+        """``(W_{t-1}, state, u_t, a_t) -> (W_t, state_t)``; ``updates=None`` means ``u = 0``."""
+        z = state if self.accumulate else self.to_dual(params, hp)
+        z = _tree_decay(z, decay)
+        if updates is not None:
+            z = jax.tree.map(jnp.add, z, updates)
+        new = self.from_dual(z, hp)
+        return new, (z if self.accumulate else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class LqRetention(Retention):
+    """Moneta's l_q retention: ``A_t = a A_{t-1} + u``, ``W_t = A_t / ||A_t||_q^(q-2)``, ``q >= 2``."""
+
+    name: str = "lq"
+    accumulate: bool = True
+
+    def default_hparams(self):
+        return {**super().default_hparams(), "q": 4.0}
+
+    def validate(self, hp):
+        super().validate(hp)
+        check_range("q", hp["q"], low=2.0, what=" (l_q retention)")
+
+    def from_dual(self, z, hp):
+        return jax.tree.map(lambda a: lq_normalize(a, hp["q"]), z)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLRetention(Retention):
+    """KL retention on the scaled simplex (Memora, Eq. 21 / 27).
+
+    ``W_t = c softmax(a log W_{t-1} + u)`` per row of every weight matrix; ``c`` (static) defaults
+    to the row length, so a uniform row is all ones. Needs ``W > 0``.
+    """
+
+    name: str = "kl"
+    domain: str = "positive"
+    c: float | None = None
+
+    def to_dual(self, params, hp):
+        return jax.tree.map(jnp.log, params)
+
+    def from_dual(self, z, hp):
+        return jax.tree.map(lambda x: simplex_softmax(x, self.c), z)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticNetRetention(Retention):
+    """Elastic-net retention (Eq. 22): ``W_t = S_gamma(a W_{t-1} + u)``; ``gamma >= 0``.
+
+    With ``accumulate=True`` it is the FTRL form (Eq. 23): ``A_t = a A_{t-1} + u``,
+    ``W_t = S_gamma(A_t)``, ``A_0 = W_0``.
+    """
+
+    name: str = "elastic_net"
+
+    def default_hparams(self):
+        return {**super().default_hparams(), "gamma": 1e-3}
+
+    def validate(self, hp):
+        super().validate(hp)
+        check_range("gamma", hp["gamma"], low=0.0, what=" (soft threshold)")
+
+    def from_dual(self, z, hp):
+        return jax.tree.map(lambda x: soft_threshold(x, hp["gamma"]), z)
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmoidRetention(Retention):
+    """Bregman (logit) mirror map: ``W_t = sigmoid(a logit(W_{t-1}) + u)``, entries in (0, 1)."""
+
+    name: str = "sigmoid"
+    domain: str = "unit_interval"
+
+    def to_dual(self, params, hp):
+        return jax.tree.map(lambda w: jnp.log(w) - jnp.log1p(-w), params)
+
+    def from_dual(self, z, hp):
+        return jax.tree.map(jax.nn.sigmoid, z)
+
+
+# --- factories ------------------------------------------------------------------------------
+
+def no_retention() -> Retention:
+    """``W_t = W_{t-1} + u`` (linear attention, DeltaNet, Longhorn, TTT)."""
+    return Retention(decay_source="none", name="none")
+
+
+def decay_retention(source: str = "gate") -> Retention:
+    """l2 local + global retention: ``W_t = a_t W_{t-1} + u`` (scalar or channel-wise ``a_t``)."""
+    return Retention(decay_source=source, name="decay")
+
+
+def lq_retention(decay: str = "gate") -> LqRetention:
+    return LqRetention(decay_source=decay)
+
+
+def kl_retention(decay: str = "gate", c: float | None = None) -> KLRetention:
+    return KLRetention(decay_source=decay, c=c)
+
+
+def elastic_net_retention(decay: str = "gate") -> ElasticNetRetention:
+    return ElasticNetRetention(decay_source=decay, name="elastic_net")
+
+
+def elastic_net_ftrl_retention(decay: str = "none") -> ElasticNetRetention:
+    return ElasticNetRetention(decay_source=decay, name="elastic_net_ftrl", accumulate=True)
+
+
+def sigmoid_retention(decay: str = "none") -> SigmoidRetention:
+    return SigmoidRetention(decay_source=decay)
