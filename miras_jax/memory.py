@@ -68,6 +68,16 @@ class LinearMemory:
         """Returns ``{"W": [d_v, d_k]}``."""
         return {"W": _init_matrix(key, (d_v, d_k), self.init_method, self.init_scale, dtype)}
 
+    def forward(self, mm, x):
+        """The architecture with its matmuls abstracted: ``mm(i, h)`` is weight ``i`` times ``h``."""
+        return mm(0, x)
+
+    def leaves(self, params) -> list:
+        return [params["W"]]
+
+    def from_leaves(self, leaves) -> Params:
+        return {"W": leaves[0]}
+
     def apply(self, params: Params, x):
         """``x: [k] -> [v]``."""
         return params["W"] @ x
@@ -116,18 +126,28 @@ class MLPMemory:
         )
         return {"layers": layers}
 
-    def apply(self, params: Params, x):
-        """``x: [k] -> [v]``."""
+    def forward(self, mm, x):
+        """The architecture with its matmuls abstracted: ``mm(i, h)`` is layer ``i``'s ``W_i h``."""
         act = ACTIVATIONS[self.activation]
-        layers = params["layers"]
         h = x
-        for i, w in enumerate(layers):
-            h = w @ h
-            if i < len(layers) - 1:
+        for i in range(self.depth):
+            h = mm(i, h)
+            if i < self.depth - 1:
                 h = act(h)
         if self.layer_norm:
             h = layer_norm(h)
         return x + h if self.residual else h
+
+    def leaves(self, params) -> list:
+        return list(params["layers"])
+
+    def from_leaves(self, leaves) -> Params:
+        return {"layers": tuple(leaves)}
+
+    def apply(self, params: Params, x):
+        """``x: [k] -> [v]``."""
+        ws = params["layers"]
+        return self.forward(lambda i, h: ws[i] @ h, x)
 
 
 def linear_memory(init: str = "zeros", init_scale: float = 1.0) -> LinearMemory:
@@ -140,3 +160,28 @@ def mlp_memory(depth: int = 2, expansion: int = 4, residual: bool = True, layer_
     """MLP memory; see :class:`MLPMemory`."""
     return MLPMemory(depth=depth, expansion=expansion, residual=residual, layer_norm=layer_norm,
                      activation=activation, init_method=init, init_scale=init_scale)
+
+
+def token_factors(memory, params, x, residual_fn):
+    """Per-token gradient of the inner loss in outer-product form, without forming it.
+
+    For every weight ``W_i`` (used once, as ``W_i h``), ``grad_{W_i} l = delta_i in_i^T`` where
+    ``in_i`` is the input of that matmul and ``delta_i = dl/d(W_i in_i)``. ``residual_fn(pred)``
+    gives ``phi = dl/dpred``. Returns ``(pred [v], deltas, inputs)``, lists over weights;
+    ``jax.vmap`` it over the tokens of a chunk to get ``[c, out_i]`` / ``[c, in_i]`` factors.
+    """
+    ws = memory.leaves(params)
+
+    def tapped(taps):
+        inputs = []
+
+        def mm(i, h):
+            inputs.append(h)
+            return ws[i] @ h + taps[i]
+
+        return memory.forward(mm, x), inputs
+
+    taps = [jnp.zeros(w.shape[:1], w.dtype) for w in ws]
+    pred, vjp, inputs = jax.vjp(tapped, taps, has_aux=True)
+    (deltas,) = vjp(residual_fn(pred).astype(pred.dtype))
+    return pred, list(deltas), inputs

@@ -49,12 +49,16 @@ def soft_threshold(z, gamma):
     return jnp.sign(z) * jnp.maximum(jnp.abs(z) - gamma, 0.0)
 
 
-def lq_normalize(a, q):
-    """``A / ||A||_q^(q-2)`` for one matrix, ``||A||_q = (sum |A|^q)^(1/q)``; 0 stays 0."""
+def lq_scale(a, q):
+    """``||A||_q^-(q-2)`` for one matrix, ``||A||_q = (sum |A|^q)^(1/q)``; 1 for ``A = 0``."""
     s = jnp.sum(jnp.abs(a) ** q)
     pos = s > 0
-    safe = jnp.where(pos, s, 1.0)
-    return a * jnp.where(pos, safe ** (-(q - 2.0) / q), 1.0)
+    return jnp.where(pos, jnp.where(pos, s, 1.0) ** (-(q - 2.0) / q), 1.0)
+
+
+def lq_normalize(a, q):
+    """``A / ||A||_q^(q-2)`` for one matrix; 0 stays 0."""
+    return a * lq_scale(a, q)
 
 
 def simplex_softmax(z, c=None):
@@ -91,11 +95,20 @@ class Retention:
         if self.decay_source == "hparam":
             check_range("decay", hp["decay"], low=0.0, high=1.0, low_open=True)
 
+    # How the chunked (mini-batch) engine treats the map inside a chunk (engine/chunked.py):
+    # "linear": identity maps, exact; "scale": W = s(A) A with s refreshed at chunk ends (l_q);
+    # "lag": exact step on the chunk's first token, then the linear (primal) form (Memora).
+    chunk_mode = "linear"
+
     def to_dual(self, params, hp):
         return params
 
     def from_dual(self, z, hp):
         return z
+
+    def project(self, params):
+        """Clamp into the map's domain before ``to_dual`` (used after linear in-chunk steps)."""
+        return params
 
     def check_params(self, params) -> None:
         """Raise ``ValueError`` if (concrete) memory params lie outside this gate's domain."""
@@ -142,6 +155,11 @@ class LqRetention(Retention):
 
     name: str = "lq"
     accumulate: bool = True
+    chunk_mode = "scale"
+
+    def scale(self, a, hp):
+        """The factor ``s(A) = ||A||_q^-(q-2)`` of one matrix: ``W = s(A) A``."""
+        return lq_scale(a, hp["q"])
 
     def default_hparams(self):
         return {**super().default_hparams(), "q": 4.0}
@@ -165,6 +183,10 @@ class KLRetention(Retention):
     name: str = "kl"
     domain: str = "positive"
     c: float | None = None
+    chunk_mode = "lag"
+
+    def project(self, params):
+        return jax.tree.map(lambda w: jnp.maximum(w, 1e-30), params)
 
     def to_dual(self, params, hp):
         return jax.tree.map(jnp.log, params)
@@ -183,6 +205,10 @@ class ElasticNetRetention(Retention):
 
     name: str = "elastic_net"
 
+    @property
+    def chunk_mode(self):
+        return None if self.accumulate else "lag"
+
     def default_hparams(self):
         return {**super().default_hparams(), "gamma": 1e-3}
 
@@ -200,6 +226,10 @@ class SigmoidRetention(Retention):
 
     name: str = "sigmoid"
     domain: str = "unit_interval"
+    chunk_mode = "lag"
+
+    def project(self, params):
+        return jax.tree.map(lambda w: jnp.clip(w, 1e-6, 1.0 - 1e-6), params)
 
     def to_dual(self, params, hp):
         return jax.tree.map(lambda w: jnp.log(w) - jnp.log1p(-w), params)
