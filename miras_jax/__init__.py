@@ -6,10 +6,10 @@ by four choices: memory architecture (``memory``), attentional bias (``bias``), 
 """
 
 from miras_jax import bias, inner_opt, memory, presets, retention
-from miras_jax.engine import MemoryState, init_state, memorize
+from miras_jax.engine import MemoryState, init_state, memorize, memorize_batched
 from miras_jax.spec import MirasSpec
 
 __version__ = "0.1.0"
 
 __all__ = ["bias", "inner_opt", "memory", "presets", "retention", "MirasSpec", "MemoryState",
-           "init_state", "memorize", "__version__"]
+           "init_state", "memorize", "memorize_batched", "__version__"]

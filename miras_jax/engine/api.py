@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from miras_jax.engine.reference import MemoryState, init_state, memorize_tokens
+from miras_jax.engine import dispatch
+from miras_jax.engine.reference import MemoryState, init_state
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "auto")
 
@@ -91,7 +92,8 @@ def check_inputs(spec, params, q, k, v, gates):
 
 
 def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
-             implementation: str = "reference", initial_state: MemoryState | None = None):
+             implementation: str = "reference", initial_state: MemoryState | None = None,
+             remat_every: int = 0):
     """Run the memory of ``spec`` over one sequence: write ``(k_t, v_t)``, read ``q_t``.
 
     Args:
@@ -100,9 +102,15 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
       q: ``[T, k]`` queries; k: ``[T, k]`` keys (``[T, n, k]`` for ``num_steps = n``);
       v: ``[T, v]`` values (``[T, n, v]``).
       gates: dict of per-token arrays, see ``GATE_DOCS``; unused gates are ignored.
-      chunk_size: 1 = token-by-token (exact).
-      implementation: ``"reference"`` (token-level ``lax.scan``).
+      chunk_size: tokens per chunk. Exact families (Hebbian: linear attention, RetNet, Mamba2, GLA;
+        delta: DeltaNet, Gated DeltaNet, Longhorn, DeltaProduct) equal the token recurrence for
+        any chunk size; every other spec uses the mini-batch form (gradients at the chunk-start
+        memory, ``engine/chunked_reference.py``); ``chunk_size=1`` is always exact.
+      implementation: ``"reference"`` (token-level ``lax.scan``, or the chunked reference loops
+        when ``chunk_size > 1``), ``"xla"`` (fast chunked forms), ``"auto"`` (``"xla"``; Pallas
+        kernels are not available yet), ``"pallas"`` (not available yet: raises).
       initial_state: a ``MemoryState`` to continue from (segments); default ``init_state(params)``.
+      remat_every: with ``"xla"`` mini-batch forms, ``jax.checkpoint`` groups of this many chunks.
 
     Returns:
       ``(y, final_state)``: ``y: [T, v]`` with ``y_t = M_{W_t}(q_t)`` read after the write of
@@ -113,11 +121,14 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(remat_every, int) or remat_every < 0:
+        raise ValueError(f"remat_every must be a non-negative int, got {remat_every!r}")
     gates = check_inputs(spec, params, q, k, v, gates)
-    if implementation != "reference" or chunk_size != 1:
-        raise NotImplementedError(
-            f"implementation={implementation!r} with chunk_size={chunk_size} is not available yet: "
-            "only the token-level engine (implementation='reference', chunk_size=1) exists so far")
+    if implementation == "pallas":
+        raise NotImplementedError("implementation='pallas' is not available yet (no Pallas kernels "
+                                  "are built); use 'xla' or 'auto'")
+    if implementation == "auto":
+        implementation = "xla"
 
     leaves = [q, k, v, *gates.values(), *jax.tree.leaves(params)]
     # float32 accumulation, float64 only if asked for (x64 mode and a float64 input).
@@ -126,7 +137,41 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)  # noqa: E731
     state = init_state(spec, cast(params)) if initial_state is None else cast(initial_state)
     spec = spec.replace(hparams=cast(spec.hparams))
-    y, final = memorize_tokens(spec, state, cast(q), cast(k), cast(v), cast(gates))
+    y, final = dispatch.run(spec, state, cast(q), cast(k), cast(v), cast(gates), chunk_size=chunk_size,
+                            implementation=implementation, remat_every=remat_every)
     param_dtypes = jax.tree.map(lambda x: jnp.result_type(x), params)
     final = final._replace(memory=jax.tree.map(lambda x, d: x.astype(d), final.memory, param_dtypes))
     return y.astype(v.dtype), final
+
+
+def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
+                     implementation: str = "reference", initial_state: MemoryState | None = None,
+                     remat_every: int = 0):
+    """Canonical batched entry point: ``q, k: [B, T, H, k]``, ``v: [B, T, H, v]``.
+
+    ``params`` holds one memory per head (leading axis ``H`` on every leaf); gates are
+    ``[B, T, H]`` (channel-wise decay ``[B, T, H, k]``; DeltaProduct ``lr`` ``[B, T, H, n]`` and
+    ``k, v: [B, T, H, n, d]``). Returns ``y: [B, T, H, v]`` and a ``MemoryState`` whose leaves
+    lead with ``[B, H]`` (pass it back as ``initial_state``). Heads and batch are vmapped.
+    """
+    if getattr(q, "ndim", None) != 4:
+        raise ValueError(f"memorize_batched takes q of shape [B, T, H, d_k], got {getattr(q, 'shape', q)}")
+    B, T, H, _ = q.shape
+    for name, x in jax.tree_util.tree_flatten_with_path((k, v, gates or {}))[0]:
+        if x.shape[:3] != (B, T, H):
+            raise ValueError(f"{jax.tree_util.keystr(name)} must lead with [B, T, H] = {(B, T, H)}, "
+                             f"got {tuple(x.shape)}")
+    for x in jax.tree.leaves(params):
+        if x.shape[0] != H:
+            raise ValueError(f"memory params need a leading head axis of size H={H}, got {tuple(x.shape)}")
+    to_bh = lambda t: jax.tree.map(lambda x: jnp.swapaxes(x, 1, 2), t)  # noqa: E731
+    qh, kh, vh, gh = to_bh((q, k, v, gates or {}))
+
+    def one(p, q_, k_, v_, g_, s_):
+        return memorize(spec, p, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
+                        initial_state=s_, remat_every=remat_every)
+
+    heads = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0 if initial_state is not None else None))
+    y, state = jax.vmap(heads, in_axes=(None, 0, 0, 0, 0, 0 if initial_state is not None else None))(
+        params, qh, kh, vh, gh, initial_state)
+    return jnp.swapaxes(y, 1, 2), state

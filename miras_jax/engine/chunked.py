@@ -1,0 +1,210 @@
+"""Fast chunked (mini-batch) XLA path: the semantics of ``chunked_reference.py`` as matmuls.
+
+Per chunk of ``c`` tokens (one head), with every gradient taken at the chunk-start memory ``P``:
+
+1. factors: ``grad_{W_l} l_i = delta_{il} in_{il}^T`` for every weight ``l`` (``memory.token_factors``,
+   vmapped over the chunk; never materialised as ``[c, out, in]``);
+2. coefficients: with ``L_i = sum_{j<=i} log a_j``, ``R_ij = exp(L_i - L_j)`` (``j <= i``), the
+   dual state after token ``i`` is ``z_i = beta_i z_0 + gamma_i S_0 + sum_j C_ij delta_j in_j^T``
+   where for GD ``C_ij = -R_ij eta_j`` and for momentum ``C = -R diag(mask) R^m diag(eta)``
+   (``R^m`` built from the momentum gates; ``gamma = R diag(mask) m_cum``);
+3. reads (dual form): ``M_{W_i}(q_i)`` runs the memory with every matmul ``W_l h`` replaced by
+   ``beta_i z_{0,l} h + gamma_i S_{0,l} h + sum_j C_ij delta_jl (in_jl . h)`` — batched matmuls;
+4. the chunk-end state ``z_c`` from row ``c`` of the same coefficients.
+
+Retention ``chunk_mode``: "linear" as above; "scale" (Moneta) multiplies the reads of weight
+``l`` by ``s(A_0)`` (the chunk's last token by ``s(A_end)``); "lag" (Memora) takes the exact
+step for token 0 and runs the above from that state for the rest of the chunk.
+Channel-wise decay (``a: [k]``) is supported for matrix memory with GD.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from miras_jax import inner_opt
+from miras_jax import memory as memory_lib
+from miras_jax.engine.chunked_reference import pad_to_chunks
+from miras_jax.engine.reference import MemoryState
+
+TINY = 1e-30
+
+
+def log_gate(a):
+    """``log a`` with ``a`` floored at 1e-30 (a zero gate becomes a 1e-30 one)."""
+    return jnp.log(jnp.maximum(a, TINY))
+
+
+def decay_matrix(log_a):
+    """``R_ij = exp(sum_{j<l<=i} log a_l)`` for ``j <= i``, else 0. ``log_a: [c] -> [c, c]``
+    (``[c, k] -> [c, c, k]``). Exponents are <= 0: stable for any decay strength."""
+    L = jnp.cumsum(log_a, axis=0)
+    diff = L[:, None] - L[None, :]
+    c = log_a.shape[0]
+    tri = jnp.tril(jnp.ones((c, c), bool))
+    if diff.ndim == 3:
+        tri = tri[:, :, None]
+    return jnp.where(tri, jnp.exp(jnp.where(tri, diff, 0.0)), 0.0)
+
+
+def supports(spec) -> str | None:
+    """``None`` if the mini-batch chunked XLA path handles ``spec``, else the reason it doesn't."""
+    if spec.retention.chunk_mode is None:
+        return f"retention {spec.retention.name!r} has no chunked form"
+    if spec.grad_at != "previous":
+        return "grad_at='retained' has no mini-batch chunked form"
+    if spec.num_steps != 1:
+        return "several inner steps per token have no mini-batch chunked form"
+    if type(spec.optimizer) not in (inner_opt.GD, inner_opt.ImplicitGD, inner_opt.MomentumGD):
+        return f"optimizer {spec.optimizer.name!r} has no chunked form"
+    if spec.retention.chunk_mode != "linear" and isinstance(spec.optimizer, inner_opt.MomentumGD):
+        return "momentum with a non-linear retention map has no chunked form"
+    return None
+
+
+def _coefficients(log_a, lr, mask, log_m):
+    """Dual-state coefficients of one chunk (scalar decay).
+
+    Returns ``beta [c]``, ``C [c, c]`` (``z_i = beta_i z_0 + gamma_i S_0 + sum_j C_ij g_j``
+    with ``g_j`` the raw gradient), ``gamma [c]`` and, for momentum, ``(m_end, Cs_end [c])``
+    with ``S_end = m_end S_0 + sum_j Cs_end_j g_j``.
+    """
+    R = decay_matrix(log_a)
+    beta = jnp.exp(jnp.cumsum(log_a))
+    if log_m is None:
+        return beta, -R * lr[None, :], None, None
+    Rm = decay_matrix(log_m)
+    Rmask = R * mask[None, :]
+    m_cum = jnp.exp(jnp.cumsum(log_m))
+    C = -(Rmask @ Rm) * lr[None, :]
+    gamma = Rmask @ m_cum
+    return beta, C, gamma, (m_cum[-1], -Rm[-1] * lr)
+
+
+def _outer_sum(delta, inp, w):
+    """``sum_j w_j delta_j in_j^T``: ``[c, out], [c, in], [c] -> [out, in]``."""
+    return jnp.einsum("co,c,ci->oi", delta, w, inp)
+
+
+def chunk_step(spec, mode: str, momentum: bool, channel: bool, st: MemoryState, xs):
+    """One chunk: ``(state, chunk inputs) -> (state, y [c, v])``. See the module docstring."""
+    hp = spec.hparams
+    mem, ret = spec.memory, spec.retention
+    q, k, v, gates, lr, log_a, log_m, mask, last = xs
+    P = st.memory
+    c = q.shape[0]
+
+    def factors(k_i, v_i, g_i):
+        return memory_lib.token_factors(
+            mem, P, k_i, lambda pred: spec.bias.residual_map(pred, v_i, hp["bias"], g_i))
+
+    _, deltas, inputs = jax.vmap(factors)(k, v, gates)
+
+    if mode == "lag":
+        # token 0 takes the exact step from P; the rest of the chunk is linear from there.
+        u0 = [-lr[0] * jnp.outer(d[0], x[0]) for d, x in zip(deltas, inputs)]
+        a0 = jnp.exp(log_a[0])
+        W1, _ = ret.step(ret.project(P), (), mem.from_leaves(u0), a0, hp["retention"])
+        W1 = jax.tree.map(lambda new, old: jnp.where(mask[0], new, old), W1, P)
+        base = mem.leaves(W1)
+        log_a = log_a.at[0].set(0.0)
+        lr = lr.at[0].set(0.0)
+    elif mode == "scale":
+        base = mem.leaves(st.retention)                      # the accumulator A_0
+    else:
+        base = mem.leaves(P)
+    S0 = mem.leaves(st.optimizer) if momentum else None
+
+    if channel:  # matrix memory, GD, channel-wise decay: R [c, c, k], beta [c, k]
+        R = decay_matrix(log_a)
+        beta = jnp.exp(jnp.cumsum(log_a, axis=0))
+        (W0,), (delta,) = base, deltas
+        scores = jnp.einsum("jk,ijk,ik->ij", k, R, q) * (-lr)[None, :]
+        y = (q * beta) @ W0.T + scores @ delta
+        W_end = W0 * beta[-1][None, :] + jnp.einsum("jv,j,jk->vk", delta, -lr, k * R[-1])
+        return MemoryState(mem.from_leaves([W_end]), (), ()), y
+
+    beta, C, gamma, mom_end = _coefficients(log_a, lr, mask, log_m if momentum else None)
+
+    if mode == "scale":
+        s0 = [ret.scale(a, hp["retention"]) for a in base]
+        A_end = [beta[-1] * a + _outer_sum(d, x, C[-1]) for a, d, x in zip(base, deltas, inputs)]
+        s_end = [ret.scale(a, hp["retention"]) for a in A_end]
+        scales = [jnp.where(last, se, s) for s, se in zip(s0, s_end)]   # [c] per weight
+    else:
+        scales = None
+
+    def read(q_i, beta_i, C_i, gamma_i, scale_i):
+        def mm(l, h):
+            out = beta_i * (base[l] @ h) + ((inputs[l] @ h) * C_i) @ deltas[l]
+            if momentum:
+                out = out + gamma_i * (S0[l] @ h)
+            return out if scale_i is None else scale_i[l] * out
+        return mem.forward(mm, q_i)
+
+    y = jax.vmap(read)(q, beta, C, gamma if momentum else jnp.zeros_like(beta),
+                       None if scales is None else scales)
+
+    z_end = [beta[-1] * b + _outer_sum(d, x, C[-1]) for b, d, x in zip(base, deltas, inputs)]
+    if momentum:
+        m_end, cs = mom_end
+        z_end = [z + gamma[-1] * s for z, s in zip(z_end, S0)]
+        S_end = mem.from_leaves([m_end * s + _outer_sum(d, x, cs) for s, d, x in zip(S0, deltas, inputs)])
+    else:
+        S_end = st.optimizer
+    if mode == "scale":
+        return MemoryState(mem.from_leaves([a * s for a, s in zip(z_end, s_end)]),
+                           mem.from_leaves(z_end), S_end), y
+    return MemoryState(mem.from_leaves(z_end), st.retention, S_end), y
+
+
+def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int,
+                     remat_every: int = 0):
+    """Mini-batch chunked form of one head: ``(y [T, v], final MemoryState)``.
+
+    ``remat_every = R > 0`` checkpoints groups of ``R`` chunks: activation memory
+    ``O(T / (c R))`` states plus one group's intermediates.
+    """
+    reason = supports(spec)
+    if reason:
+        raise NotImplementedError(reason)
+    hp = spec.hparams
+    mode = spec.retention.chunk_mode
+    momentum = isinstance(spec.optimizer, inner_opt.MomentumGD)
+    T, c = q.shape[0], chunk_size
+    group = max(remat_every, 1)
+    n = -(-T // (c * group)) * group
+    mask = (jnp.arange(n * c) < T).astype(q.dtype)
+
+    # per-token gate arrays (padded tokens: lr 0, decay 1, momentum 1)
+    lr = jax.vmap(lambda g, k_i: spec.optimizer.lr(g, hp["optimizer"], k_i))(gates, k)
+    a = spec.retention.decay_value(gates, hp["retention"])
+    if a is None:
+        a = jnp.ones((T,), q.dtype)
+    elif jnp.ndim(a) == 0:
+        a = jnp.full((T,), a, q.dtype)
+    channel = a.ndim == 2
+    if channel and (momentum or spec.memory.kind != "linear"):
+        raise NotImplementedError("channel-wise decay in the chunked form needs a matrix memory and GD")
+    m = gates["momentum"] if momentum else jnp.ones((T,), q.dtype)
+    q, k, v, gates, lr, a, m = pad_to_chunks((q, k, v, gates, lr, a, m), n * c)
+    lr = lr * mask
+    log_a = log_gate(jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)) > 0, a, 1.0))
+    log_m = log_gate(jnp.where(mask > 0, m, 1.0))
+    pos = jnp.arange(n * c) % c
+    last = (pos == c - 1) | (jnp.arange(n * c) == T - 1)
+
+    xs = (q, k, v, gates, lr, log_a, log_m, mask, last)
+    xs = jax.tree.map(lambda x: x.reshape((n // group, group, c) + x.shape[1:]), xs)
+
+    def step(st, x):
+        return chunk_step(spec, mode, momentum, channel, st, x)
+
+    def group_step(st, xg):
+        return jax.lax.scan(step, st, xg)
+
+    if remat_every:
+        group_step = jax.checkpoint(group_step)
+    final, y = jax.lax.scan(group_step, state, xs)
+    return y.reshape((n * c,) + y.shape[3:])[:T], final

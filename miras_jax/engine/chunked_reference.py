@@ -1,0 +1,88 @@
+"""Chunked reference: the mini-batch (stale-gradient) semantics, written as plain loops.
+
+This is the oracle of the fast chunked XLA path (``chunked.py``): same semantics, no algebra.
+Chunks of ``c`` tokens; inside a chunk every gradient is taken at the chunk-start memory
+``P = W_{t'}`` (MIRAS.md Eq. 28), then token by token (materialised states)::
+
+    g_i = grad l(P; k_i, v_i);  u_i, S = optimizer.update(g_i, S)
+    "linear" maps (none, decay):  W_i = retention.step(W_{i-1}, u_i, a_i)          (exact map)
+    "scale"  (l_q, Moneta):       A_i = a_i A_{i-1} + u_i;  reads use W_i = s(A_0) A_i, except
+                                  the chunk's last token, which reads W_end = s(A_end) A_end
+    "lag"    (KL/Memora, ...):    i = 0: W_0' = retention.step(project(P), u_0, a_0) (exact);
+                                  i > 0: W_i = a_i W_{i-1} + u_i                   (linear form)
+    y_i = M_{W_i}(q_i)
+
+With ``c = 1`` all three reduce to the token-level engine. Padded tokens (``mask = 0``) leave
+the state unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from miras_jax.engine.reference import MemoryState
+
+
+def pad_to_chunks(x, T_pad):
+    """Zero-pad the leading (token) axis of every leaf to ``T_pad``."""
+    return jax.tree.map(lambda a: jnp.pad(a, [(0, T_pad - a.shape[0])] + [(0, 0)] * (a.ndim - 1)), x)
+
+
+def _where(c, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
+
+
+def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int):
+    """``(y [T, v], final MemoryState)`` under the mini-batch semantics above (one head)."""
+    mode = spec.retention.chunk_mode
+    if mode is None:
+        raise NotImplementedError(f"retention {spec.retention.name!r} has no chunked form; use chunk_size=1")
+    if spec.grad_at != "previous" or spec.num_steps != 1:
+        raise NotImplementedError("the mini-batch chunked form needs grad_at='previous' and one step per token")
+    hp = spec.hparams
+    ret, opt, mem = spec.retention, spec.optimizer, spec.memory
+    T, c = q.shape[0], chunk_size
+    n = -(-T // c)
+    mask = jnp.arange(n * c) < T
+    xs = pad_to_chunks((q, k, v, gates), n * c)
+    xs = jax.tree.map(lambda a: a.reshape((n, c) + a.shape[1:]), (*xs, mask))
+    last_valid = (T - 1) % c  # position of the last real token in the last chunk
+
+    def chunk(st: MemoryState, xs_c):
+        qc, kc, vc, gc, mc = xs_c
+        P = st.memory
+        A0 = st.retention
+
+        def token(carry, xs_i):
+            W, A, S = carry
+            i, q_i, k_i, v_i, g_i, m_i = xs_i
+            pred, vjp = jax.vjp(lambda w: mem.apply(w, k_i), P)
+            (grad,) = vjp(spec.bias.residual_map(pred, v_i, hp["bias"], g_i))
+            u, S_new = opt.update(grad, S, P, gates=g_i, hparams=hp["optimizer"], key=k_i)
+            a = ret.decay_value(g_i, hp["retention"])
+            if mode == "linear":
+                W_new, _ = ret.step(W, (), u, a, hp["retention"])
+                A_new, W_read = A, W_new
+            elif mode == "scale":
+                W_new, A_new = ret.step(None, A, u, a, hp["retention"])   # W_new = s(A_new) A_new
+                last = (i == c - 1) | ((i == last_valid) & ~jnp.all(mc))
+                s0 = jax.tree.map(lambda x: ret.scale(x, hp["retention"]), A0)
+                W_lin = jax.tree.map(lambda x, s: s * x, A_new, s0)
+                W_read = _where(last, W_new, W_lin)
+            else:  # lag
+                W_exact, _ = ret.step(ret.project(W), (), u, a, hp["retention"])
+                aa = 1.0 if a is None else a
+                W_lin = jax.tree.map(lambda w, du: aa * w + du, W, u)
+                W_new = _where(i == 0, W_exact, W_lin)
+                A_new, W_read = A, W_new
+            y = mem.apply(W_read, q_i)
+            keep = lambda new, old: _where(m_i, new, old)  # noqa: E731
+            return (keep(W_new, W), keep(A_new, A), keep(S_new, S)), y
+
+        (W, A, S), y = jax.lax.scan(token, (P, A0, st.optimizer),
+                                    (jnp.arange(c), qc, kc, vc, gc, mc))
+        return MemoryState(W, A, S), y
+
+    final, y = jax.lax.scan(chunk, state, xs)
+    return y.reshape((n * c,) + y.shape[2:])[:T], final
