@@ -1,0 +1,141 @@
+"""Engine benchmark: tokens/s, achieved FLOP/s and peak RSS per (preset, implementation, T, chunk, mode).
+
+    python -m experiments.bench_engine [--presets=gated_deltanet,moneta] [--T=4096] [--chunk=64]
+        [--impls=xla,reference] [--modes=fwd,fwd+bwd] [--iters=5]
+
+Shape: B=2, H=4, head dim 64 (``--B --H --d``), float32, through ``mj.memorize_batched``.
+Each measurement runs in its own subprocess so ``peak_rss_mb`` is that measurement's own peak.
+``fwd+bwd`` differentiates ``sum(y^2)`` w.r.t. q, k, v, every gate and the initial memory.
+FLOPs: XLA's cost analysis counts a loop body once, so it is taken on a one-chunk program (one
+token for the token engine) and multiplied by the number of chunks; ``peak_frac`` divides the
+achieved FLOP/s by ``--peak_gflops`` (190: this 2-core CPU's float32 matmul peak, JAX_NOTES).
+Prints one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_list("presets", ["gated_deltanet", "deltanet", "mamba2", "titans", "moneta", "yaad", "memora"],
+                  "presets to measure")
+flags.DEFINE_list("impls", ["xla", "reference"], "implementations")
+flags.DEFINE_list("modes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd")
+flags.DEFINE_list("T", ["4096"], "sequence lengths")
+flags.DEFINE_integer("chunk", 64, "chunk size for 'xla'")
+flags.DEFINE_integer("B", 2, "batch")
+flags.DEFINE_integer("H", 4, "heads")
+flags.DEFINE_integer("d", 64, "head dim (d_k = d_v)")
+flags.DEFINE_integer("iters", 5, "timed iterations (median reported)")
+flags.DEFINE_integer("remat_every", 0, "remat groups of chunks (xla mini-batch forms)")
+flags.DEFINE_float("peak_gflops", 190.0, "machine float32 matmul peak, GFLOP/s")
+flags.DEFINE_string("child", "", "internal: run one measurement 'preset,impl,T,mode'")
+FLAGS = flags.FLAGS
+
+
+def _program(preset: str, impl: str, T: int, mode: str):
+    """``(jitted fn, args, spec)`` for one measurement."""
+    import jax
+    import jax.numpy as jnp
+
+    import miras_jax as mj
+
+    f = FLAGS
+    B, H, d = f.B, f.H, f.d
+    spec = mj.presets.get(preset)
+    n = spec.num_steps
+    ks = jax.random.split(jax.random.key(0), 8)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    sub = (n,) if n > 1 else ()
+    q = unit(jax.random.normal(ks[0], (B, T, H, d)))
+    k = unit(jax.random.normal(ks[1], (B, T, H) + sub + (d,)))
+    v = jax.random.normal(ks[2], (B, T, H) + sub + (d,))
+    gates = {
+        "lr": jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H) + sub)) * (0.1 if spec.memory.kind == "mlp" else 1.0),
+        "decay": jax.nn.sigmoid(4.0 + jax.random.normal(ks[4], (B, T, H) + ((d,) if preset == "gla" else ()))),
+        "momentum": jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H))),
+        "delta": jax.nn.softplus(jax.random.normal(ks[6], (B, T, H))),
+    }
+    gates = {g: gates[g] for g in spec.required_gates}
+    params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(ks[7], H))
+    kw = dict(chunk_size=f.chunk if impl == "xla" else 1, implementation=impl, remat_every=f.remat_every)
+
+    def fwd(params, q, k, v, gates):
+        return mj.memorize_batched(spec, params, q, k, v, gates, **kw)[0]
+
+    if mode == "fwd":
+        fn = jax.jit(fwd)
+    else:
+        fn = jax.jit(jax.grad(lambda *a: jnp.sum(fwd(*a) ** 2), argnums=(0, 1, 2, 3, 4)))
+    return fn, (params, q, k, v, gates), kw
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def measure(preset: str, impl: str, T: int, mode: str) -> dict:
+    import jax
+
+    f = FLAGS
+    B, H, d = f.B, f.H, f.d
+    fn, args, kw = _program(preset, impl, T, mode)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    unit = kw["chunk_size"]
+    fn1, args1, _ = _program(preset, impl, unit, mode)
+    flops = _flops(fn1.lower(*args1).compile()) * (-(-T // unit))
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(f.iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {
+        "preset": preset, "impl": impl, "B": B, "H": H, "d": d, "T": T,
+        "chunk": kw["chunk_size"], "mode": mode, "tokens_per_s": round(B * T / med, 1),
+        "median_s": round(med, 4), "gflops_per_s": round(flops / med / 1e9, 2),
+        "peak_frac": round(flops / med / 1e9 / f.peak_gflops, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "compile_s": round(compile_s, 2), "remat_every": f.remat_every,
+        "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc",
+        "jax": jax.__version__,
+    }
+
+
+def main(argv):
+    del argv
+    f = FLAGS
+    if f.child:
+        preset, impl, T, mode = f.child.split(",")
+        print(json.dumps(measure(preset, impl, int(T), mode)), flush=True)
+        return
+    passthrough = [a for a in sys.argv[1:] if not a.startswith(("--presets", "--impls", "--modes", "--T="))]
+    for T in f.T:
+        for preset in f.presets:
+            for impl in f.impls:
+                for mode in f.modes:
+                    cmd = [sys.executable, "-m", "experiments.bench_engine", *passthrough,
+                           f"--child={preset},{impl},{T},{mode}"]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+                    if out.returncode or not lines:
+                        print(json.dumps({"preset": preset, "impl": impl, "T": int(T), "mode": mode,
+                                          "error": out.stderr.strip().splitlines()[-1:]}), flush=True)
+                    else:
+                        print(lines[-1], flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
