@@ -76,6 +76,9 @@ def token_step(spec, state: MemoryState, k_t, v_t, gates_t: dict) -> MemoryState
 def memorize_tokens(spec, state: MemoryState, q, k, v, gates: dict):
     """Scan :func:`token_step` over ``T`` tokens; returns ``(y: [T, v], final MemoryState)``."""
 
+    # checkpointed: the backward pass keeps only the carried state per token, not the step's
+    # intermediates (MLP memories otherwise need O(T x layer activations x state) memory).
+    @jax.checkpoint
     def body(carry, xs):
         q_t, k_t, v_t, g_t = xs
         carry = token_step(spec, carry, k_t, v_t, g_t)
