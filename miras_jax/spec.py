@@ -17,7 +17,6 @@ import jax.numpy as jnp
 
 from miras_jax import bias as bias_lib
 from miras_jax import inner_opt
-from miras_jax import retention as ret_lib
 
 GRAD_AT = ("previous", "retained")
 COMPONENTS = ("bias", "retention", "optimizer")

@@ -5,5 +5,15 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture
+def x64():
+    """float64 inside the test only; the previous setting is restored for other tests."""
+    before = jax.config.jax_enable_x64
+    with jax.enable_x64(True):
+        yield
+    assert jax.config.jax_enable_x64 == before

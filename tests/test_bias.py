@@ -41,14 +41,6 @@ SMOOTH_A, SMOOTH_EPS = 10.0, 1e-6  # documented defaults of the surrogates
 
 # --- helpers ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def x64():
-    """float64 inside the test only; the previous setting is restored for other tests."""
-    before = jax.config.jax_enable_x64
-    with jax.enable_x64(True):
-        yield
-    assert jax.config.jax_enable_x64 == before
-
 
 def make_hp(bias, **overrides):
     """``bias.default_hparams()`` (plus overrides) as arrays of the current default float dtype."""

@@ -39,14 +39,6 @@ SCALAR_DECAY = 0.9
 CHANNEL_DECAY = np.array([0.95, 0.5, 0.8, 1.0])
 
 
-@pytest.fixture
-def x64():
-    """float64 inside the test only; the previous setting is restored for other tests."""
-    before = jax.config.jax_enable_x64
-    with jax.enable_x64(True):
-        yield
-    assert jax.config.jax_enable_x64 == before
-
 
 def tree_np(t):
     return jax.tree.map(lambda x: np.asarray(x, np.float64), t)

@@ -93,7 +93,6 @@ def chunk_step(spec, mode: str, momentum: bool, channel: bool, st: MemoryState, 
     mem, ret = spec.memory, spec.retention
     q, k, v, gates, lr, log_a, log_m, mask, last = xs
     P = st.memory
-    c = q.shape[0]
 
     def factors(k_i, v_i, g_i):
         return memory_lib.token_factors(
