@@ -29,6 +29,7 @@ All math runs in float32 (inputs may be bfloat16); ``y`` and the final state are
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import jax
@@ -81,16 +82,61 @@ def _scan_states(s0: jax.Array, transition: jax.Array, d: jax.Array, *, diagonal
     """Chunk-start states of ``S_{n+1} = S_n F_n + D_n`` (``F_n`` diagonal: ``S_n * f_n``).
 
     ``s0: [v, k]``, ``transition: [n, k, k]`` (or ``[n, k]`` / ``[n, 1]`` if ``diagonal``),
-    ``d: [n, v, k]`` -> ``(s_start: [n, v, k], s_last: [v, k])``.
+    ``d: [n, v, k]`` -> ``(s_start: [n, v, k], s_last: [v, k])``. Hand-written VJP: see
+    :func:`_chunk_state_scan`.
     """
+    return _chunk_state_scan(diagonal, s0, transition, d)
 
+
+def _apply_transition(diagonal: bool, s, f):
+    return s * f if diagonal else s @ f
+
+
+def _state_scan_fwd_loop(diagonal, s0, transition, d):
     def body(s, xs):
         f, dn = xs
-        s_next = (s * f if diagonal else s @ f) + dn
-        return s_next, s
+        return _apply_transition(diagonal, s, f) + dn, s
 
     s_last, s_start = jax.lax.scan(body, s0, (transition, d))
     return s_start, s_last
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunk_state_scan(diagonal, s0, transition, d):
+    """``_scan_states`` with a VJP whose reverse loop does one matmul per chunk.
+
+    With ``G_n = dL/dS_n`` (total), the reverse recurrence is ``G_n = g_start_n + G_{n+1} F_n^T``
+    (``G_N = g_last``); only it is sequential. ``dD_n = G_{n+1}`` and ``dF_n = S_n^T G_{n+1}``
+    (diagonal: ``sum_v S_n * G_{n+1}``) are then one batched matmul over all chunks, instead of
+    a second small matmul inside the loop as autodiff of the scan would do.
+    """
+    return _state_scan_fwd_loop(diagonal, s0, transition, d)
+
+
+def _chunk_state_scan_fwd(diagonal, s0, transition, d):
+    s_start, s_last = _state_scan_fwd_loop(diagonal, s0, transition, d)
+    return (s_start, s_last), (transition, s_start)
+
+
+def _chunk_state_scan_bwd(diagonal, res, cts):
+    transition, s_start = res
+    g_start, g_last = cts
+
+    def body(g, xs):  # g = G_{n+1}
+        f, gs = xs
+        f_t = f if diagonal else jnp.swapaxes(f, -1, -2)
+        return gs + _apply_transition(diagonal, g, f_t), g
+
+    g0, g_next = jax.lax.scan(body, g_last, (transition, g_start), reverse=True)  # g_next[n] = G_{n+1}
+    if diagonal:
+        df = jnp.sum(s_start * g_next, axis=1)  # [n, k]
+        df = df if transition.shape[-1] == df.shape[-1] else jnp.sum(df, axis=-1, keepdims=True)
+    else:
+        df = jnp.einsum("nvk,nvl->nkl", s_start, g_next)  # [n, k, k]
+    return g0, df.astype(transition.dtype), g_next
+
+
+_chunk_state_scan.defvjp(_chunk_state_scan_fwd, _chunk_state_scan_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
