@@ -13,7 +13,7 @@ Per chunk of ``c`` tokens (one head), with every gradient taken at the chunk-sta
 4. the chunk-end state ``z_c`` from row ``c`` of the same coefficients.
 
 Retention ``chunk_mode``: "linear" as above; "scale" (Moneta) multiplies the reads of weight
-``l`` by ``s(A_0)`` (the chunk's last token by ``s(A_end)``); "lag" (Memora) takes the exact
+``l`` by ``s(A_0)`` (the token that ends a full chunk by ``s(A_end)``); "lag" (Memora) takes the exact
 step for token 0 and runs the above from that state for the rest of the chunk.
 Channel-wise decay (``a: [k]``) is supported for matrix memory with GD.
 """
@@ -162,11 +162,13 @@ def chunk_step(spec, mode: str, momentum: bool, channel: bool, carry, xs):
 
 
 def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int,
-                     remat_every: int = 0):
+                     remat_every: int = 0, valid_len=None):
     """Mini-batch chunked form of one head: ``(y [T, v], final MemoryState)``.
 
     ``remat_every = R > 0`` checkpoints groups of ``R`` chunks: activation memory
-    ``O(T / (c R))`` states plus one group's intermediates.
+    ``O(T / (c R))`` states plus one group's intermediates. ``valid_len`` (may be traced):
+    only the first ``valid_len`` tokens are written (the rest are padding; their ``y`` is
+    meaningless) — recurrent decoding runs a partly filled chunk this way.
     """
     reason = supports(spec)
     if reason:
@@ -177,7 +179,7 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     T, c = q.shape[0], chunk_size
     group = max(remat_every, 1)
     n = -(-T // (c * group)) * group
-    mask = (jnp.arange(n * c) < T).astype(q.dtype)
+    mask = (jnp.arange(n * c) < (T if valid_len is None else valid_len)).astype(q.dtype)
 
     # per-token gate arrays (padded tokens: lr 0, decay 1, momentum 1)
     lr = jax.vmap(lambda g, k_i: spec.optimizer.lr(g, hp["optimizer"], k_i))(gates, k)
@@ -194,8 +196,7 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     lr = lr * mask
     log_a = log_gate(jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)) > 0, a, 1.0))
     log_m = log_gate(jnp.where(mask > 0, m, 1.0))
-    pos = jnp.arange(n * c) % c
-    last = (pos == c - 1) | (jnp.arange(n * c) == T - 1)
+    last = jnp.arange(n * c) % c == c - 1   # chunk ends only (a final partial chunk has none)
 
     xs = (q, k, v, gates, lr, log_a, log_m, mask, last)
 

@@ -7,7 +7,9 @@ Chunks of ``c`` tokens; inside a chunk every gradient is taken at the chunk-star
     g_i = grad l(P; k_i, v_i);  u_i, S = optimizer.update(g_i, S)
     "linear" maps (none, decay):  W_i = retention.step(W_{i-1}, u_i, a_i)          (exact map)
     "scale"  (l_q, Moneta):       A_i = a_i A_{i-1} + u_i;  reads use W_i = s(A_0) A_i, except
-                                  the chunk's last token, which reads W_end = s(A_end) A_end
+                                  the token that ends a full chunk (position c - 1), which
+                                  reads W_end = s(A_end) A_end (a final partial chunk reads
+                                  s(A_0) throughout, so a read never depends on later tokens)
     "lag"    (KL/Memora, ...):    i = 0: W_0' = retention.step(project(P), u_0, a_0) (exact);
                                   i > 0: W_i = a_i W_{i-1} + u_i                   (linear form)
     y_i = M_{W_i}(q_i)
@@ -47,7 +49,6 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
     mask = jnp.arange(n * c) < T
     xs = pad_to_chunks((q, k, v, gates), n * c)
     xs = jax.tree.map(lambda a: a.reshape((n, c) + a.shape[1:]), (*xs, mask))
-    last_valid = (T - 1) % c  # position of the last real token in the last chunk
 
     def chunk(st: MemoryState, xs_c):
         qc, kc, vc, gc, mc = xs_c
@@ -66,7 +67,7 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
                 A_new, W_read = A, W_new
             elif mode == "scale":
                 W_new, A_new = ret.step(None, A, u, a, hp["retention"])   # W_new = s(A_new) A_new
-                last = (i == c - 1) | ((i == last_valid) & ~jnp.all(mc))
+                last = i == c - 1
                 s0 = jax.tree.map(lambda x: ret.scale(x, hp["retention"]), A0)
                 W_lin = jax.tree.map(lambda x, s: s * x, A_new, s0)
                 W_read = _where(last, W_new, W_lin)

@@ -1,0 +1,96 @@
+"""Training configs as Python modules: ``experiments/configs/<name>.py`` defines ``get_config()``.
+
+``get(name)`` imports it; ``names()`` lists them. A config is a :class:`TrainConfig`; command-line
+overrides go through :func:`override` (``--steps``, ``--preset``, ``--set=field=value,...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+
+from miras_jax.nn import LMConfig
+
+TASKS = ("mqar", "charlm", "niah")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs besides ``--workdir`` / ``--data`` / ``--resume``."""
+
+    task: str = "mqar"
+    model: LMConfig = LMConfig()
+    steps: int = 1000
+    batch: int = 32
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    # task options
+    mqar_vocab: int = 8192
+    num_pairs: int = 64
+    niah_lengths: tuple = (256, 512, 1024)
+    niah_needle: str = "passkey"
+    niah_haystack: str = "noise"
+    target_accuracy: float = 0.99  # MQAR / NIAH: report the time at which eval accuracy reaches it
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for name in ("steps", "batch", "seq_len", "log_every", "eval_every", "eval_batches",
+                     "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.warmup < 0 or self.clip <= 0:
+            raise ValueError(f"need lr > 0, warmup >= 0, clip > 0; got {self.lr}, {self.warmup}, {self.clip}")
+
+
+def names() -> tuple[str, ...]:
+    pkg = importlib.import_module(__name__)
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)))
+
+
+def get(name: str) -> TrainConfig:
+    if name not in names():
+        raise ValueError(f"unknown config {name!r}; valid: {list(names())}")
+    return importlib.import_module(f"{__name__}.{name}").get_config()
+
+
+def _parse(value: str, like):
+    if isinstance(like, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected a boolean, got {value!r}")
+        return value.lower() in ("true", "1")
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    if isinstance(like, tuple):
+        return tuple(int(x) for x in value.split(":") if x)
+    return value
+
+
+def override(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
+    """Apply ``field=value`` assignments; ``model.field=value`` reaches the :class:`LMConfig`.
+    Tuples are written ``a:b:c``. Unknown fields raise with the valid names."""
+    top, model = {}, {}
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not field=value")
+        key, value = item.split("=", 1)
+        target, obj, field = (model, cfg.model, key[6:]) if key.startswith("model.") else (top, cfg, key)
+        valid = [f.name for f in dataclasses.fields(obj)]
+        if field not in valid or field == "model":
+            raise ValueError(f"unknown config field {key!r}; valid: {valid} (model.* for {type(cfg.model).__name__})")
+        try:
+            target[field] = _parse(value, getattr(obj, field))
+        except ValueError as e:
+            raise ValueError(f"bad value for {key!r}: {e}") from None
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model), **top)

@@ -1,0 +1,14 @@
+"""Character (byte) level LM on a text file (``--data=PATH``, 90/10 split): about 1M parameters,
+nanoGPT's baby-GPT-on-CPU scale (4 layers, width 128, block 64 there; context 256 here)."""
+
+from experiments.configs import TrainConfig
+from miras_jax.nn import LMConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        task="charlm", steps=5000, batch=12, seq_len=256, lr=2e-3, warmup=100, weight_decay=0.1,
+        eval_every=250, eval_batches=20, checkpoint_every=500,
+        model=LMConfig(vocab_size=256, d_model=128, num_layers=4, num_heads=4, preset="moneta",
+                       chunk_size=64),
+    )

@@ -1,0 +1,353 @@
+"""Train a Miras (or Transformer++ / hybrid) language model on MQAR, a byte-level corpus or S-NIAH.
+
+    python -m experiments.train --config=smoke --workdir=runs/smoke
+    python -m experiments.train --config=mqar --preset=gated_deltanet --workdir=runs/mqar_gdn
+    python -m experiments.train --config=charlm --data=path/to/text.txt --workdir=runs/lm
+    python -m experiments.train ... --resume            # continue the run in --workdir exactly
+
+Everything a run writes is under ``--workdir``: ``checkpoints/`` (orbax, atomic: params, optimizer
+state, step, data-iterator state, config), ``metrics.jsonl`` (one JSON object per logged step, with
+``step`` and ``loss``; evaluations add ``eval_*``), ``loss.png`` and ``summary.json``.
+Optimiser: AdamW, linear warmup + cosine decay, global-norm clipping. A NaN/Inf loss stops the run
+with a clear message; the last good checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+
+from experiments import configs, data
+from experiments.checkpoint import Checkpointer, resolve_resume
+from miras_jax import presets
+from miras_jax.nn import LMConfig, MirasLM, count_params
+
+
+def define_flags():
+    """Command-line flags (defined only when run as a script, so modules import side-effect free)."""
+    flags.DEFINE_string("config", "mqar", f"config name: {configs.names()}")
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, plots (default runs/<config>)")
+    flags.DEFINE_integer("steps", None, "override the number of training steps")
+    flags.DEFINE_string("preset", None, f"override the Miras preset: {presets.names()}")
+    flags.DEFINE_string("data", None, "text file for the charlm task (and the niah 'text' haystack)")
+    flags.DEFINE_string("resume", None, "'auto' (continue --workdir's run) or a checkpoint directory")
+    flags.DEFINE_list("set", [], "config overrides field=value (model.field=value for the model)")
+    flags.DEFINE_integer("stop_after", None, "stop after this many steps of the run (as if interrupted)")
+    flags.DEFINE_bool("progress", True, "show a progress bar")
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (NaN loss, bad data, ...); what was saved before is kept."""
+
+
+# ------------------------------------------------------------------------------------------------
+# tasks
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Task:
+    vocab: int
+    train_batch: Any            # (seed, step) -> batch dict
+    eval_sets: dict             # name -> list of batch dicts
+
+
+def make_task(cfg: configs.TrainConfig, data_path: str | None) -> Task:
+    drop = lambda b: {k: b[k] for k in ("inputs", "targets", "mask")}
+    if cfg.task == "mqar":
+        fn = functools.partial(data.mqar_batch, batch=cfg.batch, seq_len=cfg.seq_len, vocab=cfg.mqar_vocab,
+                               num_pairs=cfg.num_pairs)
+        fn(0, 0)  # validate the options now
+        evals = {"mqar": [fn(cfg.seed + 1, i) for i in range(cfg.eval_batches)]}
+        return Task(cfg.mqar_vocab, fn, evals)
+    if cfg.task == "charlm":
+        if not data_path:
+            raise ValueError("the charlm task needs --data=PATH (a text file)")
+        corpus = data.ByteCorpus.from_file(data_path)
+        fn = functools.partial(corpus.batch, batch=cfg.batch, seq_len=cfg.seq_len, split="train")
+        fn(0, 0)
+        evals = {"val": list(corpus.eval_batches(batch=cfg.batch, seq_len=cfg.seq_len, split="val",
+                                                 max_batches=cfg.eval_batches))}
+        return Task(256, fn, evals)
+    corpus = data.ByteCorpus.from_file(data_path) if data_path else None
+    niah = lambda length: functools.partial(
+        data.niah_batch, batch=cfg.batch, seq_len=length, needle=cfg.niah_needle,
+        haystack=cfg.niah_haystack, corpus=corpus)
+    fn = lambda seed, step: drop(niah(cfg.seq_len)(seed, step))
+    fn(0, 0)
+    evals = {f"niah_{n}": [drop(niah(n)(cfg.seed + 1, i)) for i in range(cfg.eval_batches)]
+             for n in cfg.niah_lengths}
+    return Task(256, fn, evals)
+
+
+# ------------------------------------------------------------------------------------------------
+# model, loss, steps
+# ------------------------------------------------------------------------------------------------
+
+
+def build(cfg: configs.TrainConfig, vocab: int):
+    """``(graphdef, params (pure dict), rest (nnx.State), optimizer)``."""
+    model = MirasLM(dataclasses.replace(cfg.model, vocab_size=vocab), rngs=nnx.Rngs(cfg.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup, 1), max(cfg.steps, cfg.warmup + 1),
+                                                  end_value=cfg.lr * 0.1)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip),
+                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay))
+    return graphdef, params.to_pure_dict(), rest, tx, schedule
+
+
+def merge(graphdef, params, rest) -> MirasLM:
+    """The model with ``params`` (a pure dict, as trained and checkpointed) put back in."""
+    return nnx.merge(graphdef, params, rest)
+
+
+def masked_loss(logits, batch):
+    """Mean cross-entropy over ``mask``; accuracy of ``argmax`` on the same positions."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    m = batch["mask"]
+    denom = jnp.maximum(jnp.sum(m), 1.0)
+    acc = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]).astype(m.dtype) * m) / denom
+    return jnp.sum(ce * m) / denom, acc
+
+
+def make_steps(graphdef, rest, tx):
+    def loss_fn(params, batch):
+        logits = merge(graphdef, params, rest)(batch["inputs"])
+        return masked_loss(logits, batch)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, batch):  # tx None: evaluation only
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, acc, optax.global_norm(grads)
+
+    @jax.jit
+    def eval_step(params, batch):
+        return loss_fn(params, batch)
+
+    return train_step, eval_step
+
+
+def evaluate(eval_step, params, eval_sets: dict) -> dict:
+    """``{eval_<name>_loss, eval_<name>_accuracy}`` averaged over each set's batches."""
+    out = {}
+    for name, batches in eval_sets.items():
+        ls, accs = zip(*[(float(a), float(b)) for a, b in (eval_step(params, bt) for bt in batches)])
+        out[f"eval_{name}_loss"] = float(np.mean(ls))
+        out[f"eval_{name}_accuracy"] = float(np.mean(accs))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+
+
+def _read_metrics(path: str, upto: int | None) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(ln) for ln in f if ln.strip()]
+    return [r for r in rows if upto is None or r["step"] <= upto]
+
+
+def _write_metrics(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if tr:
+        ax.plot(*zip(*tr), label="train loss")
+    for key in sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_loss")}):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), "o-", label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: configs.TrainConfig, workdir: str, *, data_path: str | None = None, resume: str | None = None,
+          stop_after: int | None = None, progress: bool = True) -> dict:
+    """Run (or continue) a training run; returns the summary dict (also in ``summary.json``)."""
+    # optax's AdamW mixes its int32 step count with floats: trace under standard promotion even
+    # if the caller (e.g. the test suite) runs with strict promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        return _train(cfg, workdir, data_path=data_path, resume=resume, stop_after=stop_after,
+                      progress=progress)
+
+
+def _train(cfg, workdir, *, data_path, resume, stop_after, progress) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    task = make_task(cfg, data_path)
+    graphdef, params, rest, tx, schedule = build(cfg, task.vocab)
+    opt_state = tx.init(params)
+    train_step, eval_step = make_steps(graphdef, rest, tx)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    cfg_dict = _config_dict(cfg)
+    start = 0
+    resume_dir = resolve_resume(workdir, resume) if resume else None
+    with Checkpointer(ckpt_dir, max_to_keep=3, save_every=cfg.checkpoint_every) as ckpt:
+        if resume_dir is not None:
+            template = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+            if os.path.abspath(resume_dir) == os.path.abspath(ckpt_dir):
+                state, meta, _ = ckpt.restore(template)
+            else:
+                with Checkpointer(resume_dir) as src:
+                    state, meta, _ = src.restore(template)
+            if meta.get("config", {}).get("model") != cfg_dict["model"]:
+                raise TrainingError(f"cannot resume: the checkpoint's model config {meta.get('config', {}).get('model')}"
+                                    f" differs from this run's {cfg_dict['model']}")
+            params, opt_state = state["params"], state["opt_state"]
+            start = int(state["step"])
+            logging.info("resumed from %s at step %d", resume_dir, start)
+        rows = _read_metrics(metrics_path, start) if resume_dir is not None else []
+        it = data.DataIterator(task.train_batch, cfg.seed, step=start)
+        end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+        n_params = count_params(merge(graphdef, params, rest))
+        tokens_per_step = cfg.batch * cfg.seq_len
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.task}/{cfg.model.preset}", unit="step")
+        t_run, t_last, seen = time.perf_counter(), time.perf_counter(), 0
+        reached = next((r for r in rows if r.get("reached_target")), None)
+        last_eval = {}
+        for step in range(start + 1, end + 1):
+            batch = next(it)
+            params, opt_state, loss, acc, gnorm = train_step(params, opt_state, batch)
+            loss = float(loss)
+            seen += tokens_per_step
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
+                                    f"(step {ckpt.latest_step()}) in {ckpt_dir} is kept; lower --set=lr=... "
+                                    "or --set=clip=...")
+            row = None
+            if step % cfg.log_every == 0 or step == end:
+                now = time.perf_counter()
+                row = {"step": step, "loss": loss, "accuracy": float(acc), "grad_norm": float(gnorm),
+                       "lr": float(schedule(step - 1)), "tokens_per_s": seen / max(now - t_last, 1e-9),
+                       "elapsed_s": now - t_run}
+                t_last, seen = now, 0
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                last_eval = evaluate(eval_step, params, task.eval_sets)
+                row = {**(row or {"step": step, "loss": loss}), **last_eval}
+                accs = [v for k, v in last_eval.items() if k.endswith("_accuracy")]
+                if cfg.task != "charlm" and reached is None and accs and min(accs) >= cfg.target_accuracy:
+                    reached = row
+                    row["reached_target"] = True
+            if row is not None:
+                rows.append(row)
+                _write_metrics(metrics_path, rows)
+            ckpt.save(step, {"params": params, "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)},
+                      {"data": it.get_state(), "config": cfg_dict}, force=step == cfg.steps)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{(row or {}).get('tokens_per_s', 0):.0f}")
+        if bar is not None:
+            bar.close()
+    summary = {"config": cfg_dict, "params": n_params, "steps_done": end, "finished": end == cfg.steps,
+               "final_loss": rows[-1]["loss"] if rows else None, **last_eval}
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    summary["train_tokens_per_s"] = float(np.median(tps)) if tps else None
+    if "eval_val_loss" in last_eval:
+        summary["val_bits_per_byte"] = last_eval["eval_val_loss"] / math.log(2)
+    if reached is not None:
+        summary["target_accuracy"] = cfg.target_accuracy
+        summary["reached_target_at_step"] = reached["step"]
+        summary["reached_target_after_s"] = reached.get("elapsed_s")
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if rows:
+        plot(rows, os.path.join(workdir, "loss.png"), f"{cfg.task} / {cfg.model.preset} / {cfg.model.pattern}")
+    return summary
+
+
+def config_from_dict(d: dict) -> configs.TrainConfig:
+    """Inverse of ``_config_dict`` (JSON lists back to tuples)."""
+    tup = lambda v: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+    model = LMConfig(**{k: tup(v) for k, v in d["model"].items()})
+    return configs.TrainConfig(**{k: tup(v) for k, v in d.items() if k != "model"}, model=model)
+
+
+def load_run(workdir: str, step: int | None = None):
+    """``(cfg, graphdef, params, rest, step)`` of a saved run (latest good checkpoint by default)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {ckpt_dir})")
+    with Checkpointer(ckpt_dir) as ckpt:
+        meta = ckpt.restore_meta(step)
+        cfg = config_from_dict(meta["config"])
+        vocab = cfg.mqar_vocab if cfg.task == "mqar" else 256
+        graphdef, params, rest, tx, _ = build(cfg, vocab)
+        state, _, got = ckpt.restore({"params": params, "opt_state": tx.init(params),
+                                      "step": jnp.zeros((), jnp.int32)}, step=step)
+    return cfg, graphdef, state["params"], rest, got
+
+
+def _config_dict(cfg: configs.TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(d, default=list))
+
+
+def config_from_flags() -> configs.TrainConfig:
+    f = flags.FLAGS
+    cfg = configs.get(f.config)
+    sets = list(f.set)
+    if f.steps is not None:
+        sets.append(f"steps={f.steps}")
+    if f.preset is not None:
+        if f.preset not in presets.names():
+            raise ValueError(f"unknown preset {f.preset!r}; valid: {list(presets.names())}")
+        sets.append(f"model.preset={f.preset}")
+    return configs.override(cfg, sets)
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    if not f.is_parsed() or f["verbosity"].present == 0:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    try:
+        cfg = config_from_flags()
+        workdir = f.workdir or os.path.join("runs", f.config)
+        summary = train(cfg, workdir, data_path=f.data, resume=f.resume, stop_after=f.stop_after,
+                        progress=f.progress)
+    except (ValueError, FileNotFoundError, IsADirectoryError, TrainingError) as e:
+        raise app.UsageError(str(e)) from None
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
+
+
+__all__ = ["LMConfig", "Task", "TrainingError", "build", "evaluate", "make_task", "masked_loss", "train"]

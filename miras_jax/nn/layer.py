@@ -1,0 +1,229 @@
+"""``MirasLayer``: the Miras sequence mixer as a Flax NNX module (MIRAS.md section 7).
+
+Axis letters: ``b`` batch, ``t`` tokens, ``d`` model width, ``h`` heads, ``k`` key/head dim,
+``v`` value dim, ``r`` gate rank. Per token ``x_t: [d]``::
+
+    q, k, v = SiLU(causal_conv_4(W_q x)), ...          per channel, kernel 4 (depthwise)
+    q, k    = q / ||q||, k / ||k||                     per head
+    gates   = range(up(down(x)) + bias)                low rank r, one value per head
+    y_mem   = memorize(spec, W_0, q, k, v, gates)      the memory (engine/), one per head
+    out     = W_o (RMSNorm_head(y_mem) * SiLU(W_g x))
+
+Gate ranges and initialisations (``GATE_INIT``): ``lr = lr_max sigmoid(z)`` (``lr_max`` = 1 for
+matrix memories, 0.1 for MLP memories; initial ``lr`` ~ ``lr_max / 2``), ``decay = sigmoid(z)``
+(initial ~0.95, channel-wise ``[k]`` per head for GLA), ``momentum = sigmoid(z)`` (~0.9),
+``delta = softplus(z)`` (~1). ``z = x W_down W_up + bias`` with ``W_up`` initialised small, so
+gates start near their bias values and the bias sets the initial range. The initial memory
+``W_0`` (one per head, ``spec.memory.init``) is an outer parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from miras_jax import presets
+from miras_jax.engine import decode as decode_lib
+from miras_jax.engine.api import memorize_batched
+from miras_jax.engine.reference import init_state
+from miras_jax.spec import MirasSpec
+
+GATE_INIT = {"lr": 0.0, "decay": 2.944, "momentum": 2.197, "delta": 0.541}  # logit(.95), logit(.9)
+LR_MAX = {"linear": 1.0, "mlp": 0.1}
+
+
+def causal_conv(x, w, buf=None):
+    """Depthwise causal convolution: ``y_t = sum_j w_j x_{t - K + 1 + j}``.
+
+    ``x: [b, t, c]``, ``w: [K, c]``, ``buf: [b, K - 1, c]`` (the previous ``K - 1`` inputs; zeros
+    at the start of a sequence). Returns ``(y [b, t, c], new_buf [b, K - 1, c])``.
+    """
+    K = w.shape[0]
+    if buf is None:
+        buf = jnp.zeros((x.shape[0], K - 1, x.shape[2]), x.dtype)
+    xp = jnp.concatenate([buf.astype(x.dtype), x], axis=1)  # [b, K - 1 + t, c]
+    t = x.shape[1]
+    y = sum(xp[:, j:j + t] * w[j] for j in range(K))
+    return y, xp[:, xp.shape[1] - (K - 1):]
+
+
+def l2_normalize(x, eps: float = 1e-6):
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class HParam(nnx.Variable):
+    """A numeric hyper-parameter of the spec (``p``, ``q``, ...): state, but not trained."""
+
+
+class LayerCache(NamedTuple):
+    """Recurrent state of one ``MirasLayer``: conv buffers ``[b, K - 1, h k]`` and the memory's
+    decode state (leaves lead with ``[b, h]``)."""
+
+    conv: tuple
+    memory: Any
+
+
+class MirasLayer(nnx.Module):
+    """Multi-head Miras mixer for any spec / preset. ``x: [b, t, d] -> [b, t, d]``.
+
+    Args:
+      d_model: width ``d``. num_heads: ``h``. head_dim: ``k = v`` (default ``d / h``).
+      spec: a ``MirasSpec`` or a preset name (``presets.get``); ``preset_kwargs`` for the latter.
+      chunk_size / implementation / remat_every: passed to ``memorize_batched``.
+      gate_rank: rank ``r`` of the gate projections. conv_kernel: ``K``.
+      channel_decay: ``decay`` per key channel (``[k]`` per head); default: True for "gla".
+    """
+
+    def __init__(self, d_model: int, num_heads: int, spec, *, head_dim: int | None = None,
+                 preset_kwargs: dict | None = None, chunk_size: int = 64, implementation: str = "xla",
+                 remat_every: int = 0, gate_rank: int = 32, conv_kernel: int = 4,
+                 channel_decay: bool | None = None, rngs: nnx.Rngs):
+        if isinstance(spec, str):
+            spec = presets.get(spec, **(preset_kwargs or {}))
+        if spec.num_steps != 1:
+            raise ValueError(f"MirasLayer takes one key/value per token; spec {spec.name!r} has "
+                             f"num_steps={spec.num_steps}")
+        if num_heads < 1 or (head_dim is None and d_model % num_heads):
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} "
+                             "(or pass head_dim)")
+        head_dim = head_dim or d_model // num_heads
+        if conv_kernel < 1 or gate_rank < 1:
+            raise ValueError(f"conv_kernel and gate_rank must be >= 1, got {conv_kernel}, {gate_rank}")
+        # static structure (hashable) + numeric hyper-parameters as non-trainable state, so the
+        # module holds no raw arrays outside Variables and a grid can vmap over ``HParam``s.
+        self._structure = (spec.memory, spec.bias, spec.retention, spec.optimizer, spec.grad_at, spec.name)
+        self.hparams = nnx.Dict({f"{c}/{n}": HParam(jnp.asarray(x, jnp.float32))
+                                 for c, d in spec.hparams.items() for n, x in d.items()})
+        self.h, self.k = num_heads, head_dim
+        self.chunk_size, self.implementation, self.remat_every = chunk_size, implementation, remat_every
+        self.channel_decay = (spec.name == "gla") if channel_decay is None else channel_decay
+        if self.channel_decay and spec.memory.kind != "linear":
+            raise ValueError("channel-wise decay needs a matrix (linear) memory")
+        hk = num_heads * head_dim
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)
+        self.wq, self.wk, self.wv, self.wg, self.wo = lin(d_model, hk), lin(d_model, hk), \
+            lin(d_model, hk), lin(d_model, hk), lin(hk, d_model)
+        conv_init = jax.random.normal(rngs.params(), (3, conv_kernel, hk)) / conv_kernel ** 0.5
+        self.conv = nnx.Param(conv_init.at[:, -1].add(1.0))  # starts near identity
+        self.gates = tuple(spec.required_gates)
+        self.gate_down = nnx.Linear(d_model, gate_rank, use_bias=False, rngs=rngs)
+        ups = {}
+        for g in self.gates:
+            width = num_heads * (head_dim if (g == "decay" and self.channel_decay) else 1)
+            w = 0.01 * jax.random.normal(rngs.params(), (gate_rank, width)) / gate_rank ** 0.5
+            ups[g] = (nnx.Param(w), nnx.Param(jnp.full((width,), GATE_INIT[g])))
+        self.gate_up = nnx.Dict({g: nnx.List(list(p)) for g, p in ups.items()})
+        keys = jax.random.split(rngs.params(), num_heads)
+        w0 = jax.vmap(lambda kk: spec.memory.init(kk, head_dim, head_dim))(keys)   # leaves [h, out, in]
+        self.memory_w0 = nnx.List([nnx.Param(w) for w in spec.memory.leaves(w0)])
+        self.out_norm = nnx.RMSNorm(head_dim, rngs=rngs)
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> MirasSpec:
+        hp = {c: {} for c in ("bias", "retention", "optimizer")}
+        for key, var in self.hparams.items():
+            c, n = key.split("/")
+            hp[c][n] = var[...]
+        return MirasSpec(*self._structure[:4], grad_at=self._structure[4], name=self._structure[5],
+                         hparams=hp)
+
+    def memory_init(self):
+        """The initial memory ``W_0`` of every head (leaves ``[h, out, in]``)."""
+        return self.spec.memory.from_leaves([w[...] for w in self.memory_w0])
+
+    def _qkv(self, x, conv_bufs):
+        b, t, _ = x.shape
+        outs, bufs = [], []
+        for i, proj in enumerate((self.wq, self.wk, self.wv)):
+            y, nb = causal_conv(proj(x), self.conv[...][i], None if conv_bufs is None else conv_bufs[i])
+            outs.append(jax.nn.silu(y).reshape(b, t, self.h, self.k))
+            bufs.append(nb)
+        q, k, v = outs
+        return l2_normalize(q), l2_normalize(k), v, tuple(bufs)
+
+    def _gates(self, x):
+        """``{name: [b, t, h]}`` (``decay`` ``[b, t, h, k]`` if channel-wise)."""
+        b, t, _ = x.shape
+        z0 = self.gate_down(x)
+        out = {}
+        lr_max = LR_MAX[self.spec.memory.kind]
+        for g in self.gates:
+            w, bias = self.gate_up[g]
+            z = z0 @ w[...] + bias[...]
+            z = z.reshape(b, t, self.h, -1)
+            z = z if (g == "decay" and self.channel_decay) else z[..., 0]
+            out[g] = {"lr": lambda z: lr_max * jax.nn.sigmoid(z), "decay": jax.nn.sigmoid,
+                      "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}[g](z)
+        return out
+
+    def _out(self, x, y):
+        b, t = x.shape[:2]
+        y = self.out_norm(y).reshape(b, t, self.h * self.k)
+        return self.wo(y * jax.nn.silu(self.wg(x)))
+
+    # -- full sequence, prefill, step --------------------------------------------------------
+
+    def __call__(self, x):
+        q, k, v, _ = self._qkv(x, None)
+        y, _ = memorize_batched(self.spec, self.memory_init(), q, k, v, self._gates(x),
+                                chunk_size=self.chunk_size, implementation=self.implementation,
+                                remat_every=self.remat_every)
+        return self._out(x, y)
+
+    def _gate_shapes(self):
+        return {g: ((self.k,) if (g == "decay" and self.channel_decay) else ()) for g in self.gates}
+
+    def _vmap_bh(self, fn, *args):
+        return jax.vmap(jax.vmap(fn))(*args)
+
+    def prefill(self, x):
+        """``(y [b, t, d], LayerCache)``: the full-sequence forward plus the state after it."""
+        q, k, v, bufs = self._qkv(x, None)
+        gates = self._gates(x)
+        c, impl = self.chunk_size, self.implementation
+        T = x.shape[1]
+        kw = dict(chunk_size=c, implementation=impl, remat_every=self.remat_every)
+        if not decode_lib.buffered(self.spec, c, impl):
+            y, st = memorize_batched(self.spec, self.memory_init(), q, k, v, gates, **kw)
+            ds = self._vmap_bh(lambda s: decode_lib.DecodeState(s, (), jnp.zeros((), jnp.int32)), st)
+            return self._out(x, y), LayerCache(bufs, ds)
+        # mini-batch form: full chunks through the engine, the remainder into the chunk buffer.
+        m = T - T % c
+        head = lambda a: a[:, :m]
+        b = x.shape[0]
+        if m:
+            y1, st = memorize_batched(self.spec, self.memory_init(), head(q), head(k), head(v),
+                                      jax.tree.map(head, gates), **kw)
+        else:  # shorter than one chunk: the initial state, for every batch row
+            y1 = jnp.zeros((b, 0, self.h, self.k), v.dtype)
+            w0 = jax.tree.map(lambda a: a.astype(jnp.float32), self.memory_init())
+            st0 = jax.vmap(lambda p: init_state(self.spec, p))(w0)
+            st = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), st0)
+        ds = self._vmap_bh(lambda s: decode_lib.decode_init(
+            self.spec, s, chunk_size=c, implementation=impl, d_k=self.k, d_v=self.k,
+            gate_shapes=self._gate_shapes()), st)
+        ys = [y1]
+        for i in range(m, T):  # the remainder (< c tokens), token by token into the buffer
+            y_i, ds = self._memory_step(ds, q[:, i], k[:, i], v[:, i], jax.tree.map(lambda a, i=i: a[:, i], gates))
+            ys.append(y_i[:, None])
+        return self._out(x, jnp.concatenate(ys, axis=1)), LayerCache(bufs, ds)
+
+    def _memory_step(self, ds, q_t, k_t, v_t, gates_t):
+        """``q_t, k_t, v_t: [b, h, k]``, gates ``[b, h(, k)]`` -> ``(y [b, h, v], ds)``."""
+        def one(ds, q, k, v, g):
+            return decode_lib.decode_step(self.spec, ds, q, k, v, g, chunk_size=self.chunk_size,
+                                          implementation=self.implementation)
+        return self._vmap_bh(one, ds, q_t, k_t, v_t, gates_t)
+
+    def step(self, x_t, cache: LayerCache):
+        """One token: ``x_t: [b, d] -> (y_t [b, d], LayerCache)``."""
+        x = x_t[:, None]
+        q, k, v, bufs = self._qkv(x, cache.conv)
+        gates = jax.tree.map(lambda a: a[:, 0], self._gates(x))
+        y, ds = self._memory_step(cache.memory, q[:, 0], k[:, 0], v[:, 0], gates)
+        return self._out(x, y[:, None])[:, 0], LayerCache(bufs, ds)

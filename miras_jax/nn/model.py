@@ -1,0 +1,182 @@
+"""Blocks and language models: Llama-style stacks whose mixers are Miras layers or attention.
+
+``MirasBlock``: ``x + mixer(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``. ``MirasLM``: embedding,
+blocks, final RMSNorm, tied or untied head. ``LMConfig.pattern`` says which mixer each block has,
+cycled over the depth: ``"M"`` a Miras layer, ``"S"`` sliding-window attention, ``"A"`` global
+attention. ``pattern="M"`` is a pure Miras model, ``"MS"`` a Moneta-H-style hybrid, ``"A"`` the
+Transformer++ baseline (RoPE softmax attention) in the same stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from miras_jax.nn.attention import Attention
+from miras_jax.nn.layer import MirasLayer
+
+MIXERS = {"M": "miras", "S": "sliding-window attention", "A": "global attention"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """A language model. ``mlp_hidden`` defaults to ``8/3 d`` rounded up to a multiple of 8."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    preset: str = "moneta"
+    preset_kwargs: tuple = ()             # ((name, value), ...): hashable
+    pattern: str = "M"
+    window: int = 64                      # sliding-window attention span
+    chunk_size: int = 64
+    implementation: str = "xla"
+    remat_every: int = 0
+    gate_rank: int = 32
+    conv_kernel: int = 4
+    mlp_hidden: int | None = None
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        bad = set(self.pattern) - set(MIXERS)
+        if not self.pattern or bad:
+            raise ValueError(f"pattern must be a non-empty string over {sorted(MIXERS)} "
+                             f"({MIXERS}), got {self.pattern!r}")
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "window", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+
+    def mixer(self, i: int) -> str:
+        return self.pattern[i % len(self.pattern)]
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or -(-(8 * self.d_model) // 3 // 8) * 8
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
+        self.w_gate = nnx.Linear(d_model, hidden, use_bias=False, rngs=rngs)
+        self.w_up = nnx.Linear(d_model, hidden, use_bias=False, rngs=rngs)
+        self.w_down = nnx.Linear(hidden, d_model, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class MirasBlock(nnx.Module):
+    """Pre-norm residual block: ``x + mixer(norm(x))``, ``x + SwiGLU(norm(x))``."""
+
+    def __init__(self, cfg: LMConfig, kind: str, *, rngs: nnx.Rngs):
+        self.kind = kind
+        if kind == "M":
+            self.mixer = MirasLayer(cfg.d_model, cfg.num_heads, cfg.preset,
+                                    preset_kwargs=dict(cfg.preset_kwargs), chunk_size=cfg.chunk_size,
+                                    implementation=cfg.implementation, remat_every=cfg.remat_every,
+                                    gate_rank=cfg.gate_rank, conv_kernel=cfg.conv_kernel, rngs=rngs)
+        else:
+            self.mixer = Attention(cfg.d_model, cfg.num_heads, window=cfg.window if kind == "S" else None,
+                                   rngs=rngs)
+        self.norm1 = nnx.RMSNorm(cfg.d_model, rngs=rngs)
+        self.norm2 = nnx.RMSNorm(cfg.d_model, rngs=rngs)
+        self.mlp = SwiGLU(cfg.d_model, cfg.hidden, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+    def prefill(self, x, max_len: int):
+        h = self.norm1(x)
+        y, cache = self.mixer.prefill(h) if self.kind == "M" else self.mixer.prefill(h, max_len)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), cache
+
+    def step(self, x_t, cache):
+        y, cache = self.mixer.step(self.norm1(x_t), cache)
+        x_t = x_t + y
+        return x_t + self.mlp(self.norm2(x_t)), cache
+
+
+class MirasLM(nnx.Module):
+    """Token ids ``[b, t]`` -> logits ``[b, t, vocab]``; ``prefill`` / ``step`` for decoding."""
+
+    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
+        self.blocks = nnx.List([MirasBlock(cfg, cfg.mixer(i), rngs=rngs) for i in range(cfg.num_layers)])
+        self.norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
+        self.head = None if cfg.tie_embeddings else nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False,
+                                                               rngs=rngs)
+
+    def _check(self, tokens):
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be an integer array [b, t], got {tokens.dtype}{list(tokens.shape)}")
+
+    def _logits(self, h):
+        h = self.norm(h)
+        return self.embed.attend(h) if self.head is None else self.head(h)
+
+    def __call__(self, tokens):
+        self._check(tokens)
+        h = self.embed(tokens)
+        for blk in self.blocks:
+            h = blk(h)
+        return self._logits(h)
+
+    def prefill(self, tokens, max_len: int | None = None) -> tuple[jax.Array, Any]:
+        """``(logits [b, t, V], cache)``; ``max_len`` bounds global-attention caches
+        (default: the prompt length + 256)."""
+        self._check(tokens)
+        max_len = max_len or tokens.shape[1] + 256
+        h = self.embed(tokens)
+        caches = []
+        for blk in self.blocks:
+            h, c = blk.prefill(h, max_len)
+            caches.append(c)
+        return self._logits(h), tuple(caches)
+
+    def step(self, token, caches):
+        """``token: [b]`` int -> ``(logits [b, V], caches)``."""
+        h = self.embed(token)
+        new = []
+        for blk, c in zip(self.blocks, caches):
+            h, c = blk.step(h, c)
+            new.append(c)
+        return self._logits(h), tuple(new)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Trainable parameter count (``nnx.Param`` leaves)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def generate(model: MirasLM, prompt, steps: int, *, key=None, temperature: float = 1.0):
+    """Sample ``steps`` tokens after ``prompt: [b, t]`` (greedy if ``key`` is None or
+    ``temperature == 0``): one ``prefill``, then recurrent ``step``s in a ``jax.lax.scan``.
+    Returns ``[b, steps]`` int32."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    graphdef, state = nnx.split(model)
+    logits, caches = model.prefill(prompt, max_len=prompt.shape[1] + steps)
+
+    def pick(logits, k):
+        if key is None or temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(k, logits / temperature).astype(jnp.int32)
+
+    keys = jax.random.split(key if key is not None else jax.random.key(0), steps)
+
+    def body(carry, k):  # carry: the token just sampled and the caches before it
+        tok, caches = carry
+        logits, caches = nnx.merge(graphdef, state).step(tok, caches)
+        return (pick(logits, k), caches), tok
+
+    (last, _), toks = jax.lax.scan(body, (pick(logits[:, -1], keys[0]), caches), keys[1:])
+    return jnp.concatenate([toks.T, last[:, None]], axis=1)
