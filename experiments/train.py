@@ -240,40 +240,49 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress) -> dict:
         t_run, t_last, seen = time.perf_counter(), time.perf_counter(), 0
         reached = next((r for r in rows if r.get("reached_target")), None)
         last_eval = {}
+        t_offset = rows[-1].get("elapsed_s", 0.0) if rows else 0.0  # training time before a resume
+        done = start
         for step in range(start + 1, end + 1):
             batch = next(it)
             params, opt_state, loss, acc, gnorm = train_step(params, opt_state, batch)
             loss = float(loss)
             seen += tokens_per_step
+            done = step
             if not math.isfinite(loss):
                 raise TrainingError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
                                     f"(step {ckpt.latest_step()}) in {ckpt_dir} is kept; lower --set=lr=... "
                                     "or --set=clip=...")
+            now = time.perf_counter()
+            elapsed = t_offset + now - t_run
+            out_of_time = bool(cfg.time_budget_s) and elapsed >= cfg.time_budget_s
+            final = step == end or out_of_time
             row = None
-            if step % cfg.log_every == 0 or step == end:
-                now = time.perf_counter()
+            if step % cfg.log_every == 0 or final:
                 row = {"step": step, "loss": loss, "accuracy": float(acc), "grad_norm": float(gnorm),
                        "lr": float(schedule(step - 1)), "tokens_per_s": seen / max(now - t_last, 1e-9),
-                       "elapsed_s": now - t_run}
+                       "elapsed_s": elapsed}
                 t_last, seen = now, 0
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
                 last_eval = evaluate(eval_step, params, task.eval_sets)
-                row = {**(row or {"step": step, "loss": loss}), **last_eval}
+                row = {**(row or {"step": step, "loss": loss, "elapsed_s": elapsed}), **last_eval}
                 accs = [v for k, v in last_eval.items() if k.endswith("_accuracy")]
                 if cfg.task != "charlm" and reached is None and accs and min(accs) >= cfg.target_accuracy:
                     reached = row
                     row["reached_target"] = True
+                    final = final or cfg.stop_at_target
             if row is not None:
                 rows.append(row)
                 _write_metrics(metrics_path, rows)
             ckpt.save(step, {"params": params, "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)},
-                      {"data": it.get_state(), "config": cfg_dict}, force=step == cfg.steps)
+                      {"data": it.get_state(), "config": cfg_dict}, force=step == cfg.steps or final)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{(row or {}).get('tokens_per_s', 0):.0f}")
+            if final:
+                break
         if bar is not None:
             bar.close()
-    summary = {"config": cfg_dict, "params": n_params, "steps_done": end, "finished": end == cfg.steps,
+    summary = {"config": cfg_dict, "params": n_params, "steps_done": done, "finished": done == cfg.steps,
                "final_loss": rows[-1]["loss"] if rows else None, **last_eval}
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     summary["train_tokens_per_s"] = float(np.median(tps)) if tps else None

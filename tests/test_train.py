@@ -104,3 +104,17 @@ def test_byte_level_run_samples_text(tmp_path):
     assert isinstance(out, str) and len(out.encode("utf-8", errors="replace")) >= 1
     out2 = generate.sample(str(tmp_path / "run"), "to be", 12, temperature=0.0)
     assert out == out2
+
+
+def test_compare_writes_table_and_plot_at_matched_size(tmp_path):
+    from experiments import compare
+
+    cfg = configs.override(TINY, ["steps=2", "eval_every=2"])
+    rows = compare.compare(cfg, ["gated_deltanet", "moneta"], str(tmp_path), target_params=40_000)
+    assert [r["preset"] for r in rows] == ["gated_deltanet", "moneta"]
+    assert all(abs(r["params"] - 40_000) / 40_000 < 0.25 for r in rows)
+    table = (tmp_path / "results.md").read_text()
+    assert "| gated_deltanet |" in table and "| moneta |" in table and "eval_mqar_accuracy" in table
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="unknown presets"):
+        compare.compare(cfg, ["nope"], str(tmp_path))

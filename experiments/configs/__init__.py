@@ -40,6 +40,8 @@ class TrainConfig:
     niah_needle: str = "passkey"
     niah_haystack: str = "noise"
     target_accuracy: float = 0.99  # MQAR / NIAH: report the time at which eval accuracy reaches it
+    stop_at_target: bool = False   # ... and stop there
+    time_budget_s: float = 0.0     # > 0: stop (eval + checkpoint) after this much training time
 
     def __post_init__(self):
         if self.task not in TASKS:

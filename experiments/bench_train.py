@@ -1,0 +1,75 @@
+"""Training targets of the experiments issue, one JSON line per run.
+
+    python -m experiments.bench_train --suite=mqar [--presets=moneta,yaad,memora,gated_deltanet]
+        [--budget_s=1800] [--workdir=runs/bench_mqar]
+    python -m experiments.bench_train --suite=charlm --data=path/to/tinyshakespeare.txt
+        [--presets=moneta,yaad,memora,transformer] [--budget_s=900]
+
+mqar: the ``mqar`` config (vocab 8192, 64 pairs, sequence 256, width 128, 2 layers) per preset,
+stopped when the held-out query accuracy reaches 99% or the time budget runs out; reports the
+training time to the target. charlm: the ``charlm`` config (about 1M parameters at width 128)
+per preset for ``--budget_s`` of training, then the validation loss in nats per byte, next to
+nanoGPT's baby-GPT-on-CPU reference (1.91 / 1.64 / 1.53 after 2 / 5 / 14.5 minutes on this
+machine). ``transformer`` is the Transformer++ baseline (``pattern="A"``) in the same stack.
+Every line carries the training throughput (tokens/s, forward + backward + optimizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from experiments import configs
+from experiments import train as train_lib
+
+NANOGPT_CPU = {"2min": 1.91, "5min": 1.64, "14.5min": 1.53}  # nats/char, measured on this machine
+
+
+def define_flags():
+    flags.DEFINE_enum("suite", "mqar", ["mqar", "charlm"], "which target")
+    flags.DEFINE_list("presets", None, "presets (default: the issue's); 'transformer' = pattern A")
+    flags.DEFINE_float("budget_s", None, "training time per run (default 1800 mqar, 900 charlm)")
+    flags.DEFINE_string("data", None, "text file for charlm")
+    flags.DEFINE_string("workdir", None, "runs go to <workdir>/<preset> (default runs/bench_<suite>)")
+    flags.DEFINE_list("set", [], "extra config overrides")
+
+
+def run(suite: str, names: list[str], budget_s: float, workdir: str, data_path=None, sets=()) -> list[dict]:
+    out = []
+    for name in names:
+        over = [f"time_budget_s={budget_s}", *sets]
+        over += ["model.pattern=A"] if name == "transformer" else [f"model.preset={name}"]
+        if suite == "mqar":
+            over += ["stop_at_target=true", "steps=100000"]
+        cfg = configs.override(configs.get(suite), over)
+        s = train_lib.train(cfg, os.path.join(workdir, name), data_path=data_path, progress=False)
+        row = {"suite": suite, "preset": name, "params": s["params"], "steps": s["steps_done"],
+               "train_tokens_per_s": s["train_tokens_per_s"], "budget_s": budget_s}
+        if suite == "mqar":
+            row.update(accuracy=s.get("eval_mqar_accuracy"), reached_99=s.get("reached_target_at_step") is not None,
+                       time_to_99_s=s.get("reached_target_after_s"), step_at_99=s.get("reached_target_at_step"))
+        else:
+            row.update(val_loss=s.get("eval_val_loss"), val_bits_per_byte=s.get("val_bits_per_byte"),
+                       nanogpt_cpu_reference=NANOGPT_CPU)
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    default = {"mqar": ["moneta", "yaad", "memora", "gated_deltanet"],
+               "charlm": ["moneta", "yaad", "memora", "transformer"]}[f.suite]
+    budget = f.budget_s or (1800.0 if f.suite == "mqar" else 900.0)
+    try:
+        run(f.suite, f.presets or default, budget, f.workdir or f"runs/bench_{f.suite}", f.data, f.set)
+    except (ValueError, FileNotFoundError, train_lib.TrainingError) as e:
+        raise app.UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
