@@ -69,6 +69,7 @@ def make_task(cfg: configs.TrainConfig, data_path: str | None) -> Task:
     if cfg.task == "mqar":
         fn = functools.partial(data.mqar_batch, batch=cfg.batch, seq_len=cfg.seq_len, vocab=cfg.mqar_vocab,
                                num_pairs=cfg.num_pairs)
+        fn = _with_positions(fn, cfg.num_pairs)
         fn(0, 0)  # validate the options now
         evals = {"mqar": [fn(cfg.seed + 1, i) for i in range(cfg.eval_batches)]}
         return Task(cfg.mqar_vocab, fn, evals)
@@ -113,18 +114,32 @@ def merge(graphdef, params, rest) -> MirasLM:
     return nnx.merge(graphdef, params, rest)
 
 
+def _with_positions(batch_fn, n: int):
+    """Adds ``positions [b, n]``: the scored positions of each row (exactly ``n`` per row), so the
+    model computes logits only there."""
+    def fn(seed, step):
+        b = batch_fn(seed, step)
+        pos = np.argsort(-b["mask"], axis=1, kind="stable")[:, :n]
+        return {**b, "positions": np.sort(pos, axis=1).astype(np.int32)}
+    return fn
+
+
 def masked_loss(logits, batch):
-    """Mean cross-entropy over ``mask``; accuracy of ``argmax`` on the same positions."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
-    m = batch["mask"]
+    """Mean cross-entropy over ``mask``; accuracy of ``argmax`` on the same positions. With
+    ``positions`` in the batch, ``logits`` are ``[b, n, V]`` at those positions only."""
+    targets, m = batch["targets"], batch["mask"]
+    if "positions" in batch:
+        targets = jnp.take_along_axis(targets, batch["positions"], axis=1)
+        m = jnp.take_along_axis(m, batch["positions"], axis=1)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     denom = jnp.maximum(jnp.sum(m), 1.0)
-    acc = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]).astype(m.dtype) * m) / denom
+    acc = jnp.sum((jnp.argmax(logits, -1) == targets).astype(m.dtype) * m) / denom
     return jnp.sum(ce * m) / denom, acc
 
 
 def make_steps(graphdef, rest, tx):
     def loss_fn(params, batch):
-        logits = merge(graphdef, params, rest)(batch["inputs"])
+        logits = merge(graphdef, params, rest)(batch["inputs"], batch.get("positions"))
         return masked_loss(logits, batch)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))

@@ -115,3 +115,14 @@ def test_bad_configurations_raise():
                              gate_rank=4), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="integer"):
         model(jnp.zeros((1, 4), jnp.float32))
+
+
+def test_logits_at_positions_equal_the_gathered_full_logits():
+    cfg = LMConfig(vocab_size=30, d_model=D, num_layers=1, num_heads=H, preset="gated_deltanet", chunk_size=CHUNK,
+                   gate_rank=4)
+    model = MirasLM(cfg, rngs=nnx.Rngs(0))
+    toks = jax.random.randint(jax.random.key(6), (2, 9), 0, 30)
+    pos = jnp.array([[1, 4, 8], [0, 2, 3]], jnp.int32)
+    full = model(toks)
+    np.testing.assert_allclose(model(toks, pos), jnp.take_along_axis(full, pos[..., None], axis=1),
+                               rtol=1e-6, atol=1e-6)

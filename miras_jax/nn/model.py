@@ -123,11 +123,15 @@ class MirasLM(nnx.Module):
         h = self.norm(h)
         return self.embed.attend(h) if self.head is None else self.head(h)
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, positions=None):
+        """Logits ``[b, t, V]``; with ``positions: [b, n]`` (int) only those positions' ``[b, n, V]``
+        (the head is the costly part with a large vocabulary and few scored tokens, e.g. MQAR)."""
         self._check(tokens)
         h = self.embed(tokens)
         for blk in self.blocks:
             h = blk(h)
+        if positions is not None:
+            h = jnp.take_along_axis(h, positions[..., None], axis=1)
         return self._logits(h)
 
     def prefill(self, tokens, max_len: int | None = None) -> tuple[jax.Array, Any]:
