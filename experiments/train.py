@@ -243,6 +243,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress) -> dict:
             start = int(state["step"])
             logging.info("resumed from %s at step %d", resume_dir, start)
         rows = _read_metrics(metrics_path, start) if resume_dir is not None else []
+        _write_metrics(metrics_path, rows)  # once: drops rows past the restored step; then append
         it = data.DataIterator(task.train_batch, cfg.seed, step=start)
         end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
         n_params = count_params(merge(graphdef, params, rest))
@@ -287,7 +288,8 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress) -> dict:
                     final = final or cfg.stop_at_target
             if row is not None:
                 rows.append(row)
-                _write_metrics(metrics_path, rows)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             ckpt.save(step, {"params": params, "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)},
                       {"data": it.get_state(), "config": cfg_dict}, force=step == cfg.steps or final)
             if bar is not None:

@@ -33,6 +33,7 @@ from miras_jax.spec import MirasSpec
 
 GATE_INIT = {"lr": 0.0, "decay": 2.944, "momentum": 2.197, "delta": 0.541}  # logit(.95), logit(.9)
 LR_MAX = {"linear": 1.0, "mlp": 0.1}
+GATE_RANGE = {"decay": jax.nn.sigmoid, "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}  # lr: below
 
 
 def causal_conv(x, w, buf=None):
@@ -157,8 +158,7 @@ class MirasLayer(nnx.Module):
             z = z0 @ w[...] + bias[...]
             z = z.reshape(b, t, self.h, -1)
             z = z if (g == "decay" and self.channel_decay) else z[..., 0]
-            out[g] = {"lr": lambda z: lr_max * jax.nn.sigmoid(z), "decay": jax.nn.sigmoid,
-                      "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}[g](z)
+            out[g] = lr_max * jax.nn.sigmoid(z) if g == "lr" else GATE_RANGE[g](z)
         return out
 
     def _out(self, x, y):
