@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from miras_jax.engine import dispatch
+from miras_jax.engine import pallas as pallas_path
 from miras_jax.engine.reference import MemoryState, init_state
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas", "auto")
@@ -91,6 +92,20 @@ def check_inputs(spec, params, q, k, v, gates):
     return out
 
 
+def resolve(spec, implementation: str) -> str:
+    """``"auto"`` -> ``"pallas"`` on TPU / GPU when a kernel covers ``spec``, else ``"xla"``;
+    ``"pallas"`` for a spec no kernel covers raises ``NotImplementedError`` with the reason."""
+    if implementation == "auto":
+        on_accel = jax.default_backend() in ("tpu", "gpu")
+        return "pallas" if on_accel and pallas_path.supports(spec) is None else "xla"
+    if implementation == "pallas":
+        reason = pallas_path.supports(spec)
+        if reason is not None:
+            raise NotImplementedError(f"implementation='pallas' cannot run spec {spec.name!r}: {reason}; "
+                                      "use implementation='xla'")
+    return implementation
+
+
 def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
              implementation: str = "reference", initial_state: MemoryState | None = None,
              remat_every: int = 0):
@@ -107,8 +122,10 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
         any chunk size; every other spec uses the mini-batch form (gradients at the chunk-start
         memory, ``engine/chunked_reference.py``); ``chunk_size=1`` is always exact.
       implementation: ``"reference"`` (token-level ``lax.scan``, or the chunked reference loops
-        when ``chunk_size > 1``), ``"xla"`` (fast chunked forms), ``"auto"`` (``"xla"``; Pallas
-        kernels are not available yet), ``"pallas"`` (not available yet: raises).
+        when ``chunk_size > 1``), ``"xla"`` (fast chunked forms), ``"pallas"`` (the kernels of
+        ``pallas_kernels/``: compiled on TPU / GPU, interpreted on CPU; raises for specs they do
+        not cover, see ``engine/pallas.py``), ``"auto"`` (``"pallas"`` on TPU / GPU where a kernel
+        covers the spec, else ``"xla"``).
       initial_state: a ``MemoryState`` to continue from (segments); default ``init_state(params)``.
       remat_every: with ``"xla"`` mini-batch forms, ``jax.checkpoint`` groups of this many chunks.
 
@@ -124,11 +141,7 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     if not isinstance(remat_every, int) or remat_every < 0:
         raise ValueError(f"remat_every must be a non-negative int, got {remat_every!r}")
     gates = check_inputs(spec, params, q, k, v, gates)
-    if implementation == "pallas":
-        raise NotImplementedError("implementation='pallas' is not available yet (no Pallas kernels "
-                                  "are built); use 'xla' or 'auto'")
-    if implementation == "auto":
-        implementation = "xla"
+    implementation = resolve(spec, implementation)
 
     leaves = [q, k, v, *gates.values(), *jax.tree.leaves(params)]
     # float32 accumulation, float64 only if asked for (x64 mode and a float64 input).
@@ -137,8 +150,15 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)  # noqa: E731
     state = init_state(spec, cast(params)) if initial_state is None else cast(initial_state)
     spec = spec.replace(hparams=cast(spec.hparams))
-    y, final = dispatch.run(spec, state, cast(q), cast(k), cast(v), cast(gates), chunk_size=chunk_size,
-                            implementation=implementation, remat_every=remat_every)
+    if implementation == "pallas":
+        one = lambda x: x[None, :, None]  # noqa: E731   [T, ...] -> [1, T, 1, ...]
+        state1 = jax.tree.map(lambda x: x[None, None], state)
+        y, final = pallas_path.run_batched(spec, state1, one(cast(q)), one(cast(k)), one(cast(v)),
+                                           {n: one(g) for n, g in cast(gates).items()}, chunk_size=chunk_size)
+        y, final = y[0, :, 0], jax.tree.map(lambda x: x[0, 0], final)
+    else:
+        y, final = dispatch.run(spec, state, cast(q), cast(k), cast(v), cast(gates), chunk_size=chunk_size,
+                                implementation=implementation, remat_every=remat_every)
     param_dtypes = jax.tree.map(lambda x: jnp.result_type(x), params)
     final = final._replace(memory=jax.tree.map(lambda x, d: x.astype(d), final.memory, param_dtypes))
     return y.astype(v.dtype), final
@@ -146,13 +166,16 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
 
 def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
                      implementation: str = "reference", initial_state: MemoryState | None = None,
-                     remat_every: int = 0):
+                     remat_every: int = 0, mesh=None, batch_axes="data", head_axes=None):
     """Canonical batched entry point: ``q, k: [B, T, H, k]``, ``v: [B, T, H, v]``.
 
     ``params`` holds one memory per head (leading axis ``H`` on every leaf); gates are
     ``[B, T, H]`` (channel-wise decay ``[B, T, H, k]``; DeltaProduct ``lr`` ``[B, T, H, n]`` and
     ``k, v: [B, T, H, n, d]``). Returns ``y: [B, T, H, v]`` and a ``MemoryState`` whose leaves
-    lead with ``[B, H]`` (pass it back as ``initial_state``). Heads and batch are vmapped.
+    lead with ``[B, H]`` (pass it back as ``initial_state``). Heads and batch are vmapped
+    (``"reference"`` / ``"xla"``) or rows of one kernel grid (``"pallas"``). With ``"pallas"`` and a
+    ``mesh``, the kernel is entered through ``shard_map``: batch split over ``batch_axes``, heads
+    over ``head_axes``.
     """
     if getattr(q, "ndim", None) != 4:
         raise ValueError(f"memorize_batched takes q of shape [B, T, H, d_k], got {getattr(q, 'shape', q)}")
@@ -164,6 +187,10 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     for x in jax.tree.leaves(params):
         if x.shape[0] != H:
             raise ValueError(f"memory params need a leading head axis of size H={H}, got {tuple(x.shape)}")
+    implementation = resolve(spec, implementation) if implementation in ("pallas", "auto") else implementation
+    if implementation == "pallas":
+        return _pallas_batched(spec, params, q, k, v, gates or {}, chunk_size, initial_state, mesh,
+                               batch_axes, head_axes)
     to_bh = lambda t: jax.tree.map(lambda x: jnp.swapaxes(x, 1, 2), t)  # noqa: E731
     qh, kh, vh, gh = to_bh((q, k, v, gates or {}))
 
@@ -175,3 +202,28 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     y, state = jax.vmap(heads, in_axes=(None, 0, 0, 0, 0, 0 if initial_state is not None else None))(
         params, qh, kh, vh, gh, initial_state)
     return jnp.swapaxes(y, 1, 2), state
+
+
+def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mesh, batch_axes, head_axes):
+    """``memorize_batched`` on the Pallas kernels (one grid over all batch x head rows)."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    B = q.shape[0]
+    head0 = lambda t: jax.tree.map(lambda x: x[0, :, 0], t)  # noqa: E731
+    check_inputs(spec, jax.tree.map(lambda x: x[0], params), head0(q), head0(k), head0(v), head0(gates))
+    missing = [n for n in spec.required_gates if n not in gates]
+    if missing:
+        raise ValueError(f"spec {spec.name!r} needs gates {missing}")
+    f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)  # noqa: E731
+    if initial_state is None:
+        st = jax.vmap(lambda p: init_state(spec, p))(f32(params))
+        state = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), st)
+    else:
+        state = f32(initial_state)
+    spec = spec.replace(hparams=f32(spec.hparams))
+    g = {n: f32(gates[n]) for n in spec.required_gates}
+    y, final = pallas_path.run_batched(spec, state, f32(q), f32(k), f32(v), g, chunk_size=chunk_size,
+                                       mesh=mesh, batch_axes=batch_axes, head_axes=head_axes)
+    param_dtypes = jax.tree.map(lambda x: jnp.result_type(x), params)
+    final = final._replace(memory=jax.tree.map(lambda x, d: x.astype(d), final.memory, param_dtypes))
+    return y.astype(v.dtype), final

@@ -1,0 +1,85 @@
+"""From the public ``[B, H, T, ...]`` layout to the sweeps' per-chunk blocks and back.
+
+Everything here is plain (differentiable) JAX outside the kernels: padding of ``T`` to whole
+chunks (padded tokens have ``lr = 0`` and ``log a = 0``, so they leave the state unchanged),
+within-chunk cumulative log decay, the gates as columns and rows, float32 casts.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+HP_DEFAULTS = {"p": 3.0, "a": 10.0, "eps": 1e-6, "delta_scale": 1.0, "q": 4.0}
+
+
+def _is_float(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def check(name, x, shape):
+    """Raise a clear error unless ``x`` is a floating array of ``shape`` (``None`` = any size)."""
+    if not _is_float(x):
+        raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+        raise ValueError(f"{name} must have shape {tuple('?' if s is None else s for s in shape)}, "
+                         f"got {tuple(x.shape)}")
+
+
+def check_common(q, k, v, lr, log_decay, gate):
+    check("q", q, (None,) * 4)
+    B, H, T, dk = q.shape
+    check("k", k, (B, H, T, dk))
+    check("v", v, (B, H, T, None))
+    check("lr", lr, (B, H, T))
+    if log_decay is not None:
+        check("log_decay", log_decay, (B, H, T))
+    if gate is not None:
+        check("gate", gate, (B, H, T))
+    return B, H, T, dk, v.shape[-1]
+
+
+def consts(hparams, names):
+    """Hyper-parameters as ``[1, 1]`` float32 arrays, in ``names`` order (defaults filled in)."""
+    hparams = dict(hparams or {})
+    unknown = set(hparams) - set(HP_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; valid: {sorted(HP_DEFAULTS)}")
+    return tuple(jnp.reshape(jnp.asarray(hparams.get(n, HP_DEFAULTS[n]), jnp.float32), (1, 1)) for n in names)
+
+
+def chunk_inputs(q, k, v, lr, log_decay, gate, c):
+    """``xs`` in ``chunk.X_NAMES`` order, each ``[R, n, r, w]`` float32, and ``n``."""
+    B, H, T, dk = q.shape
+    R, n = B * H, -(-T // c)
+    Tp = n * c
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+    def tok(x):                          # [B, H, T, ...] -> [R, n, c, w]
+        x = f32(x).reshape((R, T) + x.shape[3:])
+        x = jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape((R, n, c, -1))
+
+    lr = tok(lr)[..., 0]                                            # [R, n, c]
+    la = jnp.zeros_like(lr) if log_decay is None else tok(log_decay)[..., 0]
+    L = jnp.cumsum(la, axis=-1)
+    g = jnp.zeros_like(lr) if gate is None else tok(gate)[..., 0]
+    last = jnp.broadcast_to((jnp.arange(c) == c - 1).astype(jnp.float32), (R, n, c))
+    col = lambda x: x[..., :, None]     # noqa: E731
+    row = lambda x: x[..., None, :]     # noqa: E731
+    xs = (tok(q), tok(k), tok(v), col(lr), row(lr), col(L), row(L), L[..., -1:, None], col(g), col(last))
+    return xs, n
+
+
+def rows(x):
+    """``[B, H, ...] -> [R, ...]`` float32."""
+    return jnp.asarray(x, jnp.float32).reshape((-1,) + x.shape[2:])
+
+
+def unrows(x, B, H):
+    return x.reshape((B, H) + x.shape[1:])
+
+
+def outputs(y, B, H, T, dtype):
+    """``[R, n, c, v] -> [B, H, T, v]``."""
+    return y.reshape(B, H, -1, y.shape[-1])[:, :, :T].astype(dtype)
+

@@ -1,0 +1,74 @@
+"""``matrix_chunk``: the matrix-memory gradient-step recurrence, chunk by chunk, as a Pallas kernel.
+
+Recurrence (one head; ``phi`` the bias' residual map, ``P`` the chunk-start state):
+``W_t = a_t W_{t-1} - lr_t phi(P k_t - v_t) k_t^T`` ("minibatch"), or the exact delta rule
+``W_t = a_t W_{t-1} - lr_t (a_t W_{t-1} k_t - v_t) k_t^T`` ("delta"); reads ``y_t = W_t q_t``.
+See ``MatrixChunkConfig`` for the retention variants (l_q scale, KL lag).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import layout
+from pallas_kernels.common.vjp import chunk_sweep
+from pallas_kernels.matrix_chunk import chunk, reference
+from pallas_kernels.matrix_chunk.config import MatrixChunkConfig
+
+IMPLEMENTATIONS = ("pallas", "reference")
+
+
+class ChunkState(NamedTuple):
+    """Final state: ``memory [B, H, v, k]``; ``accumulator`` (l_q retention's ``A``) or ``None``."""
+
+    memory: jax.Array
+    accumulator: jax.Array | None
+
+
+def matrix_chunk(q, k, v, lr, log_decay=None, m0=None, a0=None, gate=None, hparams=None, *,
+                 config: MatrixChunkConfig, implementation: str = "pallas",
+                 backend: str | None = None, interpret: bool | None = None):
+    """Sweep the matrix-memory recurrence over ``T`` tokens, every (batch, head) row in parallel.
+
+    Args:
+      q, k: ``[B, H, T, k]``; v: ``[B, H, T, v]``; lr: ``[B, H, T]`` (``eta_t``; ``beta_t`` of the
+        delta rule); log_decay: ``[B, H, T]`` ``log a_t`` (``None``: no decay); m0: ``[B, H, v, k]``
+        initial memory (``None``: zeros); a0: initial l_q accumulator (``"scale"`` retention;
+        ``None``: ``m0``); gate: ``[B, H, T]`` Huber threshold gate; hparams: dict of scalars
+        ``p, a, eps, delta_scale`` (bias) and ``q`` (l_q retention), arrays welcome (traced).
+      config: static ``MatrixChunkConfig``.
+      implementation: ``"pallas"`` or ``"reference"`` (``reference.py``, same semantics as loops).
+      backend / interpret: pin the kernel body (``"tpu"`` / ``"triton"``) and interpretation;
+        default: per lowering platform (TPU Mosaic, GPU Triton, CPU interpreted).
+
+    Returns:
+      ``(y [B, H, T, v] in v's dtype, ChunkState)``; state in float32.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if not isinstance(config, MatrixChunkConfig):
+        raise TypeError(f"config must be a MatrixChunkConfig, got {type(config).__name__}")
+    B, H, T, dk, dv = layout.check_common(q, k, v, lr, log_decay, gate)
+    m0 = jnp.zeros((B, H, dv, dk), jnp.float32) if m0 is None else m0
+    layout.check("m0", m0, (B, H, dv, dk))
+    if config.retention == "scale":
+        a0 = m0 if a0 is None else a0
+        layout.check("a0", a0, (B, H, dv, dk))
+    if config.residual.startswith("huber") and gate is None:
+        raise ValueError(f"residual {config.residual!r} needs the threshold gate (gate=[B, H, T])")
+    if implementation == "reference":
+        return reference.matrix_chunk_reference(q, k, v, lr, log_decay, m0, a0, gate, hparams,
+                                                config=config)
+    if backend is not None:
+        config.validate(backend, dk, dv)
+    xs, n = layout.chunk_inputs(q, k, v, lr, log_decay, gate, config.chunk_size)
+    ks = layout.consts(hparams, chunk.HPARAMS)
+    state0 = (layout.rows(m0),) + ((layout.rows(a0),) if config.retention == "scale" else ())
+    fn = chunk.make_chunk_fn(config)
+    (y,), final = chunk_sweep(fn, ((config.chunk_size, dv),), config.flops(dk, dv), backend, interpret,
+                              state0, xs, ks)
+    acc = layout.unrows(final[1], B, H) if config.retention == "scale" else None
+    return layout.outputs(y, B, H, T, v.dtype), ChunkState(layout.unrows(final[0], B, H), acc)

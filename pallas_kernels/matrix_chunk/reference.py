@@ -1,0 +1,72 @@
+"""Pure-JAX twin of ``matrix_chunk``: the same chunk semantics as plain token loops (``lax.scan``
+over chunks, then over the tokens of a chunk), written for one head and vmapped outward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import layout, residuals
+from pallas_kernels.common import math as km
+from pallas_kernels.matrix_chunk import chunk as chunk_lib
+
+
+def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
+    """One head: ``q, k [T, k]``, ``v [T, v]``, ``lr, la, g [T]``, ``m0, a0 [v, k]``."""
+    T, c = q.shape[0], cfg.chunk_size
+    n = -(-T // c)
+    pad = lambda x: jnp.pad(x, ((0, n * c - T),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])  # noqa: E731
+    xs = tuple(pad(x) for x in (q, k, v, lr, la, g))
+    full = jnp.arange(n) < T // c                  # chunks that end on a real token
+
+    def phi(P, k_i, v_i, g_i):
+        return residuals.residual(cfg.residual, cfg.smooth, (P @ k_i)[None], v_i[None],
+                                  jnp.reshape(g_i, (1, 1)), hp)[0]
+
+    def chunk(carry, x):
+        W, A = carry
+        (qc, kc, vc, lrc, lac, gc), is_full = x
+        if cfg.mode == "delta":
+            def tok(W, t):
+                q_i, k_i, v_i, lr_i, la_i = t
+                W = jnp.exp(la_i) * W
+                W = W - lr_i * jnp.outer(W @ k_i - v_i, k_i)
+                return W, W @ q_i
+            W, y = jax.lax.scan(tok, W, (qc, kc, vc, lrc, lac))
+            return (W, A), y
+        grads = jax.vmap(lambda k_i, v_i, g_i: jnp.outer(phi(W, k_i, v_i, g_i), k_i))(kc, vc, gc)
+        if cfg.retention == "lag":
+            Z = chunk_lib.lag_step(W, -lrc[0] * grads[0], la0 := lac[0], float(cfg.simplex_c or W.shape[1]))
+            del la0
+            lrc, lac = lrc.at[0].set(0.0), lac.at[0].set(0.0)
+        else:
+            Z = A if cfg.retention == "scale" else W
+
+        def tok(Z, t):
+            q_i, lr_i, la_i, g_i = t
+            Z = jnp.exp(la_i) * Z - lr_i * g_i
+            return Z, (Z @ q_i, Z @ q_i)
+        Z, (y, _) = jax.lax.scan(tok, Z, (qc, lrc, lac, grads))
+        if cfg.retention == "scale":
+            s_prev, s_end = km.lq_scale(A, hp["q"])[0, 0], km.lq_scale(Z, hp["q"])[0, 0]
+            y = y * s_prev
+            y = y.at[-1].set(jnp.where(is_full, y[-1] / s_prev * s_end, y[-1]))
+            return (s_end * Z, Z), y
+        return (Z, A), y
+
+    (W, A), y = jax.lax.scan(chunk, (m0, a0), (xs, full))
+    return y.reshape(n * c, -1)[:T], W, A
+
+
+def matrix_chunk_reference(q, k, v, lr, log_decay, m0, a0, gate, hparams, *, config):
+    """Same arguments and results as ``matrix_chunk`` (inputs already checked there)."""
+    B, H, T, dk = q.shape
+    hp = dict(zip(chunk_lib.HPARAMS, layout.consts(hparams, chunk_lib.HPARAMS)))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    la = jnp.zeros_like(f32(lr)) if log_decay is None else f32(log_decay)
+    g = jnp.zeros_like(f32(lr)) if gate is None else f32(gate)
+    a0_ = f32(m0) if a0 is None else f32(a0)
+    fn = jax.vmap(jax.vmap(lambda *a: _one_row(config, hp, *a)))
+    y, W, A = fn(f32(q), f32(k), f32(v), f32(lr), la, g, f32(m0), a0_)
+    from pallas_kernels.matrix_chunk.api import ChunkState
+    return y.astype(v.dtype), ChunkState(W, A if config.retention == "scale" else None)

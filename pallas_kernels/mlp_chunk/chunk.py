@@ -1,0 +1,73 @@
+"""One chunk of the MLP-memory recurrence as a function of 2-D values (swept by the kernels).
+
+Inputs as in ``matrix_chunk/chunk.py`` (``xs``: ``q, k, v [c, d]``, lr / L as columns and rows,
+``L_end``, gate, last; ``consts``: hyper-parameters ``[1, 1]``). State ``(W_0 [f, d], W_1 [d, f])``,
+plus ``(A_0, A_1)`` for the l_q "scale" retention.
+
+Per-token gradients at the chunk-start weights ``P``, by hand (closed-form backprop):
+``z = K P_0^T``, ``h = gelu(z)``, ``o = LN(h P_1^T)``, ``phi = phi(K + o, V)``,
+``D_1 = LN'(phi)``, ``D_0 = gelu'(z) * (D_1 P_1)``; token ``j``'s gradient of ``W_l`` is
+``D_l[j] in_l[j]^T`` with ``in_0 = K``, ``in_1 = h``. With ``C_ij = -exp(L_i - L_j) lr_j``
+(``j <= i``) every matmul ``W_l x_i`` of a read becomes
+``exp(L_i) base_l x_i + sum_j C_ij D_l[j] (in_l[j] . x_i)``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.common import math as km
+from pallas_kernels.common import residuals
+from pallas_kernels.matrix_chunk.chunk import HPARAMS, lag_step
+
+__all__ = ["HPARAMS", "make_chunk_fn"]
+
+
+def make_chunk_fn(cfg):
+    """``fn(state, xs, consts) -> (new_state, (y [c, d],))`` for an ``MLPChunkConfig``."""
+
+    def fn(state, xs, consts):
+        q, k, v, lr_c, lr_r, l_c, l_r, l_end, gate, last = xs
+        hp = dict(zip(HPARAMS, consts))
+        c = q.shape[0]
+        P0, P1 = state[0], state[1]
+        # per-token factors at the chunk-start weights
+        z = km.dot_t(k, P0)                                   # [c, f]
+        h = km.gelu(z)
+        o, rstd = km.layer_norm(km.dot_t(h, P1))              # [c, d]
+        phi = residuals.residual(cfg.residual, cfg.smooth, k + o, v, gate, hp)
+        d1 = km.layer_norm_vjp(o, rstd, phi)                  # [c, d]
+        d0 = km.gelu_slope(z) * km.dot(d1, P1)                # [c, f]
+        deltas, ins = (d0, d1), (k, h)
+
+        if cfg.retention == "lag":
+            e0, e0_row = km.first_row(c), km.first_col(c)
+            la0 = km.total(e0 * l_c)
+            base = tuple(lag_step(P, -km.t_dot(dl, e0 * lr_c * il), la0, float(cfg.simplex_c or P.shape[1]))
+                         for P, dl, il in zip((P0, P1), deltas, ins))
+            l_c, l_r, l_end = l_c - la0, l_r - la0, l_end - la0
+            lr_c, lr_r = lr_c * (1.0 - e0), lr_r * (1.0 - e0_row)
+        elif cfg.retention == "scale":
+            base = (state[2], state[3])
+        else:
+            base = (P0, P1)
+
+        cm = -km.decay_matrix(l_c, l_r, km.tri(c)) * lr_r     # [c, c]
+        beta = jnp.exp(l_c)                                   # [c, 1]
+        c_end = -jnp.exp(l_end - l_c) * lr_c                  # [c, 1]
+        z_end = tuple(jnp.exp(l_end) * b + km.t_dot(dl, c_end * il) for b, dl, il in zip(base, deltas, ins))
+        if cfg.retention == "scale":
+            s_end = tuple(km.lq_scale(a, hp["q"]) for a in z_end)
+            scales = tuple(jnp.where(last > 0, se, km.lq_scale(a, hp["q"])) for se, a in zip(s_end, base))
+        else:
+            scales = (1.0, 1.0)
+
+        def mm(l, x):                                         # W_l(i) x_i, for every token i
+            return scales[l] * (beta * km.dot_t(x, base[l]) + km.dot(cm * km.dot_t(x, ins[l]), deltas[l]))
+
+        y = q + km.layer_norm(mm(1, km.gelu(mm(0, q))))[0]
+        if cfg.retention == "scale":
+            return (s_end[0] * z_end[0], s_end[1] * z_end[1]) + z_end, (y,)
+        return z_end, (y,)
+
+    return fn

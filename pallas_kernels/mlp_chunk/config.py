@@ -1,0 +1,47 @@
+"""Static configuration of the MLP-memory chunk kernel, with validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pallas_kernels.common import residuals
+from pallas_kernels.common.config import RETENTIONS, check_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPChunkConfig:
+    """What one chunk step computes (all static).
+
+    The memory is ``M(x) = x + LN(W_1 gelu(W_0 x))`` (tanh GELU, LayerNorm without affine,
+    ``W_0: [f, k]``, ``W_1: [v, f]``, ``k == v``). Every gradient of a chunk is taken at its start
+    weights ``P`` (Miras Eq. 28-32); reads use the weights updated by the tokens so far (dual form).
+    residual / smooth: the bias' residual map (``common/residuals.py``).
+    retention: ``"linear"`` (none / decay: Yaad, TTT), ``"scale"`` (Moneta: l_q accumulators,
+      ``W_l = s(A_l) A_l`` refreshed at full chunk ends), ``"lag"`` (Memora: exact KL softmax step on
+      the chunk's first token, linear after it).
+    simplex_c: ``c`` of ``c softmax`` for ``"lag"`` (``None``: each matrix's row length).
+    chunk_size: tokens per chunk ``c``.
+    """
+
+    residual: str = "l2"
+    smooth: bool = True
+    retention: str = "linear"
+    simplex_c: float | None = None
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        if self.residual not in residuals.KINDS:
+            raise ValueError(f"residual must be one of {residuals.KINDS}, got {self.residual!r}")
+        if self.retention not in RETENTIONS:
+            raise ValueError(f"retention must be one of {RETENTIONS}, got {self.retention!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+
+    def validate(self, backend: str, d_k: int, d_f: int) -> None:
+        check_blocks(backend, chunk_size=self.chunk_size, d_k=d_k, d_f=d_f)
+
+    def flops(self, d: int, f: int) -> tuple[int, int]:
+        """Forward ``(flops, transcendentals)`` of one chunk (``d = k = v``)."""
+        c = self.chunk_size
+        mm = 2 * c * d * f
+        return 8 * mm + 2 * c * c * (2 * d + f) + 2 * c * c * (d + f), 3 * c * f + 2 * c * c

@@ -1,0 +1,311 @@
+"""Pallas kernels (interpreted on the CPU) against their pure-JAX references and the engine's XLA
+path — values and VJPs (q, k, v, gates, initial memory, final state), float32 and bfloat16, T not
+a multiple of the chunk, several head counts and dims; both kernel bodies (Mosaic TPU, Triton)
+interpreted; their TPU and CUDA lowerings produced on this CPU; dispatch and shard_map."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import miras_jax as mj
+from miras_jax.engine import pallas as pallas_path
+from miras_jax.engine.api import memorize_batched, resolve
+from pallas_kernels import MatrixChunkConfig, MLPChunkConfig, matrix_chunk, mlp_chunk
+from tests.helpers import random_inputs, unit_rows
+
+VAL_TOL = 1e-4        # float32, reordered chunk math; relative to the largest reference entry
+GRAD_TOL = 2e-3       # gradients, one notch looser
+LAG_TOL = 3e-3        # Memora (softmax of log-weights amplifies rounding)
+BF16_TOL = 2e-2       # bfloat16 inputs (same rounded inputs on both sides; float32 inside)
+
+PALLAS = [n for n in mj.presets.names() if pallas_path.supports(mj.presets.get(n)) is None and n != "gla"]
+UNSUPPORTED = [n for n in mj.presets.names() if pallas_path.supports(mj.presets.get(n)) is not None]
+
+
+def _close(a, b, tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        scale = max(float(np.abs(y).max()), 1e-6)
+        np.testing.assert_allclose(x / scale, y / scale, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# engine level: memorize(implementation="pallas") == the XLA path
+# ---------------------------------------------------------------------------------------------
+
+def _setup(name, T, d, seed=0, dtype=jnp.float32):
+    spec = mj.presets.get(name)
+    q, k, v, gates = random_inputs(seed, T, d, d, dtype=dtype)
+    if name == "yaad":   # residual norms clear of the Huber switch (no branch flips between paths)
+        gates["delta"] = jnp.where(jnp.arange(T) % 2 == 0, 0.05, 50.0).astype(dtype)
+    gates = {n: gates[n] for n in spec.required_gates}
+    params = spec.memory.init(jax.random.key(seed + 1), d, d)
+    if spec.memory.kind == "linear" and name != "memora":
+        params = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(seed + 2), w.shape), params)
+    return spec, params, (q, k, v, gates)
+
+
+def _vjp(spec, params, args, **kw):
+    def f(params, q, k, v, gates):
+        y, st = mj.memorize(spec, params, q, k, v, gates, **kw)
+        return y, st.memory
+
+    out, vjp = jax.vjp(f, params, *args)
+    cot = jax.tree.map(lambda x: jax.random.normal(jax.random.key(42), x.shape, x.dtype), out)
+    return out, vjp(cot)
+
+
+@pytest.mark.parametrize("name", PALLAS)
+@pytest.mark.parametrize("T,chunk", [(45, 16), (64, 32)])
+def test_pallas_equals_xla(name, T, chunk):
+    spec, params, args = _setup(name, T, d=8)
+    out_x, g_x = _vjp(spec, params, args, chunk_size=chunk, implementation="xla")
+    out_p, g_p = _vjp(spec, params, args, chunk_size=chunk, implementation="pallas")
+    lag = name == "memora"
+    _close(out_p, out_x, LAG_TOL if lag else VAL_TOL)
+    _close(g_p, g_x, LAG_TOL if lag else GRAD_TOL)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "yaad", "moneta"])
+def test_pallas_equals_xla_bfloat16(name):
+    spec, params, args = _setup(name, 40, d=8, dtype=jnp.bfloat16)
+    out_x, g_x = _vjp(spec, params, args, chunk_size=16, implementation="xla")
+    out_p, g_p = _vjp(spec, params, args, chunk_size=16, implementation="pallas")
+    assert out_p[0].dtype == jnp.bfloat16
+    _close(out_p, out_x, BF16_TOL)
+    _close(g_p, g_x, BF16_TOL)
+
+
+@pytest.mark.parametrize("name,H,d", [("gated_deltanet", 3, 16), ("moneta", 2, 8), ("mamba2", 1, 32)])
+def test_batched_pallas_equals_xla_with_initial_state(name, H, d):
+    spec = mj.presets.get(name)
+    B, T = 2, 37
+    keys = jax.random.split(jax.random.key(3), 3)
+    qs, ks, vs, gs = zip(*[random_inputs(s, T, d, d) for s in range(B * H)])
+    stack = lambda xs: jnp.stack(xs).reshape((B, H) + xs[0].shape).swapaxes(1, 2)  # noqa: E731
+    q, k, v = stack(qs), stack(ks), stack(vs)
+    gates = {n: stack([g[n] for g in gs]) for n in spec.required_gates}
+    params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(keys[0], H))
+    first = dict(chunk_size=16, implementation="xla")
+    _, st = memorize_batched(spec, params, q[:, :20], k[:, :20], v[:, :20],
+                             {n: g[:, :20] for n, g in gates.items()}, **first)
+    rest = lambda impl: memorize_batched(spec, params, q[:, 20:], k[:, 20:], v[:, 20:],  # noqa: E731
+                                         {n: g[:, 20:] for n, g in gates.items()}, chunk_size=16,
+                                         implementation=impl, initial_state=st)
+    (y_x, s_x), (y_p, s_p) = rest("xla"), rest("pallas")
+    _close(y_p, y_x, VAL_TOL)
+    _close(s_p.memory, s_x.memory, VAL_TOL)
+    _close(s_p.retention, s_x.retention, VAL_TOL)
+
+
+def test_pallas_sharded_over_a_mesh_equals_unsharded():
+    spec = mj.presets.get("yaad", memory="linear")
+    B, H, T, d = 2, 4, 24, 16
+    q, k, v, g = random_inputs(0, B * H * T, d, d)
+    shape = lambda x: x.reshape((B, T, H) + x.shape[1:])  # noqa: E731
+    q, k, v = shape(q), shape(k), shape(v)
+    gates = {n: shape(g[n]) for n in spec.required_gates}
+    params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(jax.random.key(0), H))
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    f = lambda mesh: jax.jit(lambda *a: memorize_batched(  # noqa: E731
+        spec, *a, chunk_size=8, implementation="pallas", mesh=mesh, batch_axes="data", head_axes="tensor"))
+    y0, s0 = f(None)(params, q, k, v, gates)
+    put = lambda x, p: jax.device_put(x, jax.sharding.NamedSharding(mesh, p))  # noqa: E731
+    rows = P("data", None, "tensor")
+    args = (put(params, P("tensor")), put(q, rows), put(k, rows), put(v, rows),
+            jax.tree.map(lambda x: put(x, rows), gates))
+    y1, s1 = f(mesh)(*args)
+    assert len(y1.sharding.device_set) == 8
+    grad = jax.grad(lambda qq: jnp.sum(f(mesh)(args[0], qq, *args[2:])[0] ** 2))(args[1])
+    grad0 = jax.grad(lambda qq: jnp.sum(f(None)(params, qq, k, v, gates)[0] ** 2))(q)
+    _close(y1, y0, VAL_TOL)
+    _close(s1.memory, s0.memory, VAL_TOL)
+    _close(grad, grad0, GRAD_TOL)
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED)
+def test_pallas_raises_for_uncovered_specs(name):
+    spec = mj.presets.get(name)
+    q, k, v, gates = random_inputs(0, 8, 8, 8, num_steps=spec.num_steps)
+    params = spec.memory.init(jax.random.key(0), 8, 8)
+    with pytest.raises(NotImplementedError, match="pallas"):
+        mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="pallas")
+
+
+def test_channel_wise_decay_raises_and_auto_is_xla_on_cpu():
+    spec = mj.presets.get("gla")
+    q, k, v, gates = random_inputs(0, 8, 8, 8, channel_decay=True)
+    params = spec.memory.init(jax.random.key(0), 8, 8)
+    with pytest.raises(NotImplementedError, match="channel-wise"):
+        mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="pallas")
+    assert resolve(mj.presets.get("moneta"), "auto") == "xla"     # CPU: XLA
+    y_auto, _ = mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="auto")
+    y_xla, _ = mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="xla")
+    np.testing.assert_array_equal(y_auto, y_xla)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel level: both bodies (TPU, Triton) interpreted == reference.py
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_inputs(B, H, T, d, f=None, seed=0, positive=False, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 9)
+    q = unit_rows(jax.random.normal(ks[0], (B, H, T, d))).astype(dtype)
+    k = unit_rows(jax.random.normal(ks[1], (B, H, T, d))).astype(dtype)
+    v = jax.random.normal(ks[2], (B, H, T, d)).astype(dtype)
+    lr = jax.random.uniform(ks[3], (B, H, T), minval=0.02, maxval=0.3)
+    log_decay = jnp.log(jax.random.uniform(ks[4], (B, H, T), minval=0.7, maxval=1.0))
+    gate = jnp.where(jnp.arange(T) % 2 == 0, 0.05, 50.0) * jnp.ones((B, H, T))
+    if f is None:
+        m0 = 0.3 * jax.random.normal(ks[5], (B, H, d, d))
+        m0 = jnp.abs(m0) + 0.5 if positive else m0
+    else:
+        m0 = (jax.random.normal(ks[5], (B, H, f, d)) / jnp.sqrt(d), jax.random.normal(ks[6], (B, H, d, f)) / jnp.sqrt(f))
+        m0 = tuple(jnp.abs(w) + 0.5 for w in m0) if positive else m0
+    return q, k, v, lr, log_decay, m0, gate
+
+
+MATRIX_CONFIGS = [
+    MatrixChunkConfig(mode="delta", chunk_size=16),
+    MatrixChunkConfig(residual="dot", chunk_size=16),
+    MatrixChunkConfig(residual="lp", retention="scale", chunk_size=16),
+    MatrixChunkConfig(residual="huber_switch", chunk_size=16),
+    MatrixChunkConfig(residual="huber_coordinate", smooth=False, chunk_size=16),
+    MatrixChunkConfig(residual="l2", retention="lag", chunk_size=16),
+]
+MLP_CONFIGS = [
+    MLPChunkConfig(residual="huber_switch", chunk_size=16),
+    MLPChunkConfig(residual="lp", retention="scale", chunk_size=16),
+    MLPChunkConfig(residual="l2", retention="lag", chunk_size=16),
+]
+
+
+def _run_matrix(cfg, args, **kw):
+    q, k, v, lr, la, m0, gate = args
+
+    def f(q, k, v, lr, la, m0):
+        y, st = matrix_chunk(q, k, v, lr, la, m0, None, gate, {"p": 3.0, "q": 3.0}, config=cfg, **kw)
+        return y, st.memory
+    return f
+
+
+def _run_mlp(cfg, args, **kw):
+    q, k, v, lr, la, m0, gate = args
+
+    def f(q, k, v, lr, la, m0):
+        y, st = mlp_chunk(q, k, v, lr, m0, la, None, gate, {"p": 3.0, "q": 3.0}, config=cfg, **kw)
+        return y, st.memory
+    return f
+
+
+def _kernel_vs_reference(run, cfg, args, tol_v, tol_g, backend):
+    ref = run(cfg, args, implementation="reference")
+    ker = run(cfg, args, backend=backend, interpret=True)
+    prim = args[:6]
+    out_r, vjp_r = jax.vjp(ref, *prim)
+    out_k, vjp_k = jax.vjp(ker, *prim)
+    cot = jax.tree.map(lambda x: jax.random.normal(jax.random.key(7), x.shape, x.dtype), out_r)
+    _close(out_k, out_r, tol_v)
+    _close(vjp_k(cot), vjp_r(cot), tol_g)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "triton"])
+@pytest.mark.parametrize("cfg", MATRIX_CONFIGS, ids=lambda c: f"{c.mode}-{c.residual}-{c.retention}")
+def test_matrix_kernel_equals_reference(cfg, backend):
+    args = _kernel_inputs(2, 3, 45, 16, positive=cfg.retention == "lag")
+    lag = cfg.retention == "lag"
+    _kernel_vs_reference(_run_matrix, cfg, args, LAG_TOL if lag else VAL_TOL, LAG_TOL if lag else GRAD_TOL, backend)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "triton"])
+@pytest.mark.parametrize("cfg", MLP_CONFIGS, ids=lambda c: f"{c.residual}-{c.retention}")
+def test_mlp_kernel_equals_reference(cfg, backend):
+    args = _kernel_inputs(1, 2, 40, 16, f=32, positive=cfg.retention == "lag")
+    lag = cfg.retention == "lag"
+    _kernel_vs_reference(_run_mlp, cfg, args, LAG_TOL if lag else VAL_TOL, LAG_TOL if lag else GRAD_TOL, backend)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 7, 16, 8), (2, 4, 50, 32, 16), (1, 2, 96, 8, 32)])
+def test_matrix_kernel_shapes_and_chunk_sizes(shape):
+    B, H, T, d, c = shape
+    cfg = MatrixChunkConfig(residual="lp", chunk_size=c)
+    args = _kernel_inputs(B, H, T, d, seed=T)
+    _kernel_vs_reference(_run_matrix, cfg, args, VAL_TOL, GRAD_TOL, "tpu")
+
+
+def test_kernels_bfloat16_inputs():
+    cfg = MatrixChunkConfig(mode="delta", chunk_size=16)
+    args = _kernel_inputs(1, 2, 40, 16, dtype=jnp.bfloat16)
+    y_k = _run_matrix(cfg, args, interpret=True)(*args[:6])[0]
+    y_r = _run_matrix(cfg, args, implementation="reference")(*args[:6])[0]
+    assert y_k.dtype == jnp.bfloat16
+    _close(y_k, y_r, BF16_TOL)
+    cfg = MLPChunkConfig(residual="lp", retention="scale", chunk_size=16)
+    args = _kernel_inputs(1, 2, 40, 16, f=32, dtype=jnp.bfloat16)
+    _close(_run_mlp(cfg, args, interpret=True)(*args[:6]), _run_mlp(cfg, args, implementation="reference")(*args[:6]),
+           BF16_TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# lowering: Mosaic TPU and Triton kernels produced on this CPU (forward and backward)
+# ---------------------------------------------------------------------------------------------
+
+MARKERS = {"tpu": "custom_call @tpu_custom_call", "cuda": "custom_call @__gpu$xla.gpu.triton"}
+
+
+def _lower(f, args, platform):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("kind,cfg", [("matrix", c) for c in MATRIX_CONFIGS[:4] + MATRIX_CONFIGS[5:]]
+                         + [("mlp", c) for c in MLP_CONFIGS], ids=lambda x: str(x)[:40])
+def test_kernel_lowers_forward_and_backward(kind, cfg, platform):
+    f_ = 64 if kind == "mlp" else None
+    args = _kernel_inputs(1, 2, 64, 16, f=f_, positive=cfg.retention == "lag")
+    run = (_run_mlp if kind == "mlp" else _run_matrix)(cfg, args)
+    fwd = lambda *a: run(*a)[0]  # noqa: E731
+    bwd = jax.grad(lambda *a: jnp.sum(run(*a)[0] ** 2) + jnp.sum(jax.tree.leaves(run(*a)[1])[0]), argnums=(0, 1, 2, 3, 4, 5))
+    for f in (fwd, bwd):
+        text = _lower(f, args[:6], platform)
+        assert MARKERS[platform] in text
+        assert "chunk_sweep" in text
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("name", ["gated_deltanet", "moneta", "memora"])
+def test_memorize_pallas_lowers_for_accelerators(name, platform):
+    spec = mj.presets.get(name)
+    q, k, v, gates = random_inputs(0, 64, 16, 16)
+    gates = {n: gates[n] for n in spec.required_gates}
+    params = spec.memory.init(jax.random.key(0), 16, 16)
+    f = lambda p, q, k, v, g: mj.memorize(spec, p, q, k, v, g, chunk_size=16, implementation="pallas")[0]  # noqa: E731
+    text = _lower(jax.grad(lambda *a: jnp.sum(f(*a) ** 2)), (params, q, k, v, gates), platform)
+    assert MARKERS[platform] in text
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+def test_kernel_input_errors():
+    q, k, v, lr, la, m0, gate = _kernel_inputs(1, 1, 16, 16)
+    cfg = MatrixChunkConfig(chunk_size=8)
+    with pytest.raises(ValueError, match="power of two"):
+        matrix_chunk(q, k, v, lr, la, m0, config=cfg, backend="triton")
+    with pytest.raises(ValueError, match="k must have shape"):
+        matrix_chunk(q, k[..., :8], v, lr, la, m0, config=cfg)
+    with pytest.raises(TypeError, match="floating"):
+        matrix_chunk(q, k, v, lr.astype(jnp.int32), la, m0, config=cfg)
+    with pytest.raises(ValueError, match="unknown hyper-parameters"):
+        matrix_chunk(q, k, v, lr, la, m0, hparams={"pp": 1.0}, config=cfg)
+    with pytest.raises(ValueError, match="gate"):
+        matrix_chunk(q, k, v, lr, la, m0, config=MatrixChunkConfig(residual="huber_norm"))
+    with pytest.raises(ValueError, match="delta"):
+        MatrixChunkConfig(mode="delta", residual="lp")
+    with pytest.raises(ValueError, match="implementation"):
+        matrix_chunk(q, k, v, lr, la, m0, config=cfg, implementation="xla")
+    with pytest.raises(ValueError, match="d_k == d_v"):
+        mlp_chunk(q, k, v[..., :8], lr, (m0, m0), config=MLPChunkConfig())
