@@ -159,10 +159,11 @@ def test_batched_entry_point_matches_per_head_calls():
         mj.memorize_batched(spec, params, q, k, v[:, :5], gates)
 
 
-def test_pallas_is_a_clear_error_and_auto_runs():
-    spec, params, (q, k, v, gates) = _setup("deltanet", T=8)
+def test_pallas_for_an_uncovered_spec_is_a_clear_error_and_auto_runs():
+    spec, params, (q, k, v, gates) = _setup("titans", T=8)
     with pytest.raises(NotImplementedError, match="pallas"):
         mj.memorize(spec, params, q, k, v, gates, implementation="pallas")
+    spec, params, (q, k, v, gates) = _setup("deltanet", T=8)
     y, _ = mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="auto")
     np.testing.assert_allclose(y, mj.memorize(spec, params, q, k, v, gates)[0], **VAL_TOL)
 

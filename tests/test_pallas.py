@@ -20,7 +20,7 @@ GRAD_TOL = 2e-3       # gradients, one notch looser
 LAG_TOL = 3e-3        # Memora (softmax of log-weights amplifies rounding)
 BF16_TOL = 2e-2       # bfloat16 inputs (same rounded inputs on both sides; float32 inside)
 
-PALLAS = [n for n in mj.presets.names() if pallas_path.supports(mj.presets.get(n)) is None and n != "gla"]
+PALLAS = [n for n in mj.presets.names() if pallas_path.supports(mj.presets.get(n)) is None]
 UNSUPPORTED = [n for n in mj.presets.names() if pallas_path.supports(mj.presets.get(n)) is not None]
 
 
@@ -37,7 +37,7 @@ def _close(a, b, tol):
 
 def _setup(name, T, d, seed=0, dtype=jnp.float32):
     spec = mj.presets.get(name)
-    q, k, v, gates = random_inputs(seed, T, d, d, dtype=dtype)
+    q, k, v, gates = random_inputs(seed, T, d, d, dtype=dtype, channel_decay=name == "gla")
     if name == "yaad":   # residual norms clear of the Huber switch (no branch flips between paths)
         gates["delta"] = jnp.where(jnp.arange(T) % 2 == 0, 0.05, 50.0).astype(dtype)
     gates = {n: gates[n] for n in spec.required_gates}
@@ -134,13 +134,25 @@ def test_pallas_raises_for_uncovered_specs(name):
         mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="pallas")
 
 
-def test_channel_wise_decay_raises_and_auto_is_xla_on_cpu():
+def test_channel_wise_decay_strong_and_weak(x=None):
     spec = mj.presets.get("gla")
-    q, k, v, gates = random_inputs(0, 8, 8, 8, channel_decay=True)
+    for lo, hi in ((1e-3, 0.05), (0.97, 1.0)):   # strong decay: exp(-L) of a naive split would overflow
+        q, k, v, gates = random_inputs(0, 40, 8, 8, channel_decay=True)
+        gates["decay"] = jax.random.uniform(jax.random.key(5), gates["decay"].shape, minval=lo, maxval=hi)
+        params = spec.memory.init(jax.random.key(0), 8, 8)
+        out_x, g_x = _vjp(spec, params, (q, k, v, gates), chunk_size=16, implementation="xla")
+        out_p, g_p = _vjp(spec, params, (q, k, v, gates), chunk_size=16, implementation="pallas")
+        _close(out_p, out_x, VAL_TOL)
+        _close(g_p, g_x, GRAD_TOL)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(g_p))
+
+
+def test_auto_is_xla_on_cpu():
+    spec = mj.presets.get("moneta")
+    assert resolve(spec, "auto") == "xla"
+    q, k, v, gates = random_inputs(0, 8, 8, 8)
+    gates = {n: gates[n] for n in spec.required_gates}
     params = spec.memory.init(jax.random.key(0), 8, 8)
-    with pytest.raises(NotImplementedError, match="channel-wise"):
-        mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="pallas")
-    assert resolve(mj.presets.get("moneta"), "auto") == "xla"     # CPU: XLA
     y_auto, _ = mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="auto")
     y_xla, _ = mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="xla")
     np.testing.assert_array_equal(y_auto, y_xla)
@@ -174,6 +186,7 @@ MATRIX_CONFIGS = [
     MatrixChunkConfig(residual="huber_switch", chunk_size=16),
     MatrixChunkConfig(residual="huber_coordinate", smooth=False, chunk_size=16),
     MatrixChunkConfig(residual="l2", retention="lag", chunk_size=16),
+    MatrixChunkConfig(residual="dot", channel=True, chunk_size=16),
 ]
 MLP_CONFIGS = [
     MLPChunkConfig(residual="huber_switch", chunk_size=16),
@@ -184,9 +197,12 @@ MLP_CONFIGS = [
 
 def _run_matrix(cfg, args, **kw):
     q, k, v, lr, la, m0, gate = args
+    if cfg.channel:   # channel-wise log decay [B, H, T, k] in place of the scalar one
+        la = jnp.log(jax.random.uniform(jax.random.key(9), q.shape, minval=0.05, maxval=1.0))
 
-    def f(q, k, v, lr, la, m0):
-        y, st = matrix_chunk(q, k, v, lr, la, m0, None, gate, {"p": 3.0, "q": 3.0}, config=cfg, **kw)
+    def f(q, k, v, lr, la_, m0):
+        y, st = matrix_chunk(q, k, v, lr, la if cfg.channel else la_, m0, None, gate, {"p": 3.0, "q": 3.0},
+                             config=cfg, **kw)
         return y, st.memory
     return f
 

@@ -38,10 +38,18 @@ def _residual(spec) -> tuple[str, bool]:
     raise NotImplementedError(f"bias {type(b).__name__} has no Pallas residual map")
 
 
-def kernel_config(spec, chunk_size: int):
-    """``MatrixChunkConfig`` / ``MLPChunkConfig`` for ``spec``, or ``NotImplementedError(reason)``."""
+def kernel_config(spec, chunk_size: int, channel: bool = False):
+    """``MatrixChunkConfig`` / ``MLPChunkConfig`` for ``spec`` (``channel``: the decay gate is
+    channel-wise ``[T, k]``), or ``NotImplementedError(reason)``."""
     family = dispatch.exact_family(spec)
     mem = spec.memory
+    if channel:
+        if mem.kind != "linear" or family == "delta" or type(spec.retention) is not ret_lib.Retention:
+            raise NotImplementedError("channel-wise decay runs on the matrix-memory kernel with "
+                                      "gradient-descent, linear-retention specs only (GLA-like)")
+        residual, smooth = _residual(spec)
+        return MatrixChunkConfig(mode="minibatch", residual=residual, smooth=smooth, channel=True,
+                                 chunk_size=min(chunk_size, dispatch.CHANNEL_CHUNK))
     if family == "delta":
         if spec.num_steps != 1:
             raise NotImplementedError("several inner steps per token (DeltaProduct) have no Pallas kernel")
@@ -88,17 +96,16 @@ def run_batched(spec, state: MemoryState, q, k, v, gates: dict, *, chunk_size: i
     ``state`` leaves ``[B, H, ...]`` (float32, checked by the caller). Returns ``(y [B, T, H, v],
     MemoryState)``. With a ``mesh``, the kernel runs under ``shard_map`` with batch sharded over
     ``batch_axes`` and heads over ``head_axes``."""
-    cfg = kernel_config(spec, chunk_size)
-    hp = spec.hparams
     bh = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731   [B, T, H, ...] -> [B, H, T, ...]
     qh, kh, vh = bh(q), bh(k), bh(v)
     g = {name: bh(x) for name, x in gates.items()}
-    if g.get("decay") is not None and g["decay"].ndim == 4:
-        raise NotImplementedError("channel-wise decay [T, d_k] (GLA) has no Pallas kernel yet; use 'xla'")
+    channel = g.get("decay") is not None and g["decay"].ndim == 4
+    cfg = kernel_config(spec, chunk_size, channel)
+    hp = spec.hparams
     per_tok = jax.vmap(jax.vmap(jax.vmap(lambda gt, kt: spec.optimizer.lr(gt, hp["optimizer"], kt))))
     lr = per_tok(g, kh)                                                             # [B, H, T]
     a = spec.retention.decay_value(g, hp["retention"])
-    log_decay = None if a is None else chunked.log_gate(jnp.broadcast_to(a, lr.shape))
+    log_decay = None if a is None else chunked.log_gate(a if channel else jnp.broadcast_to(a, lr.shape))
     gate = g.get("delta")
     hps = _hparams(spec)
     mode = getattr(cfg, "retention", "linear")

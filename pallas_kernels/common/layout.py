@@ -31,7 +31,9 @@ def check_common(q, k, v, lr, log_decay, gate):
     check("k", k, (B, H, T, dk))
     check("v", v, (B, H, T, None))
     check("lr", lr, (B, H, T))
-    if log_decay is not None:
+    if log_decay is not None and log_decay.ndim == 4:
+        check("log_decay", log_decay, (B, H, T, dk))
+    elif log_decay is not None:
         check("log_decay", log_decay, (B, H, T))
     if gate is not None:
         check("gate", gate, (B, H, T))
@@ -48,7 +50,8 @@ def consts(hparams, names):
 
 
 def chunk_inputs(q, k, v, lr, log_decay, gate, c):
-    """``xs`` in ``chunk.X_NAMES`` order, each ``[R, n, r, w]`` float32, and ``n``."""
+    """``xs`` in ``chunk.X_NAMES`` order (``CHANNEL_X_NAMES`` for a ``[B, H, T, k]`` log decay),
+    each ``[R, n, r, w]`` float32, and ``n``."""
     B, H, T, dk = q.shape
     R, n = B * H, -(-T // c)
     Tp = n * c
@@ -60,13 +63,17 @@ def chunk_inputs(q, k, v, lr, log_decay, gate, c):
         return x.reshape((R, n, c, -1))
 
     lr = tok(lr)[..., 0]                                            # [R, n, c]
-    la = jnp.zeros_like(lr) if log_decay is None else tok(log_decay)[..., 0]
+    channel = log_decay is not None and log_decay.ndim == 4
+    la = jnp.zeros_like(lr) if log_decay is None or channel else tok(log_decay)[..., 0]
     L = jnp.cumsum(la, axis=-1)
     g = jnp.zeros_like(lr) if gate is None else tok(gate)[..., 0]
     last = jnp.broadcast_to((jnp.arange(c) == c - 1).astype(jnp.float32), (R, n, c))
     col = lambda x: x[..., :, None]     # noqa: E731
     row = lambda x: x[..., None, :]     # noqa: E731
     xs = (tok(q), tok(k), tok(v), col(lr), row(lr), col(L), row(L), L[..., -1:, None], col(g), col(last))
+    if channel:
+        Lm = jnp.cumsum(tok(log_decay), axis=2)                     # [R, n, c, k]
+        xs += (Lm, Lm[:, :, -1:])
     return xs, n
 
 

@@ -35,7 +35,8 @@ def matrix_chunk(q, k, v, lr, log_decay=None, m0=None, a0=None, gate=None, hpara
 
     Args:
       q, k: ``[B, H, T, k]``; v: ``[B, H, T, v]``; lr: ``[B, H, T]`` (``eta_t``; ``beta_t`` of the
-        delta rule); log_decay: ``[B, H, T]`` ``log a_t`` (``None``: no decay); m0: ``[B, H, v, k]``
+        delta rule); log_decay: ``[B, H, T]`` ``log a_t`` (``None``: no decay), or ``[B, H, T, k]``
+        channel-wise (needs ``config.channel``); m0: ``[B, H, v, k]``
         initial memory (``None``: zeros); a0: initial l_q accumulator (``"scale"`` retention;
         ``None``: ``m0``); gate: ``[B, H, T]`` Huber threshold gate; hparams: dict of scalars
         ``p, a, eps, delta_scale`` (bias) and ``q`` (l_q retention), arrays welcome (traced).
@@ -57,6 +58,10 @@ def matrix_chunk(q, k, v, lr, log_decay=None, m0=None, a0=None, gate=None, hpara
     if config.retention == "scale":
         a0 = m0 if a0 is None else a0
         layout.check("a0", a0, (B, H, dv, dk))
+    if config.channel != (log_decay is not None and log_decay.ndim == 4):
+        raise ValueError(f"config.channel={config.channel} but log_decay has shape "
+                         f"{None if log_decay is None else tuple(log_decay.shape)}: channel-wise decay is "
+                         "[B, H, T, k] with channel=True, a scalar one [B, H, T] with channel=False")
     if config.residual.startswith("huber") and gate is None:
         raise ValueError(f"residual {config.residual!r} needs the threshold gate (gate=[B, H, T])")
     if implementation == "reference":

@@ -23,6 +23,9 @@ class MatrixChunkConfig:
       refreshed at full chunk ends), ``"lag"`` (Memora KL: exact softmax step on the chunk's first
       token, linear after it).
     simplex_c: ``c`` of ``c softmax`` for ``"lag"`` (``None``: the row length ``d_k``).
+    channel: channel-wise decay ``a_t: [k]`` (``W_t = W_{t-1} Diag(a_t) - ...``; GLA); mini-batch
+      mode with linear retention only. The in-chunk scores ``sum_k q_ik k_jk exp(L_ik - L_jk)`` are
+      built one key position at a time (stable for any decay strength; ``c`` unrolled steps).
     chunk_size: tokens per chunk ``c``.
     """
 
@@ -32,6 +35,7 @@ class MatrixChunkConfig:
     retention: str = "linear"
     simplex_c: float | None = None
     chunk_size: int = 64
+    channel: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -42,6 +46,8 @@ class MatrixChunkConfig:
             raise ValueError(f"retention must be one of {RETENTIONS}, got {self.retention!r}")
         if self.mode == "delta" and (self.residual != "l2" or self.retention != "linear"):
             raise ValueError("mode='delta' is the exact delta rule: residual='l2', retention='linear'")
+        if self.channel and (self.mode != "minibatch" or self.retention != "linear"):
+            raise ValueError("channel-wise decay needs mode='minibatch' and retention='linear'")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
 
@@ -54,4 +60,6 @@ class MatrixChunkConfig:
         f = 2 * c * d_k * d_v * 3 + 2 * c * c * (d_k + d_v)
         if self.mode == "delta":
             f += 2 * c * c * d_k + 2 * c * c * d_v + 4 * c ** 3 * max(c - 1, 1).bit_length()
-        return f, 2 * c * c + c * d_v
+        if self.channel:
+            f += 4 * c * c * d_k
+        return f, 2 * c * c + c * d_v + (c * c * d_k if self.channel else 0)

@@ -12,7 +12,8 @@ from pallas_kernels.matrix_chunk import chunk as chunk_lib
 
 
 def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
-    """One head: ``q, k [T, k]``, ``v [T, v]``, ``lr, la, g [T]``, ``m0, a0 [v, k]``."""
+    """One head: ``q, k [T, k]``, ``v [T, v]``, ``lr, g [T]``, ``la [T]`` or ``[T, k]`` (channel-wise:
+    ``exp(la_i) * Z`` scales the columns of ``Z [v, k]``), ``m0, a0 [v, k]``."""
     T, c = q.shape[0], cfg.chunk_size
     n = -(-T // c)
     pad = lambda x: jnp.pad(x, ((0, n * c - T),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])  # noqa: E731
@@ -36,8 +37,7 @@ def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
             return (W, A), y
         grads = jax.vmap(lambda k_i, v_i, g_i: jnp.outer(phi(W, k_i, v_i, g_i), k_i))(kc, vc, gc)
         if cfg.retention == "lag":
-            Z = chunk_lib.lag_step(W, -lrc[0] * grads[0], la0 := lac[0], float(cfg.simplex_c or W.shape[1]))
-            del la0
+            Z = chunk_lib.lag_step(W, -lrc[0] * grads[0], lac[0], float(cfg.simplex_c or W.shape[1]))
             lrc, lac = lrc.at[0].set(0.0), lac.at[0].set(0.0)
         else:
             Z = A if cfg.retention == "scale" else W
