@@ -381,10 +381,28 @@ class DataIterator:
         self.step = int(step)
 
 
-def make_dataset(batch_fn: BatchFn, seed: int, num_steps: int | None = None) -> grain.MapDataset:
+def host_rows(batch: Batch, index: int, count: int) -> Batch:
+    """Host ``index``'s rows of a global batch (``count`` hosts, contiguous equal blocks of rows): what
+    one process of a multi-host run feeds to ``jax.make_array_from_process_local_data``."""
+    if not 0 <= index < count:
+        raise ValueError(f"host index must be in [0, {count}), got {index}")
+    out = {}
+    for key, x in batch.items():
+        x = np.asarray(x)
+        if x.shape[0] % count:
+            raise ValueError(f"batch of {x.shape[0]} rows ({key!r}) cannot be split over {count} hosts")
+        rows = x.shape[0] // count
+        out[key] = x[index * rows:(index + 1) * rows]
+    return out
+
+
+def make_dataset(batch_fn: BatchFn, seed: int, num_steps: int | None = None,
+                 shard: tuple[int, int] | None = None) -> grain.MapDataset:
     """``grain.MapDataset`` whose item ``step`` is ``batch_fn(seed, step)``, for steps
     ``[0, num_steps)`` (default: effectively unbounded). Random access, so ``ds[step]`` resumes anywhere;
-    ``ds.to_iter_dataset()`` gives grain's own checkpointable iterator.
+    ``ds.to_iter_dataset()`` gives grain's own checkpointable iterator. ``shard=(index, count)``:
+    each item is host ``index``'s rows of the global batch (``host_rows``; e.g.
+    ``(jax.process_index(), jax.process_count())``).
     """
     try:
         import grain
@@ -395,4 +413,7 @@ def make_dataset(batch_fn: BatchFn, seed: int, num_steps: int | None = None) -> 
     if num_steps is None:
         num_steps = sys.maxsize
     _check_positive(num_steps=num_steps)
-    return grain.MapDataset.range(num_steps).map(lambda step: batch_fn(seed, int(step)))
+    ds = grain.MapDataset.range(num_steps).map(lambda step: batch_fn(seed, int(step)))
+    if shard is not None:
+        ds = ds.map(lambda b: host_rows(b, *shard))
+    return ds

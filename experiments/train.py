@@ -14,6 +14,7 @@ with a clear message; the last good checkpoint is kept.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,7 +32,7 @@ from flax import nnx
 
 from experiments import configs, data
 from experiments.checkpoint import Checkpointer, resolve_resume
-from miras_jax import presets
+from miras_jax import presets, sharding
 from miras_jax.nn import LMConfig, MirasLM, count_params
 
 
@@ -46,6 +47,10 @@ def define_flags():
     flags.DEFINE_list("set", [], "config overrides field=value (model.field=value for the model)")
     flags.DEFINE_integer("stop_after", None, "stop after this many steps of the run (as if interrupted)")
     flags.DEFINE_bool("progress", True, "show a progress bar")
+    flags.DEFINE_string("mesh", None, "device mesh, e.g. 'data:2,fsdp:4' (axes data, fsdp, tensor); "
+                        "on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N")
+    flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize() first "
+                      "(coordinator / process ids from the environment, e.g. on TPU pods)")
 
 
 class TrainingError(RuntimeError):
@@ -102,11 +107,17 @@ def build(cfg: configs.TrainConfig, vocab: int):
     """``(graphdef, params (pure dict), rest (nnx.State), optimizer)``."""
     model = MirasLM(dataclasses.replace(cfg.model, vocab_size=vocab), rngs=nnx.Rngs(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx, schedule = make_optimizer(cfg)
+    return graphdef, params.to_pure_dict(), rest, tx, schedule
+
+
+def make_optimizer(cfg: configs.TrainConfig):
+    """``(tx, schedule)``: AdamW, linear warmup + cosine decay to 10%, global-norm clipping."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup, 1), max(cfg.steps, cfg.warmup + 1),
                                                   end_value=cfg.lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip),
                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay))
-    return graphdef, params.to_pure_dict(), rest, tx, schedule
+    return tx, schedule
 
 
 def merge(graphdef, params, rest) -> MirasLM:
@@ -137,29 +148,66 @@ def masked_loss(logits, batch):
     return jnp.sum(ce * m) / denom, acc
 
 
-def make_steps(graphdef, rest, tx):
+def make_steps(graphdef, rest, tx, placement: Placement | None = None):
+    """Jitted ``train_step(params, opt_state, batch)`` and ``eval_step(params, batch)``. With a
+    ``placement`` the steps keep params / optimizer state on their ``NamedSharding``s and trace
+    the model under the mesh (activation constraints, shard_map'd kernels)."""
+    mesh = placement.mesh if placement else None
+
     def loss_fn(params, batch):
-        logits = merge(graphdef, params, rest)(batch["inputs"], batch.get("positions"))
+        with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            logits = merge(graphdef, params, rest)(batch["inputs"], batch.get("positions"))
         return masked_loss(logits, batch)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, batch):  # tx None: evaluation only
+    def train_step(params, opt_state, batch):
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, acc, optax.global_norm(grads)
 
-    @jax.jit
-    def eval_step(params, batch):
-        return loss_fn(params, batch)
-
+    kw = {}
+    if placement is not None:
+        kw = dict(out_shardings=(placement.params, placement.opt_state, *(sharding.replicated(mesh),) * 3))
+    train_step = jax.jit(train_step, donate_argnums=(0, 1), **kw)
+    eval_step = jax.jit(loss_fn)
     return train_step, eval_step
 
 
-def evaluate(eval_step, params, eval_sets: dict) -> dict:
+@dataclasses.dataclass
+class Placement:
+    """Where a run's arrays live: the mesh and the ``NamedSharding`` trees of params / opt state."""
+
+    mesh: Any
+    params: Any
+    opt_state: Any
+
+    def put_batch(self, batch: dict) -> dict:
+        """This host's rows of a global batch -> global arrays sharded over the batch axes."""
+        local = data.host_rows(batch, jax.process_index(), jax.process_count())
+        return {key: jax.make_array_from_process_local_data(
+            sharding.batch_sharding(self.mesh, np.ndim(x)), local[key], np.shape(x)) for key, x in batch.items()}
+
+
+def place(mesh_text: str, params, tx, batch: int) -> tuple[Placement, Any, Any]:
+    """``(placement, params, opt_state)`` on the mesh of ``--mesh`` text, parameters sharded by
+    ``miras_jax.sharding``'s rules and the optimizer state following them."""
+    mesh = sharding.make_mesh(mesh_text)
+    per = sharding._axis_size(mesh, tuple(a for a in sharding.RULES["batch"] if mesh.shape[a] > 1))
+    if batch % per:
+        raise ValueError(f"batch={batch} must be divisible by the mesh's batch axes "
+                         f"{sharding.RULES['batch']} (size {per}) of --mesh={mesh_text}")
+    p_sh = sharding.param_shardings(mesh, params)
+    params = jax.device_put(params, p_sh)
+    # optimizer moments follow their parameters (same path suffix -> same rule); counts replicated
+    o_sh = sharding.param_shardings(mesh, jax.eval_shape(tx.init, params))
+    opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
+    return Placement(mesh, p_sh, o_sh), params, opt_state
+
+
+def evaluate(eval_step, params, eval_sets: dict, put=lambda b: b) -> dict:
     """``{eval_<name>_loss, eval_<name>_accuracy}`` averaged over each set's batches."""
     out = {}
     for name, batches in eval_sets.items():
-        ls, accs = zip(*[(float(a), float(b)) for a, b in (eval_step(params, bt) for bt in batches)])
+        ls, accs = zip(*[(float(a), float(b)) for a, b in (eval_step(params, put(bt)) for bt in batches)])
         out[f"eval_{name}_loss"] = float(np.mean(ls))
         out[f"eval_{name}_accuracy"] = float(np.mean(accs))
     return out
@@ -208,21 +256,29 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def train(cfg: configs.TrainConfig, workdir: str, *, data_path: str | None = None, resume: str | None = None,
-          stop_after: int | None = None, progress: bool = True) -> dict:
-    """Run (or continue) a training run; returns the summary dict (also in ``summary.json``)."""
+          stop_after: int | None = None, progress: bool = True, mesh: str | None = None) -> dict:
+    """Run (or continue) a training run; returns the summary dict (also in ``summary.json``).
+
+    ``mesh`` ("data:2,fsdp:4"): shard the run over a device mesh (``miras_jax.sharding``); the
+    checkpoints are saved sharded and restore onto any other mesh shape."""
     # optax's AdamW mixes its int32 step count with floats: trace under standard promotion even
     # if the caller (e.g. the test suite) runs with strict promotion.
     with jax.numpy_dtype_promotion("standard"):
         return _train(cfg, workdir, data_path=data_path, resume=resume, stop_after=stop_after,
-                      progress=progress)
+                      progress=progress, mesh=mesh)
 
 
-def _train(cfg, workdir, *, data_path, resume, stop_after, progress) -> dict:
+def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     task = make_task(cfg, data_path)
     graphdef, params, rest, tx, schedule = build(cfg, task.vocab)
-    opt_state = tx.init(params)
-    train_step, eval_step = make_steps(graphdef, rest, tx)
+    placement = None
+    if mesh:
+        placement, params, opt_state = place(mesh, params, tx, cfg.batch)
+    else:
+        opt_state = tx.init(params)
+    train_step, eval_step = make_steps(graphdef, rest, tx, placement)
+    put = placement.put_batch if placement is not None else (lambda b: b)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     cfg_dict = _config_dict(cfg)
@@ -259,7 +315,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress) -> dict:
         t_offset = rows[-1].get("elapsed_s", 0.0) if rows else 0.0  # training time before a resume
         done = start
         for step in range(start + 1, end + 1):
-            batch = next(it)
+            batch = put(next(it))
             params, opt_state, loss, acc, gnorm = train_step(params, opt_state, batch)
             loss = float(loss)
             seen += tokens_per_step
@@ -279,7 +335,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress) -> dict:
                        "elapsed_s": elapsed}
                 t_last, seen = now, 0
             if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-                last_eval = evaluate(eval_step, params, task.eval_sets)
+                last_eval = evaluate(eval_step, params, task.eval_sets, put)
                 row = {**(row or {"step": step, "loss": loss, "elapsed_s": elapsed}), **last_eval}
                 accs = [v for k, v in last_eval.items() if k.endswith("_accuracy")]
                 if cfg.task != "charlm" and reached is None and accs and min(accs) >= cfg.target_accuracy:
@@ -361,11 +417,13 @@ def main(argv):
     f = flags.FLAGS
     if not f.is_parsed() or f["verbosity"].present == 0:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if f.distributed:
+        jax.distributed.initialize()
     try:
         cfg = config_from_flags()
         workdir = f.workdir or os.path.join("runs", f.config)
         summary = train(cfg, workdir, data_path=f.data, resume=f.resume, stop_after=f.stop_after,
-                        progress=f.progress)
+                        progress=f.progress, mesh=f.mesh)
     except (ValueError, FileNotFoundError, IsADirectoryError, TrainingError) as e:
         raise app.UsageError(str(e)) from None
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))

@@ -65,6 +65,20 @@ def get(name: str) -> TrainConfig:
     return importlib.import_module(f"{__name__}.{name}").get_config()
 
 
+def _pairs(value: str) -> tuple:
+    """``"p=3;q=4"`` -> ``(("p", 3.0), ("q", 4.0))`` (numbers as floats, other values as text)."""
+    out = []
+    for item in filter(None, value.split(";")):
+        name, eq, v = item.partition("=")
+        if not eq:
+            raise ValueError(f"expected name=value;name=value, got {value!r}")
+        try:
+            out.append((name, float(v)))
+        except ValueError:
+            out.append((name, v))
+    return tuple(out)
+
+
 def _parse(value: str, like):
     if isinstance(like, bool):
         if value.lower() not in ("true", "false", "1", "0"):
@@ -81,7 +95,7 @@ def _parse(value: str, like):
 
 def override(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
     """Apply ``field=value`` assignments; ``model.field=value`` reaches the :class:`LMConfig`.
-    Tuples are written ``a:b:c``. Unknown fields raise with the valid names."""
+    Tuples are written ``a:b:c``; ``model.hparams`` / ``model.preset_kwargs`` as ``p=3;q=4``. Unknown fields raise with the valid names."""
     top, model = {}, {}
     for item in assignments:
         if "=" not in item:
@@ -92,7 +106,8 @@ def override(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
         if field not in valid or field == "model":
             raise ValueError(f"unknown config field {key!r}; valid: {valid} (model.* for {type(cfg.model).__name__})")
         try:
-            target[field] = _parse(value, getattr(obj, field))
+            target[field] = (_pairs(value) if field in ("hparams", "preset_kwargs")
+                             else _parse(value, getattr(obj, field)))
         except ValueError as e:
             raise ValueError(f"bad value for {key!r}: {e}") from None
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model), **top)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from miras_jax import presets
+from miras_jax import presets, sharding
 from miras_jax.engine import decode as decode_lib
 from miras_jax.engine.api import memorize_batched
 from miras_jax.engine.reference import init_state
@@ -170,9 +170,15 @@ class MirasLayer(nnx.Module):
 
     def __call__(self, x):
         q, k, v, _ = self._qkv(x, None)
+        # heads over the mesh's tensor axis, batch over data/fsdp (no-op without an active mesh)
+        q, k, v = (sharding.constrain(a, ("batch", "seq", "heads", "dim")) for a in (q, k, v))
+        mesh = sharding.active_mesh() if self.implementation == "pallas" else None
+        extra = {} if mesh is None else dict(mesh=mesh, batch_axes=sharding.mesh_axes("batch", q.shape[0]),
+                                             head_axes=sharding.mesh_axes("heads", self.h))
         y, _ = memorize_batched(self.spec, self.memory_init(), q, k, v, self._gates(x),
                                 chunk_size=self.chunk_size, implementation=self.implementation,
-                                remat_every=self.remat_every)
+                                remat_every=self.remat_every, **extra)
+        y = sharding.constrain(y, ("batch", "seq", "heads", "dim"))
         return self._out(x, y)
 
     def _gate_shapes(self):

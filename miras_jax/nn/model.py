@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from miras_jax import presets
 from miras_jax.nn.attention import Attention
 from miras_jax.nn.layer import MirasLayer
 
@@ -32,6 +33,7 @@ class LMConfig:
     num_heads: int = 4
     preset: str = "moneta"
     preset_kwargs: tuple = ()             # ((name, value), ...): hashable
+    hparams: tuple = ()                   # ((name, value), ...): spec.with_hparams (p, q, ...)
     pattern: str = "M"
     window: int = 64                      # sliding-window attention span
     chunk_size: int = 64
@@ -77,8 +79,10 @@ class MirasBlock(nnx.Module):
     def __init__(self, cfg: LMConfig, kind: str, *, rngs: nnx.Rngs):
         self.kind = kind
         if kind == "M":
-            self.mixer = MirasLayer(cfg.d_model, cfg.num_heads, cfg.preset,
-                                    preset_kwargs=dict(cfg.preset_kwargs), chunk_size=cfg.chunk_size,
+            spec = presets.get(cfg.preset, **dict(cfg.preset_kwargs))
+            if cfg.hparams:
+                spec = spec.with_hparams(**dict(cfg.hparams))
+            self.mixer = MirasLayer(cfg.d_model, cfg.num_heads, spec, chunk_size=cfg.chunk_size,
                                     implementation=cfg.implementation, remat_every=cfg.remat_every,
                                     gate_rank=cfg.gate_rank, conv_kernel=cfg.conv_kernel, rngs=rngs)
         else:
