@@ -20,11 +20,17 @@ D, H, CHUNK, T, PROMPT = 16, 2, 4, 11, 6
 LAYER_PRESETS = [p for p in presets.names() if p != "deltaproduct"]
 
 
+_prefill = nnx.jit(lambda m, x: m.prefill(x))
+_step = nnx.jit(lambda m, x, cache: m.step(x, cache))
+
+
 def _decode(layer_or_model, x, prompt):
-    y, cache = layer_or_model.prefill(x[:, :prompt])
+    """Prefill the prompt, then one ``step`` per token (both jitted: eager decoding recompiles the
+    engine's scans at every call)."""
+    y, cache = _prefill(layer_or_model, x[:, :prompt])
     ys = [y]
     for t in range(prompt, x.shape[1]):
-        y_t, cache = layer_or_model.step(x[:, t], cache)
+        y_t, cache = _step(layer_or_model, x[:, t], cache)
         ys.append(y_t[:, None])
     return jnp.concatenate(ys, axis=1)
 

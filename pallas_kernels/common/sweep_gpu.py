@@ -23,15 +23,17 @@ def _params(num_warps):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def forward(fn, state0, xs, consts, out_shapes, *, interpret: bool, cost=None, num_warps: int = 4):
+def forward(fn, state0, xs, consts, out_shapes, *, interpret: bool, cost=None, save_states: bool = True,
+            num_warps: int = 4):
     """See ``sweep_tpu.forward``."""
     R, n = xs[0].shape[:2]
     ns, nx, nc, no = len(state0), len(xs), len(consts), len(out_shapes)
+    nst = ns if save_states else 0
 
     def kernel(*refs):
         s0, x, k = refs[:ns], refs[ns:ns + nx], refs[ns + nx:ns + nx + nc]
         rest = refs[ns + nx + nc:]
-        outs, fins, starts = rest[:no], rest[no:no + ns], rest[no + ns:]
+        outs, fins, starts = rest[:no], rest[no:no + ns], rest[no + ns:no + ns + nst]
         kv = tuple(r[...] for r in k)
 
         def body(c, state):
@@ -49,7 +51,7 @@ def forward(fn, state0, xs, consts, out_shapes, *, interpret: bool, cost=None, n
     out_shape = (
         [jax.ShapeDtypeStruct((R, n) + tuple(s), jnp.float32) for s in out_shapes]
         + [jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in state0]
-        + [jax.ShapeDtypeStruct((R, n) + s.shape[1:], jnp.float32) for s in state0])
+        + [jax.ShapeDtypeStruct((R, n) + s.shape[1:], jnp.float32) for s in state0[:nst]])
     res = pl.pallas_call(
         kernel, grid=(R,), out_shape=out_shape,
         in_specs=[_row_spec(s.shape) for s in state0] + [_row_spec(x.shape) for x in xs]

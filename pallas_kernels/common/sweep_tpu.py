@@ -35,16 +35,18 @@ def _params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
 
 
-def forward(fn, state0, xs, consts, out_shapes, *, interpret: bool, cost=None):
+def forward(fn, state0, xs, consts, out_shapes, *, interpret: bool, cost=None, save_states: bool = True):
     """Run ``fn`` over the chunks of every row. Returns ``(outs [R, n, r, w] each,
-    final state [R, a, b] each, chunk-start states [R, n, a, b] each)``."""
+    final state [R, a, b] each, chunk-start states [R, n, a, b] each)``; the chunk-start states
+    (the backward's residuals) only with ``save_states`` (else ``()``)."""
     R, n = xs[0].shape[:2]
     ns, nx, nc, no = len(state0), len(xs), len(consts), len(out_shapes)
+    nst = ns if save_states else 0
 
     def kernel(*refs):
         s0, x, k = refs[:ns], refs[ns:ns + nx], refs[ns + nx:ns + nx + nc]
         rest = refs[ns + nx + nc:]
-        outs, fins, starts, scratch = rest[:no], rest[no:no + ns], rest[no + ns:no + 2 * ns], rest[no + 2 * ns:]
+        outs, fins, starts, scratch = rest[:no], rest[no:no + ns], rest[no + ns:no + ns + nst], rest[no + ns + nst:]
         c = pl.program_id(1)
 
         @pl.when(c == 0)
@@ -69,9 +71,9 @@ def forward(fn, state0, xs, consts, out_shapes, *, interpret: bool, cost=None):
     out_shape = (
         [jax.ShapeDtypeStruct((R, n) + tuple(s), jnp.float32) for s in out_shapes]
         + [jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in state0]
-        + [jax.ShapeDtypeStruct((R, n) + s.shape[1:], jnp.float32) for s in state0])
+        + [jax.ShapeDtypeStruct((R, n) + s.shape[1:], jnp.float32) for s in state0[:nst]])
     out_specs = ([_chunk_spec((R, n) + tuple(s)) for s in out_shapes] + [_row_spec(s.shape) for s in state0]
-                 + [_chunk_spec((R, n) + s.shape[1:]) for s in state0])
+                 + [_chunk_spec((R, n) + s.shape[1:]) for s in state0[:nst]])
     res = pl.pallas_call(
         kernel, grid=(R, n), out_shape=out_shape,
         in_specs=[_row_spec(s.shape) for s in state0] + [_chunk_spec(x.shape) for x in xs]

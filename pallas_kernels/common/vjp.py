@@ -27,16 +27,17 @@ def chunk_sweep(fn, out_shapes, cost, backend, interpret, state0, xs, consts):
     """``(outs [R, n, r, w] each, final state [R, a, b] each)`` of sweeping ``fn`` (see
     ``sweep_tpu``). ``cost = (flops, transcendentals)`` of one chunk, forward; ``backend`` /
     ``interpret`` as in ``platform.dispatch``."""
-    outs, final, _ = _forward(fn, out_shapes, cost, backend, interpret, state0, xs, consts)
+    outs, final, _ = _forward(fn, out_shapes, cost, backend, interpret, state0, xs, consts, save_states=False)
     return outs, final
 
 
-def _forward(fn, out_shapes, cost, backend, interpret, state0, xs, consts):
+def _forward(fn, out_shapes, cost, backend, interpret, state0, xs, consts, save_states=True):
     R, n = xs[0].shape[:2]
 
     def call(b, i):
         est = _cost(cost[0] * R * n, cost[1] * R * n, (state0, xs, consts))
-        return platform.sweeps(b).forward(fn, state0, xs, consts, out_shapes, interpret=i, cost=est)
+        return platform.sweeps(b).forward(fn, state0, xs, consts, out_shapes, interpret=i, cost=est,
+                                          save_states=save_states)
 
     return platform.dispatch(call, backend=backend, interpret=interpret)
 
