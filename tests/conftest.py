@@ -8,6 +8,11 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# Many tests compile the same programs (e.g. the smoke training step in several runs): a
+# persistent compilation cache shared by the workers of one session compiles each only once.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("MIRAS_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 @pytest.fixture

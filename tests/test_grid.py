@@ -13,8 +13,9 @@ from experiments import train as train_lib
 
 def _cfg():
     cfg = configs.get("smoke")
-    model = dataclasses.replace(cfg.model, preset="moneta", d_model=32, num_heads=2, chunk_size=16)
-    return dataclasses.replace(cfg, model=model, steps=5, log_every=1, eval_every=5, warmup=2, lr=2e-3)
+    model = dataclasses.replace(cfg.model, preset="moneta", d_model=32, num_heads=2, chunk_size=16, num_layers=1)
+    return dataclasses.replace(cfg, model=model, steps=4, log_every=1, eval_every=4, warmup=2, lr=2e-3,
+                               eval_batches=1)
 
 
 def test_grid_of_three_equals_three_separate_runs(tmp_path):
@@ -23,7 +24,7 @@ def test_grid_of_three_equals_three_separate_runs(tmp_path):
     results = grid.run_grid(cfg, g, str(tmp_path / "grid"), progress=False)
     with open(tmp_path / "grid" / "metrics.jsonl") as f:
         grid_losses = np.array([r["losses"] for r in map(json.loads, f)])          # [steps, K]
-    assert grid_losses.shape == (5, 3)
+    assert grid_losses.shape == (4, 3)
     for i, vcfg in enumerate(grid.grid_configs(cfg, grid.variants(g))):
         train_lib.train(vcfg, str(tmp_path / f"run{i}"), progress=False)
         alone = [r["loss"] for r in train_lib._read_metrics(str(tmp_path / f"run{i}" / "metrics.jsonl"), None)]
@@ -37,7 +38,7 @@ def test_grid_of_three_equals_three_separate_runs(tmp_path):
         assert os.path.getsize(tmp_path / "grid" / name) > 0
     # every variant directory is a normal run: evaluate reads its checkpoint with its own hparams
     cfg_v, _, _, rest, step = train_lib.load_run(str(tmp_path / "grid" / "variants" / "p3_q3"))
-    assert step == 5 and dict(cfg_v.model.hparams) == {"p": 3.0, "q": 3.0}
+    assert step == 4 and dict(cfg_v.model.hparams) == {"p": 3.0, "q": 3.0}
     assert float(rest["blocks"][0]["mixer"]["hparams"]["bias/p"].value) == 3.0
 
 

@@ -58,7 +58,7 @@ def _vjp(spec, params, args, **kw):
 
 
 @pytest.mark.parametrize("name", PALLAS)
-@pytest.mark.parametrize("T,chunk", [(45, 16), (64, 32)])
+@pytest.mark.parametrize("T,chunk", [(45, 16), pytest.param(64, 32, marks=pytest.mark.slow)])
 def test_pallas_equals_xla(name, T, chunk):
     spec, params, args = _setup(name, T, d=8)
     out_x, g_x = _vjp(spec, params, args, chunk_size=chunk, implementation="xla")

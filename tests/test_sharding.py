@@ -18,7 +18,7 @@ from miras_jax import sharding
 
 def _cfg(preset="yaad", **kw):
     cfg = configs.get("smoke")
-    model = dataclasses.replace(cfg.model, preset=preset, d_model=32, num_heads=2, chunk_size=16)
+    model = dataclasses.replace(cfg.model, preset=preset, d_model=32, num_heads=2, chunk_size=16, num_layers=1)
     return dataclasses.replace(cfg, model=model, **kw)
 
 
@@ -104,7 +104,8 @@ def test_sharded_run_resumed_on_another_mesh_continues(tmp_path):
     """Save on a 2x4 mesh, resume on 1x8: the run continues where it stopped. Across meshes the
     sums run in another order, so losses agree to rounding, not bit for bit (a smooth preset:
     Yaad's Huber switch would flip branches on such differences and the runs would drift apart)."""
-    cfg = _cfg("gated_deltanet", steps=4, log_every=1, eval_every=4, checkpoint_every=2, warmup=1, lr=1e-3)
+    cfg = _cfg("gated_deltanet", steps=4, log_every=1, eval_every=4, checkpoint_every=2, warmup=1, lr=1e-3,
+               eval_batches=1)
     full = train_lib.train(cfg, str(tmp_path / "one"), progress=False, mesh="data:1")
     train_lib.train(cfg, str(tmp_path / "two"), progress=False, mesh="data:2,fsdp:4", stop_after=2)
     resumed = train_lib.train(cfg, str(tmp_path / "two"), progress=False, mesh="fsdp:8", resume="auto")
