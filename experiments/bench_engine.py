@@ -36,6 +36,8 @@ flags.DEFINE_integer("d", 64, "head dim (d_k = d_v)")
 flags.DEFINE_integer("iters", 5, "timed iterations (median reported)")
 flags.DEFINE_integer("remat_every", 0, "remat groups of chunks (xla mini-batch forms)")
 flags.DEFINE_float("peak_gflops", 190.0, "machine float32 matmul peak, GFLOP/s")
+flags.DEFINE_integer("host_devices", 1, "> 1: split the batch over this many host CPU devices, each "
+                     "running single-threaded (data parallel over the cores; B must divide)")
 flags.DEFINE_string("child", "", "internal: run one measurement 'preset,impl,T,mode'")
 FLAGS = flags.FLAGS
 
@@ -74,7 +76,15 @@ def _program(preset: str, impl: str, T: int, mode: str):
         fn = jax.jit(fwd)
     else:
         fn = jax.jit(jax.grad(lambda *a: jnp.sum(fwd(*a) ** 2), argnums=(0, 1, 2, 3, 4)))
-    return fn, (params, q, k, v, gates), kw
+    args = (params, q, k, v, gates)
+    if f.host_devices > 1:   # batch rows over the host devices (one core each), params replicated
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        mesh = jax.make_mesh((f.host_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        rows = lambda t: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("data"))), t)  # noqa: E731
+        args = (jax.device_put(params, NamedSharding(mesh, P())), *rows((q, k, v, gates)))
+    return fn, args, kw
 
 
 def _flops(compiled) -> float:
@@ -94,7 +104,8 @@ def measure(preset: str, impl: str, T: int, mode: str) -> dict:
     compile_s = time.perf_counter() - t0
     unit = kw["chunk_size"]
     fn1, args1, _ = _program(preset, impl, unit, mode)
-    flops = _flops(fn1.lower(*args1).compile()) * (-(-T // unit))
+    # XLA counts one partition of an SPMD program: x host_devices for the whole batch
+    flops = _flops(fn1.lower(*args1).compile()) * (-(-T // unit)) * f.host_devices
     jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(f.iters):
@@ -108,7 +119,7 @@ def measure(preset: str, impl: str, T: int, mode: str) -> dict:
         "median_s": round(med, 4), "gflops_per_s": round(flops / med / 1e9, 2),
         "peak_frac": round(flops / med / 1e9 / f.peak_gflops, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "compile_s": round(compile_s, 2), "remat_every": f.remat_every,
+        "compile_s": round(compile_s, 2), "remat_every": f.remat_every, "host_devices": f.host_devices,
         "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc",
         "jax": jax.__version__,
     }
@@ -118,6 +129,9 @@ def main(argv):
     del argv
     f = FLAGS
     if f.child:
+        if f.host_devices > 1:   # before jax is imported (it is imported lazily, in measure)
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count="
+                                       f"{f.host_devices} --xla_cpu_multi_thread_eigen=false").strip()
         preset, impl, T, mode = f.child.split(",")
         print(json.dumps(measure(preset, impl, int(T), mode)), flush=True)
         return

@@ -28,6 +28,7 @@ flags.DEFINE_integer("rounds", 3, "alternating rounds")
 flags.DEFINE_integer("T", 4096, "sequence length")
 flags.DEFINE_integer("chunk", 64, "chunk size (both sides)")
 flags.DEFINE_integer("iters", 5, "timed iterations per measurement (median)")
+flags.DEFINE_integer("host_devices", 1, "ours: split the batch over N single-threaded host devices")
 flags.DEFINE_enum("allocator", "tcmalloc", ["tcmalloc", "glibc"], "allocator for both sides")
 flags.DEFINE_string("tcmalloc", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "tcmalloc path")
 FLAGS = flags.FLAGS
@@ -63,7 +64,8 @@ def main(argv):
     for _ in range(f.rounds):
         for preset in f.presets:
             rec = _run([sys.executable, "-m", "experiments.bench_engine", f"--chunk={f.chunk}",
-                        f"--iters={f.iters}", f"--child={preset},xla,{f.T},fwd+bwd"], env)
+                        f"--iters={f.iters}", f"--host_devices={f.host_devices}",
+                        f"--child={preset},xla,{f.T},fwd+bwd"], env)
             ours[preset].append(rec["tokens_per_s"])
             print(json.dumps(rec), flush=True)
         for peer in peers:
@@ -75,6 +77,7 @@ def main(argv):
         peer = PEER_OF.get(preset, DEFAULT_PEER)
         a, b = statistics.median(ours[preset]), statistics.median(theirs[peer])
         print(json.dumps({"summary": preset, "peer": peer, "rounds": f.rounds, "allocator": f.allocator,
+                          "host_devices": f.host_devices,
                           "ours_tokens_per_s": round(a, 1), "peer_tokens_per_s": round(b, 1),
                           "ratio": round(a / b, 2), "ours_all": ours[preset], "peer_all": theirs[peer]}),
               flush=True)
