@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.common.refs import split
+
 
 def _row_spec(shape):            # [R, ...] -> one row
     return pl.BlockSpec((None,) + tuple(shape[1:]), lambda i: (i,) + (0,) * (len(shape) - 1))
@@ -31,9 +33,7 @@ def forward(fn, state0, xs, consts, out_shapes, *, interpret: bool, cost=None, s
     nst = ns if save_states else 0
 
     def kernel(*refs):
-        s0, x, k = refs[:ns], refs[ns:ns + nx], refs[ns + nx:ns + nx + nc]
-        rest = refs[ns + nx + nc:]
-        outs, fins, starts = rest[:no], rest[no:no + ns], rest[no + ns:no + ns + nst]
+        s0, x, k, outs, fins, starts, _ = split(refs, ns, nx, nc, no, ns, nst)
         kv = tuple(r[...] for r in k)
 
         def body(c, state):
@@ -69,11 +69,7 @@ def backward(fn, starts, xs, consts, d_outs, d_final, *, interpret: bool, cost=N
     ns, nx, nc, no = len(starts), len(xs), len(consts), len(d_outs)
 
     def kernel(*refs):
-        st, x, k = refs[:ns], refs[ns:ns + nx], refs[ns + nx:ns + nx + nc]
-        dy = refs[ns + nx + nc:ns + nx + nc + no]
-        dfin = refs[ns + nx + nc + no:ns + nx + nc + no + ns]
-        rest = refs[ns + nx + nc + no + ns:]
-        dxs, ds0, dks = rest[:nx], rest[nx:nx + ns], rest[nx + ns:]
+        st, x, k, dy, dfin, dxs, ds0, dks = split(refs, ns, nx, nc, no, ns, nx, ns)
         kv = tuple(r[...] for r in k)
 
         def body(i, carry):

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common.refs import split
+
 
 def _row_spec(shape):          # [R, a, b] -> one row's [a, b]
     return pl.BlockSpec((None,) + tuple(shape[1:]), lambda i, c: (i, 0, 0))
@@ -44,9 +46,7 @@ def forward(fn, state0, xs, consts, out_shapes, *, interpret: bool, cost=None, s
     nst = ns if save_states else 0
 
     def kernel(*refs):
-        s0, x, k = refs[:ns], refs[ns:ns + nx], refs[ns + nx:ns + nx + nc]
-        rest = refs[ns + nx + nc:]
-        outs, fins, starts, scratch = rest[:no], rest[no:no + ns], rest[no + ns:no + ns + nst], rest[no + ns + nst:]
+        s0, x, k, outs, fins, starts, scratch = split(refs, ns, nx, nc, no, ns, nst)
         c = pl.program_id(1)
 
         @pl.when(c == 0)
@@ -95,12 +95,7 @@ def backward(fn, starts, xs, consts, d_outs, d_final, *, interpret: bool, cost=N
     ns, nx, nc, no = len(starts), len(xs), len(consts), len(d_outs)
 
     def kernel(*refs):
-        st, x, k = refs[:ns], refs[ns:ns + nx], refs[ns + nx:ns + nx + nc]
-        dy = refs[ns + nx + nc:ns + nx + nc + no]
-        dfin = refs[ns + nx + nc + no:ns + nx + nc + no + ns]
-        rest = refs[ns + nx + nc + no + ns:]
-        dxs, ds0, dks = rest[:nx], rest[nx:nx + ns], rest[nx + ns:nx + ns + nc]
-        dcarry, dkacc = rest[nx + ns + nc:nx + 2 * ns + nc], rest[nx + 2 * ns + nc:]
+        st, x, k, dy, dfin, dxs, ds0, dks, dcarry, dkacc = split(refs, ns, nx, nc, no, ns, nx, ns, nc, ns)
         c = pl.program_id(1)
 
         @pl.when(c == 0)
