@@ -16,6 +16,7 @@ Every line carries the training throughput (tokens/s, forward + backward + optim
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -36,6 +37,18 @@ def define_flags():
     flags.DEFINE_list("set", [], "extra config overrides")
 
 
+def fit_steps(cfg: configs.TrainConfig, budget_s: float, workdir: str, data_path=None, probe: int = 60,
+              margin: float = 0.93) -> int:
+    """Number of steps that fill ``budget_s`` of training, from a ``probe``-step run's median
+    throughput (its compile excluded) times ``margin`` (room for evaluations and checkpoints): the
+    cosine schedule then ends inside the budget instead of being cut off at a high learning rate."""
+    probe_cfg = dataclasses.replace(cfg, steps=probe, time_budget_s=0.0, eval_every=10 * probe,
+                                    checkpoint_every=10 * probe, log_every=10)
+    s = train_lib.train(probe_cfg, workdir, data_path=data_path, progress=False)
+    steps_per_s = s["train_tokens_per_s"] / (cfg.batch * cfg.seq_len)
+    return max(int(margin * budget_s * steps_per_s), cfg.warmup + 1)
+
+
 def run(suite: str, names: list[str], budget_s: float, workdir: str, data_path=None, sets=()) -> list[dict]:
     out = []
     for name in names:
@@ -44,14 +57,19 @@ def run(suite: str, names: list[str], budget_s: float, workdir: str, data_path=N
         if suite == "mqar":
             over += ["stop_at_target=true", "steps=100000"]
         cfg = configs.override(configs.get(suite), over)
+        if suite == "charlm" and not any(x.startswith("steps=") for x in sets):
+            cfg = dataclasses.replace(cfg, steps=fit_steps(cfg, budget_s, os.path.join(workdir, name + "_probe"),
+                                                           data_path))
         s = train_lib.train(cfg, os.path.join(workdir, name), data_path=data_path, progress=False)
         row = {"suite": suite, "preset": name, "params": s["params"], "steps": s["steps_done"],
+               "steps_planned": cfg.steps, "train_s": s.get("train_s"),
                "train_tokens_per_s": s["train_tokens_per_s"], "budget_s": budget_s}
         if suite == "mqar":
             row.update(accuracy=s.get("eval_mqar_accuracy"), reached_99=s.get("reached_target_at_step") is not None,
                        time_to_99_s=s.get("reached_target_after_s"), step_at_99=s.get("reached_target_at_step"))
         else:
             row.update(val_loss=s.get("eval_val_loss"), val_bits_per_byte=s.get("val_bits_per_byte"),
+                       val_curve=[(round(r["elapsed_s"]), round(r["eval_val_loss"], 4)) for r in s["eval_curve"]],
                        nanogpt_cpu_reference=NANOGPT_CPU)
         print(json.dumps(row), flush=True)
         out.append(row)

@@ -76,8 +76,30 @@ def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int, nu
     if seq_len < 4 * num_pairs:
         raise ValueError(f"seq_len must be >= 4 * num_pairs = {4 * num_pairs} (room for the pairs and the "
                          f"queries), got seq_len={seq_len}")
-    rng = np.random.default_rng([seed, step])
-    b, n = batch, num_pairs
+    return _mqar_rows(np.random.default_rng([seed, step]), batch, seq_len, vocab, num_pairs)
+
+
+def mqar_mixed_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int,
+                     pairs: tuple[int, ...]) -> Batch:
+    """MQAR batch whose rows draw their number of pairs uniformly from ``pairs`` (Zoology-style mixed
+    training: short problems teach the write/read mechanism that long ones use). Row format as
+    :func:`mqar_batch`; a row with n pairs scores n positions. Deterministic in ``(seed, step)``."""
+    pairs = tuple(pairs)
+    if not pairs:
+        raise ValueError("pairs must name at least one number of key-value pairs")
+    for n in pairs:
+        mqar_batch(0, 0, batch=1, seq_len=seq_len, vocab=vocab, num_pairs=n)  # validates each n
+    _check_seed_step(seed, step)
+    _check_positive(batch=batch)
+    rng = np.random.default_rng([seed, step, 1])
+    counts = rng.multinomial(batch, [1 / len(pairs)] * len(pairs))
+    parts = [_mqar_rows(rng, c, seq_len, vocab, n) for n, c in zip(pairs, counts, strict=True) if c]
+    order = rng.permutation(batch)
+    return {k: np.concatenate([p[k] for p in parts])[order] for k in ("inputs", "targets", "mask")}
+
+
+def _mqar_rows(rng: np.random.Generator, b: int, seq_len: int, vocab: int, n: int) -> Batch:
+    half = vocab // 2
     keys = rng.permuted(np.tile(np.arange(1, half), (b, 1)), axis=1)[:, :n]             # [b, n]
     values = rng.permuted(np.tile(np.arange(half, vocab), (b, 1)), axis=1)[:, :n]       # [b, n]
     query_pos = rng.permuted(np.tile(np.arange(2 * n, seq_len - 1), (b, 1)), axis=1)[:, :n]  # [b, n]

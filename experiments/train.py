@@ -72,11 +72,16 @@ class Task:
 def make_task(cfg: configs.TrainConfig, data_path: str | None) -> Task:
     drop = lambda b: {k: b[k] for k in ("inputs", "targets", "mask")}
     if cfg.task == "mqar":
-        fn = functools.partial(data.mqar_batch, batch=cfg.batch, seq_len=cfg.seq_len, vocab=cfg.mqar_vocab,
+        ev = functools.partial(data.mqar_batch, batch=cfg.batch, seq_len=cfg.seq_len, vocab=cfg.mqar_vocab,
                                num_pairs=cfg.num_pairs)
-        fn = _with_positions(fn, cfg.num_pairs)
+        ev = _with_positions(ev, cfg.num_pairs)
+        fn = ev
+        if cfg.mqar_train_pairs:  # mixed training; evaluation stays at num_pairs
+            fn = functools.partial(data.mqar_mixed_batch, batch=cfg.batch, seq_len=cfg.seq_len,
+                                   vocab=cfg.mqar_vocab, pairs=cfg.mqar_train_pairs)
+            fn = _with_positions(fn, max(cfg.mqar_train_pairs))
         fn(0, 0)  # validate the options now
-        evals = {"mqar": [fn(cfg.seed + 1, i) for i in range(cfg.eval_batches)]}
+        evals = {"mqar": [ev(cfg.seed + 1, i) for i in range(cfg.eval_batches)]}
         return Task(cfg.mqar_vocab, fn, evals)
     if cfg.task == "charlm":
         if not data_path:
@@ -357,6 +362,9 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
             bar.close()
     summary = {"config": cfg_dict, "params": n_params, "steps_done": done, "finished": done == cfg.steps,
                "final_loss": rows[-1]["loss"] if rows else None, **last_eval}
+    summary["train_s"] = rows[-1].get("elapsed_s") if rows else None
+    summary["eval_curve"] = [{k: v for k, v in r.items() if k in ("step", "elapsed_s") or k.startswith("eval_")}
+                             for r in rows if any(k.startswith("eval_") for k in r)]
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     summary["train_tokens_per_s"] = float(np.median(tps)) if tps else None
     if "eval_val_loss" in last_eval:

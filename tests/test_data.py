@@ -52,6 +52,23 @@ def test_mqar_queries_recall_the_paired_values(cfg):
         assert (y[m == 0] == 0).all()
 
 
+def test_mqar_mixed_rows_are_mqar_rows_with_their_own_pair_count():
+    cfg = {"batch": 64, "seq_len": 64, "vocab": 40}
+    out = D.mqar_mixed_batch(2, 3, pairs=(2, 4, 8), **cfg)
+    assert _equal(out, D.mqar_mixed_batch(2, 3, pairs=(2, 4, 8), **cfg))
+    counts = out["mask"].sum(1).astype(int)
+    assert set(counts.tolist()) == {2, 4, 8}  # 64 rows: every count drawn (p of a miss ~ 1e-11)
+    for x, y, m, n in zip(out["inputs"], out["targets"], out["mask"], counts, strict=True):
+        pair = dict(zip(x[0:2 * n:2].tolist(), x[1:2 * n:2].tolist(), strict=True))
+        pos = np.flatnonzero(m)
+        assert pos.min() >= 2 * n and sorted(x[pos].tolist()) == sorted(pair)
+        assert all(y[p] == pair[x[p]] for p in pos)
+    with pytest.raises(ValueError, match="pairs must name"):
+        D.mqar_mixed_batch(0, 0, pairs=(), **cfg)
+    with pytest.raises(ValueError, match=r"seq_len must be >= 4 \* num_pairs = 68"):
+        D.mqar_mixed_batch(0, 0, pairs=(4, 17), **cfg)
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"vocab": 3}, "vocab must be an integer >= 4"),
     ({"vocab": 16, "num_pairs": 8}, "num_pairs=8 needs that many distinct keys.*holds only 7"),

@@ -106,6 +106,22 @@ def test_layer_spec_hparams_are_state():
     assert float(layer.spec.hparams["bias"]["p"]) == 2.0
 
 
+def test_decay_init_spreads_the_initial_decay_over_heads():
+    from experiments import configs
+
+    cfg = configs.override(configs.get("smoke"), ["model.decay_init=0.9:0.999", "model.num_heads=4",
+                                                  "model.preset=gated_deltanet"]).model
+    assert cfg.decay_init == (0.9, 0.999)
+    layer = MirasLM(cfg, rngs=nnx.Rngs(0)).blocks[0].mixer
+    decay = np.asarray(jax.nn.sigmoid(layer.gate_up["decay"][1][...]))
+    np.testing.assert_allclose(decay, [0.9, 0.9785, 0.99536, 0.999], rtol=1e-4)  # 1 - d log-spaced
+    x = jax.random.normal(jax.random.key(0), (1, 5, cfg.d_model))
+    gates = layer._gates(x)["decay"]  # W_up starts small: the gates sit near their biases
+    np.testing.assert_allclose(gates, np.broadcast_to(decay, gates.shape), atol=5e-3)
+    with pytest.raises(ValueError, match="0 < lo <= hi < 1"):
+        MirasLayer(D, H, "gated_deltanet", decay_init=(0.99, 1.0), rngs=nnx.Rngs(0))
+
+
 def test_bad_configurations_raise():
     with pytest.raises(ValueError, match="num_steps"):
         MirasLayer(D, H, "deltaproduct", rngs=nnx.Rngs(0))

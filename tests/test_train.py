@@ -36,6 +36,9 @@ def test_smoke_run_writes_metrics_checkpoints_plot_summary(tmp_path):
     out = evaluate.evaluate_run(str(tmp_path))
     assert out["step"] == 8
     np.testing.assert_allclose(out["eval_mqar_loss"], rows[-1]["eval_mqar_loss"], rtol=1e-5)
+    assert [r["step"] for r in summary["eval_curve"]] == [4, 8]
+    assert summary["eval_curve"][-1]["eval_mqar_loss"] == rows[-1]["eval_mqar_loss"]
+    assert 0 < summary["train_s"] == rows[-1]["elapsed_s"]
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -118,3 +121,21 @@ def test_compare_writes_table_and_plot_at_matched_size(tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown presets"):
         compare.compare(cfg, ["nope"], str(tmp_path))
+
+
+def test_mixed_pair_mqar_trains_and_evaluates_at_num_pairs(tmp_path):
+    cfg = configs.override(TINY, ["steps=2", "eval_every=2", "mqar_train_pairs=1:2"])
+    task = train_lib.make_task(cfg, None)
+    assert task.train_batch(0, 0)["positions"].shape == (4, 2)       # max(mqar_train_pairs) scored slots
+    assert task.eval_sets["mqar"][0]["positions"].shape == (4, cfg.num_pairs)
+    summary = train_lib.train(cfg, str(tmp_path), progress=False)
+    assert summary["finished"] and np.isfinite(summary["eval_mqar_loss"])
+
+
+def test_bench_fit_steps_fills_the_budget_from_a_probe(tmp_path):
+    from experiments import bench_train
+
+    steps = bench_train.fit_steps(TINY, budget_s=30.0, workdir=str(tmp_path), probe=6, margin=0.5)
+    probe = json.loads((tmp_path / "summary.json").read_text())
+    rate = probe["train_tokens_per_s"] / (TINY.batch * TINY.seq_len)
+    assert probe["steps_done"] == 6 and steps == max(int(0.5 * 30.0 * rate), TINY.warmup + 1)

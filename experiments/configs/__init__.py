@@ -36,6 +36,7 @@ class TrainConfig:
     # task options
     mqar_vocab: int = 8192
     num_pairs: int = 64
+    mqar_train_pairs: tuple = ()   # non-empty: training rows draw their number of pairs from these
     niah_lengths: tuple = (256, 512, 1024)
     niah_needle: str = "passkey"
     niah_haystack: str = "noise"
@@ -89,7 +90,7 @@ def _parse(value: str, like):
     if isinstance(like, float):
         return float(value)
     if isinstance(like, tuple):
-        return tuple(int(x) for x in value.split(":") if x)
+        return tuple(float(x) if any(c in x for c in ".eE") else int(x) for x in value.split(":") if x)
     return value
 
 

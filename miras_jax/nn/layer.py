@@ -13,7 +13,10 @@ Gate ranges and initialisations (``GATE_INIT``): ``lr = lr_max sigmoid(z)`` (``l
 matrix memories, 0.1 for MLP memories; initial ``lr`` ~ ``lr_max / 2``), ``decay = sigmoid(z)``
 (initial ~0.95, channel-wise ``[k]`` per head for GLA), ``momentum = sigmoid(z)`` (~0.9),
 ``delta = softplus(z)`` (~1). ``z = x W_down W_up + bias`` with ``W_up`` initialised small, so
-gates start near their bias values and the bias sets the initial range. The initial memory
+gates start near their bias values and the bias sets the initial range. ``decay_init=(lo, hi)``
+spreads the initial decay over the heads instead (multi-scale, as RetNet's per-head gammas):
+``1 - decay`` log-spaced from ``1 - lo`` to ``1 - hi``, so some heads start with long memories
+(recall tasks need retention near 1 over hundreds of tokens; 0.95^128 ~ 1e-3). The initial memory
 ``W_0`` (one per head, ``spec.memory.init``) is an outer parameter.
 """
 
@@ -34,6 +37,14 @@ from miras_jax.spec import MirasSpec
 GATE_INIT = {"lr": 0.0, "decay": 2.944, "momentum": 2.197, "delta": 0.541}  # logit(.95), logit(.9)
 LR_MAX = {"linear": 1.0, "mlp": 0.1}
 GATE_RANGE = {"decay": jax.nn.sigmoid, "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}  # lr: below
+
+
+def decay_bias(num_heads: int, lo: float, hi: float):
+    """Per-head logits whose sigmoids run from ``lo`` to ``hi`` with ``1 - decay`` log-spaced: ``[h]``."""
+    if not 0.0 < lo <= hi < 1.0:
+        raise ValueError(f"decay_init needs 0 < lo <= hi < 1, got ({lo}, {hi})")
+    d = 1.0 - jnp.exp(jnp.linspace(jnp.log(1.0 - lo), jnp.log(1.0 - hi), num_heads))
+    return jnp.log(d) - jnp.log1p(-d)
 
 
 def causal_conv(x, w, buf=None):
@@ -81,7 +92,8 @@ class MirasLayer(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, spec, *, head_dim: int | None = None,
                  preset_kwargs: dict | None = None, chunk_size: int = 64, implementation: str = "xla",
                  remat_every: int = 0, gate_rank: int = 32, conv_kernel: int = 4,
-                 channel_decay: bool | None = None, rngs: nnx.Rngs):
+                 channel_decay: bool | None = None, decay_init: tuple[float, float] | None = None,
+                 rngs: nnx.Rngs):
         if isinstance(spec, str):
             spec = presets.get(spec, **(preset_kwargs or {}))
         if spec.num_steps != 1:
@@ -115,7 +127,10 @@ class MirasLayer(nnx.Module):
         for g in self.gates:
             width = num_heads * (head_dim if (g == "decay" and self.channel_decay) else 1)
             w = 0.01 * jax.random.normal(rngs.params(), (gate_rank, width)) / gate_rank ** 0.5
-            ups[g] = (nnx.Param(w), nnx.Param(jnp.full((width,), GATE_INIT[g])))
+            bias = jnp.full((width,), GATE_INIT[g])
+            if g == "decay" and decay_init:
+                bias = jnp.repeat(decay_bias(num_heads, *decay_init), width // num_heads)
+            ups[g] = (nnx.Param(w), nnx.Param(bias))
         self.gate_up = nnx.Dict({g: nnx.List(list(p)) for g, p in ups.items()})
         keys = jax.random.split(rngs.params(), num_heads)
         w0 = jax.vmap(lambda kk: spec.memory.init(kk, head_dim, head_dim))(keys)   # leaves [h, out, in]

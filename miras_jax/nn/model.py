@@ -41,6 +41,7 @@ class LMConfig:
     remat_every: int = 0
     gate_rank: int = 32
     conv_kernel: int = 4
+    decay_init: tuple = ()                # (lo, hi): initial decay spread over heads (MirasLayer)
     mlp_hidden: int | None = None
     tie_embeddings: bool = True
 
@@ -84,7 +85,8 @@ class MirasBlock(nnx.Module):
                 spec = spec.with_hparams(**dict(cfg.hparams))
             self.mixer = MirasLayer(cfg.d_model, cfg.num_heads, spec, chunk_size=cfg.chunk_size,
                                     implementation=cfg.implementation, remat_every=cfg.remat_every,
-                                    gate_rank=cfg.gate_rank, conv_kernel=cfg.conv_kernel, rngs=rngs)
+                                    gate_rank=cfg.gate_rank, conv_kernel=cfg.conv_kernel,
+                                    decay_init=tuple(cfg.decay_init) or None, rngs=rngs)
         else:
             self.mixer = Attention(cfg.d_model, cfg.num_heads, window=cfg.window if kind == "S" else None,
                                    rngs=rngs)
