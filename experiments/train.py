@@ -238,6 +238,34 @@ def _write_metrics(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+class _TensorBoard:
+    """Scalars of every metrics row to ``<workdir>/tensorboard`` when ``tensorboardX`` is installed
+    (``pip install tensorboardX``); otherwise a no-op. Same numbers as ``metrics.jsonl``."""
+
+    def __init__(self, logdir: str, enabled: bool = True):
+        self.writer = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                return
+            self.writer = SummaryWriter(logdir)
+
+    def write(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, row["step"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -289,7 +317,8 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
     cfg_dict = _config_dict(cfg)
     start = 0
     resume_dir = resolve_resume(workdir, resume) if resume else None
-    with Checkpointer(ckpt_dir, max_to_keep=3, save_every=cfg.checkpoint_every) as ckpt:
+    with (Checkpointer(ckpt_dir, max_to_keep=3, save_every=cfg.checkpoint_every) as ckpt,
+          _TensorBoard(os.path.join(workdir, "tensorboard"), enabled=cfg.tensorboard) as tb):
         if resume_dir is not None:
             template = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
             if os.path.abspath(resume_dir) == os.path.abspath(ckpt_dir):
@@ -351,6 +380,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
                 rows.append(row)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                tb.write(row)
             ckpt.save(step, {"params": params, "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)},
                       {"data": it.get_state(), "config": cfg_dict}, force=step == cfg.steps or final)
             if bar is not None:

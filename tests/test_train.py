@@ -39,6 +39,29 @@ def test_smoke_run_writes_metrics_checkpoints_plot_summary(tmp_path):
     assert [r["step"] for r in summary["eval_curve"]] == [4, 8]
     assert summary["eval_curve"][-1]["eval_mqar_loss"] == rows[-1]["eval_mqar_loss"]
     assert 0 < summary["train_s"] == rows[-1]["elapsed_s"]
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["loss"]] == list(range(1, 9))
+    np.testing.assert_allclose([v for _, v in scalars["loss"]], [r["loss"] for r in rows], rtol=1e-6)
+    assert [s for s, _ in scalars["eval_mqar_accuracy"]] == [4, 8]
+
+
+def _tensorboard_scalars(logdir) -> dict:
+    """``{tag: [(step, value), ...]}`` from the event files (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in sorted(os.listdir(logdir)):
+        buf = (logdir / name).read_bytes()
+        i = 0
+        while i < len(buf):
+            (n,) = struct.unpack("<Q", buf[i:i + 8])
+            ev = event_pb2.Event.FromString(buf[i + 12:i + 12 + n])
+            i += 16 + n
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
 
 
 def test_resume_continues_exactly(tmp_path):

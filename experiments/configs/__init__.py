@@ -43,6 +43,7 @@ class TrainConfig:
     target_accuracy: float = 0.99  # MQAR / NIAH: report the time at which eval accuracy reaches it
     stop_at_target: bool = False   # ... and stop there
     time_budget_s: float = 0.0     # > 0: stop (eval + checkpoint) after this much training time
+    tensorboard: bool = True       # also write <workdir>/tensorboard when tensorboardX is installed
 
     def __post_init__(self):
         if self.task not in TASKS:
