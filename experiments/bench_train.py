@@ -69,6 +69,7 @@ def run(suite: str, names: list[str], budget_s: float, workdir: str, data_path=N
                        time_to_99_s=s.get("reached_target_after_s"), step_at_99=s.get("reached_target_at_step"))
         else:
             row.update(val_loss=s.get("eval_val_loss"), val_bits_per_byte=s.get("val_bits_per_byte"),
+                       val_perplexity=s.get("val_perplexity"),
                        val_curve=[(round(r["elapsed_s"]), round(r["eval_val_loss"], 4)) for r in s["eval_curve"]],
                        nanogpt_cpu_reference=NANOGPT_CPU)
         print(json.dumps(row), flush=True)

@@ -8,7 +8,6 @@ MQAR: query accuracy; charlm: validation loss and bits per byte; niah: accuracy 
 from __future__ import annotations
 
 import json
-import math
 
 from absl import app, flags
 
@@ -32,8 +31,7 @@ def evaluate_run(workdir: str, *, data_path=None, step=None, eval_batches=None) 
     _, eval_step = train_lib.make_steps(graphdef, rest, None)
     out = {"workdir": workdir, "step": restored_step, "task": cfg.task, "preset": cfg.model.preset,
            **train_lib.evaluate(eval_step, params, task.eval_sets)}
-    if "eval_val_loss" in out:
-        out["val_bits_per_byte"] = out["eval_val_loss"] / math.log(2)
+    out.update(train_lib.lm_summary(out))
     return out
 
 

@@ -223,6 +223,14 @@ def evaluate(eval_step, params, eval_sets: dict, put=lambda b: b) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def lm_summary(evals: dict) -> dict:
+    """Byte-level LM figures from the validation loss (nats / byte): bits per byte and perplexity."""
+    if "eval_val_loss" not in evals:
+        return {}
+    loss = evals["eval_val_loss"]
+    return {"val_bits_per_byte": loss / math.log(2), "val_perplexity": math.exp(loss)}
+
+
 def _read_metrics(path: str, upto: int | None) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -397,8 +405,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
                              for r in rows if any(k.startswith("eval_") for k in r)]
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     summary["train_tokens_per_s"] = float(np.median(tps)) if tps else None
-    if "eval_val_loss" in last_eval:
-        summary["val_bits_per_byte"] = last_eval["eval_val_loss"] / math.log(2)
+    summary.update(lm_summary(last_eval))
     if reached is not None:
         summary["target_accuracy"] = cfg.target_accuracy
         summary["reached_target_at_step"] = reached["step"]

@@ -125,7 +125,11 @@ def test_byte_level_run_samples_text(tmp_path):
     text.write_text("to be or not to be, that is the question. " * 200)
     lm = configs.override(dataclasses.replace(TINY, task="charlm"), ["model.pattern=MS", "model.window=8"])
     summary = train_lib.train(lm, str(tmp_path / "run"), data_path=str(text), progress=False)
-    assert summary["val_bits_per_byte"] > 0
+    loss = summary["eval_val_loss"]
+    np.testing.assert_allclose([summary["val_bits_per_byte"], summary["val_perplexity"]],
+                               [loss / np.log(2), np.exp(loss)], rtol=1e-6)
+    again = evaluate.evaluate_run(str(tmp_path / "run"), data_path=str(text))["val_perplexity"]
+    np.testing.assert_allclose(again, summary["val_perplexity"], rtol=1e-5)
     out = generate.sample(str(tmp_path / "run"), "to be", 12, temperature=0.0)
     assert isinstance(out, str) and len(out.encode("utf-8", errors="replace")) >= 1
     out2 = generate.sample(str(tmp_path / "run"), "to be", 12, temperature=0.0)
