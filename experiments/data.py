@@ -51,7 +51,8 @@ def _check_seed_step(seed: int, step: int) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int, num_pairs: int) -> Batch:
+def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int, num_pairs: int,
+               query_power: float = 0.0) -> Batch:
     """Multi-query associative recall batch: ``inputs, targets`` int32 [b, t], ``mask`` float32 [b, t].
 
     Per sequence (t = seq_len, n = num_pairs, h = vocab // 2):
@@ -62,6 +63,11 @@ def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int, nu
       every key is queried once, in random order, at distinct random positions in ``[2n, t - 1)``;
     * at a query position p (``inputs[p] = k_i``): ``targets[p] = v_i`` and ``mask[p] = 1``; everywhere
       else ``targets = 0`` and ``mask = 0``. Exactly n positions per row are scored.
+
+    ``query_power = a``: 0 places the queries uniformly as above; ``a`` in ``(0, 1]`` places them as
+    Zoology does, at the even offsets ``2 g`` after the pairs (``g < (t - 2n) / 2``), drawn without
+    replacement with weights ``(g + 1)^(a - 1)`` (``a = 0.01``: Zoology's default power law, most
+    queries soon after the pairs; ``a = 1``: uniform over the even offsets).
 
     Deterministic in ``(seed, step)``.
     """
@@ -76,14 +82,32 @@ def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int, nu
     if seq_len < 4 * num_pairs:
         raise ValueError(f"seq_len must be >= 4 * num_pairs = {4 * num_pairs} (room for the pairs and the "
                          f"queries), got seq_len={seq_len}")
-    return _mqar_rows(np.random.default_rng([seed, step]), batch, seq_len, vocab, num_pairs)
+    _check_query_power(query_power)
+    return _mqar_rows(np.random.default_rng([seed, step]), batch, seq_len, vocab, num_pairs, query_power)
+
+
+def _check_query_power(a) -> None:
+    if not (a == 0.0 or 0.0 < a <= 1.0):
+        raise ValueError(f"query_power must be 0 (uniform positions) or in (0, 1] (power law), got {a!r}")
+
+
+def _query_positions(rng: np.random.Generator, b: int, seq_len: int, n: int, power: float) -> np.ndarray:
+    """``[b, n]`` distinct query positions in ``[2n, seq_len - 1)`` (see :func:`mqar_batch`)."""
+    if power == 0.0:
+        return rng.permuted(np.tile(np.arange(2 * n, seq_len - 1), (b, 1)), axis=1)[:, :n]
+    slots = (seq_len - 1 - 2 * n + 1) // 2  # offsets 2g with 2n + 2g <= seq_len - 2
+    log_w = (power - 1.0) * np.log1p(np.arange(slots))
+    # weighted sampling without replacement = the n largest of log w + Gumbel noise
+    g = np.argsort(-(log_w + rng.gumbel(size=(b, slots))), axis=1)[:, :n]
+    return 2 * n + 2 * g
 
 
 def mqar_mixed_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int,
-                     pairs: tuple[int, ...]) -> Batch:
+                     pairs: tuple[int, ...], query_power: float = 0.0) -> Batch:
     """MQAR batch whose rows draw their number of pairs uniformly from ``pairs`` (Zoology-style mixed
     training: short problems teach the write/read mechanism that long ones use). Row format as
-    :func:`mqar_batch`; a row with n pairs scores n positions. Deterministic in ``(seed, step)``."""
+    :func:`mqar_batch` (``query_power`` too); a row with n pairs scores n positions. Deterministic in
+    ``(seed, step)``."""
     pairs = tuple(pairs)
     if not pairs:
         raise ValueError("pairs must name at least one number of key-value pairs")
@@ -93,16 +117,17 @@ def mqar_mixed_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: i
     _check_positive(batch=batch)
     rng = np.random.default_rng([seed, step, 1])
     counts = rng.multinomial(batch, [1 / len(pairs)] * len(pairs))
-    parts = [_mqar_rows(rng, c, seq_len, vocab, n) for n, c in zip(pairs, counts, strict=True) if c]
+    _check_query_power(query_power)
+    parts = [_mqar_rows(rng, c, seq_len, vocab, n, query_power) for n, c in zip(pairs, counts, strict=True) if c]
     order = rng.permutation(batch)
     return {k: np.concatenate([p[k] for p in parts])[order] for k in ("inputs", "targets", "mask")}
 
 
-def _mqar_rows(rng: np.random.Generator, b: int, seq_len: int, vocab: int, n: int) -> Batch:
+def _mqar_rows(rng: np.random.Generator, b: int, seq_len: int, vocab: int, n: int, power: float) -> Batch:
     half = vocab // 2
     keys = rng.permuted(np.tile(np.arange(1, half), (b, 1)), axis=1)[:, :n]             # [b, n]
     values = rng.permuted(np.tile(np.arange(half, vocab), (b, 1)), axis=1)[:, :n]       # [b, n]
-    query_pos = rng.permuted(np.tile(np.arange(2 * n, seq_len - 1), (b, 1)), axis=1)[:, :n]  # [b, n]
+    query_pos = _query_positions(rng, b, seq_len, n, power)                             # [b, n]
 
     inputs = rng.integers(1, vocab, size=(b, seq_len))
     inputs[:, 0:2 * n:2] = keys

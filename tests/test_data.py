@@ -69,6 +69,29 @@ def test_mqar_mixed_rows_are_mqar_rows_with_their_own_pair_count():
         D.mqar_mixed_batch(0, 0, pairs=(4, 17), **cfg)
 
 
+def test_mqar_power_law_queries_sit_at_even_offsets_mostly_soon_after_the_pairs():
+    cfg = {"batch": 256, "seq_len": 256, "vocab": 8192, "num_pairs": 16}
+    n = cfg["num_pairs"]
+    out = D.mqar_batch(0, 1, query_power=0.01, **cfg)
+    assert _equal(out, D.mqar_batch(0, 1, query_power=0.01, **cfg))
+    for x, y, m in zip(out["inputs"], out["targets"], out["mask"], strict=True):
+        pair = dict(zip(x[0:2 * n:2].tolist(), x[1:2 * n:2].tolist(), strict=True))
+        pos = np.flatnonzero(m)
+        assert len(pos) == n and sorted(x[pos].tolist()) == sorted(pair)
+        assert all(y[p] == pair[x[p]] for p in pos)
+        assert ((pos - 2 * n) % 2 == 0).all() and pos.min() >= 2 * n and pos.max() <= cfg["seq_len"] - 2
+    # weights (g + 1)^(a - 1): for a = 0.01 the first quarter of the 112 slots holds well over a quarter
+    gaps = (np.flatnonzero(out["mask"]) % cfg["seq_len"] - 2 * n) // 2
+    assert np.mean(gaps < 28) > 0.4
+    uni = D.mqar_batch(0, 1, query_power=1.0, **cfg)
+    gaps_u = (np.flatnonzero(uni["mask"]) % cfg["seq_len"] - 2 * n) // 2
+    assert abs(np.mean(gaps_u < 28) - 0.25) < 0.03
+    # query_power=0 keeps the original uniform placement (any position), bit for bit
+    assert _equal(D.mqar_batch(0, 1, **cfg), D.mqar_batch(0, 1, query_power=0.0, **cfg))
+    with pytest.raises(ValueError, match="query_power"):
+        D.mqar_batch(0, 1, query_power=1.5, **cfg)
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"vocab": 3}, "vocab must be an integer >= 4"),
     ({"vocab": 16, "num_pairs": 8}, "num_pairs=8 needs that many distinct keys.*holds only 7"),
