@@ -95,7 +95,7 @@ def _query_positions(rng: np.random.Generator, b: int, seq_len: int, n: int, pow
     """``[b, n]`` distinct query positions in ``[2n, seq_len - 1)`` (see :func:`mqar_batch`)."""
     if power == 0.0:
         return rng.permuted(np.tile(np.arange(2 * n, seq_len - 1), (b, 1)), axis=1)[:, :n]
-    slots = (seq_len - 1 - 2 * n + 1) // 2  # offsets 2g with 2n + 2g <= seq_len - 2
+    slots = (seq_len - 2 * n) // 2  # offsets 2g with 2n + 2g <= seq_len - 2
     log_w = (power - 1.0) * np.log1p(np.arange(slots))
     # weighted sampling without replacement = the n largest of log w + Gumbel noise
     g = np.argsort(-(log_w + rng.gumbel(size=(b, slots))), axis=1)[:, :n]
