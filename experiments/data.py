@@ -52,7 +52,7 @@ def _check_seed_step(seed: int, step: int) -> None:
 
 
 def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int, num_pairs: int,
-               query_power: float = 0.0) -> Batch:
+               query_power: float = 0.0, filler: str = "random") -> Batch:
     """Multi-query associative recall batch: ``inputs, targets`` int32 [b, t], ``mask`` float32 [b, t].
 
     Per sequence (t = seq_len, n = num_pairs, h = vocab // 2):
@@ -69,10 +69,15 @@ def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int, nu
     replacement with weights ``(g + 1)^(a - 1)`` (``a = 0.01``: Zoology's default power law, most
     queries soon after the pairs; ``a = 1``: uniform over the even offsets).
 
+    ``filler``: what fills the non-query positions after the pairs: ``"random"`` (uniform in
+    ``[1, vocab)``, as above; noise keys can repeat a pair's key) or ``"zero"`` (the reserved token 0:
+    Zoology's ``multiquery_ar`` default, ``random_non_queries=False``).
+
     Deterministic in ``(seed, step)``.
     """
     _check_seed_step(seed, step)
     _check_positive(batch=batch, seq_len=seq_len, num_pairs=num_pairs)
+    _check_filler(filler)
     if isinstance(vocab, bool) or not isinstance(vocab, (int, np.integer)) or vocab < 4:
         raise ValueError(f"vocab must be an integer >= 4, got {vocab!r}")
     half = vocab // 2
@@ -83,7 +88,15 @@ def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int, nu
         raise ValueError(f"seq_len must be >= 4 * num_pairs = {4 * num_pairs} (room for the pairs and the "
                          f"queries), got seq_len={seq_len}")
     _check_query_power(query_power)
-    return _mqar_rows(np.random.default_rng([seed, step]), batch, seq_len, vocab, num_pairs, query_power)
+    return _mqar_rows(np.random.default_rng([seed, step]), batch, seq_len, vocab, num_pairs, query_power, filler)
+
+
+FILLERS = ("random", "zero")
+
+
+def _check_filler(filler) -> None:
+    if filler not in FILLERS:
+        raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
 
 
 def _check_query_power(a) -> None:
@@ -103,10 +116,10 @@ def _query_positions(rng: np.random.Generator, b: int, seq_len: int, n: int, pow
 
 
 def mqar_mixed_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int,
-                     pairs: tuple[int, ...], query_power: float = 0.0) -> Batch:
+                     pairs: tuple[int, ...], query_power: float = 0.0, filler: str = "random") -> Batch:
     """MQAR batch whose rows draw their number of pairs uniformly from ``pairs`` (Zoology-style mixed
     training: short problems teach the write/read mechanism that long ones use). Row format as
-    :func:`mqar_batch` (``query_power`` too); a row with n pairs scores n positions. Deterministic in
+    :func:`mqar_batch` (``query_power`` and ``filler`` too); a row with n pairs scores n positions. Deterministic in
     ``(seed, step)``."""
     pairs = tuple(pairs)
     if not pairs:
@@ -118,18 +131,22 @@ def mqar_mixed_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: i
     rng = np.random.default_rng([seed, step, 1])
     counts = rng.multinomial(batch, [1 / len(pairs)] * len(pairs))
     _check_query_power(query_power)
-    parts = [_mqar_rows(rng, c, seq_len, vocab, n, query_power) for n, c in zip(pairs, counts, strict=True) if c]
+    _check_filler(filler)
+    parts = [_mqar_rows(rng, c, seq_len, vocab, n, query_power, filler) for n, c in zip(pairs, counts, strict=True) if c]
     order = rng.permutation(batch)
     return {k: np.concatenate([p[k] for p in parts])[order] for k in ("inputs", "targets", "mask")}
 
 
-def _mqar_rows(rng: np.random.Generator, b: int, seq_len: int, vocab: int, n: int, power: float) -> Batch:
+def _mqar_rows(rng: np.random.Generator, b: int, seq_len: int, vocab: int, n: int, power: float,
+               filler: str = "random") -> Batch:
     half = vocab // 2
     keys = rng.permuted(np.tile(np.arange(1, half), (b, 1)), axis=1)[:, :n]             # [b, n]
     values = rng.permuted(np.tile(np.arange(half, vocab), (b, 1)), axis=1)[:, :n]       # [b, n]
     query_pos = _query_positions(rng, b, seq_len, n, power)                             # [b, n]
 
-    inputs = rng.integers(1, vocab, size=(b, seq_len))
+    inputs = rng.integers(1, vocab, size=(b, seq_len))  # drawn either way: "random" stays bit for bit
+    if filler == "zero":
+        inputs[:] = 0
     inputs[:, 0:2 * n:2] = keys
     inputs[:, 1:2 * n:2] = values
     rows = np.arange(b)[:, None]

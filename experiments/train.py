@@ -73,13 +73,14 @@ def make_task(cfg: configs.TrainConfig, data_path: str | None) -> Task:
     drop = lambda b: {k: b[k] for k in ("inputs", "targets", "mask")}
     if cfg.task == "mqar":
         ev = functools.partial(data.mqar_batch, batch=cfg.batch, seq_len=cfg.seq_len, vocab=cfg.mqar_vocab,
-                               num_pairs=cfg.num_pairs, query_power=cfg.mqar_query_power)
+                               num_pairs=cfg.num_pairs, query_power=cfg.mqar_query_power,
+                               filler=cfg.mqar_filler)
         ev = _with_positions(ev, cfg.num_pairs)
         fn = ev
         if cfg.mqar_train_pairs:  # mixed training; evaluation stays at num_pairs
             fn = functools.partial(data.mqar_mixed_batch, batch=cfg.batch, seq_len=cfg.seq_len,
                                    vocab=cfg.mqar_vocab, pairs=cfg.mqar_train_pairs,
-                                   query_power=cfg.mqar_query_power)
+                                   query_power=cfg.mqar_query_power, filler=cfg.mqar_filler)
             fn = _with_positions(fn, max(cfg.mqar_train_pairs))
         fn(0, 0)  # validate the options now
         evals = {"mqar": [ev(cfg.seed + 1, i) for i in range(cfg.eval_batches)]}

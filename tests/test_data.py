@@ -92,6 +92,28 @@ def test_mqar_power_law_queries_sit_at_even_offsets_mostly_soon_after_the_pairs(
         D.mqar_batch(0, 1, query_power=1.5, **cfg)
 
 
+def test_mqar_zero_filler_keeps_pairs_and_queries_and_zeroes_the_rest():
+    cfg = {"batch": 64, "seq_len": 128, "vocab": 512, "num_pairs": 16}
+    n = cfg["num_pairs"]
+    for power in (0.0, 0.01):
+        rnd = D.mqar_batch(3, 2, query_power=power, **cfg)
+        zero = D.mqar_batch(3, 2, query_power=power, filler="zero", **cfg)
+        assert _equal(rnd, D.mqar_batch(3, 2, query_power=power, filler="random", **cfg))  # default
+        for k in ("targets", "mask"):
+            np.testing.assert_array_equal(zero[k], rnd[k])         # same pairs, same queries
+        keep = np.zeros_like(rnd["mask"], bool)
+        keep[:, :2 * n] = True
+        keep |= rnd["mask"] > 0
+        np.testing.assert_array_equal(zero["inputs"][keep], rnd["inputs"][keep])
+        assert (zero["inputs"][~keep] == 0).all() and (rnd["inputs"][~keep] > 0).all()
+    mixed = D.mqar_mixed_batch(0, 0, pairs=(2, 4), filler="zero", **{k: cfg[k] for k in ("batch", "seq_len", "vocab")})
+    assert (mixed["inputs"][:, -1] == 0).all()  # the last position is never a query
+    with pytest.raises(ValueError, match="filler must be one of"):
+        D.mqar_batch(0, 0, filler="noise", **cfg)
+    with pytest.raises(ValueError, match="filler must be one of"):
+        D.mqar_mixed_batch(0, 0, pairs=(2,), filler=None, **{k: cfg[k] for k in ("batch", "seq_len", "vocab")})
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"vocab": 3}, "vocab must be an integer >= 4"),
     ({"vocab": 16, "num_pairs": 8}, "num_pairs=8 needs that many distinct keys.*holds only 7"),

@@ -159,6 +159,20 @@ def test_mixed_pair_mqar_trains_and_evaluates_at_num_pairs(tmp_path):
     assert summary["finished"] and np.isfinite(summary["eval_mqar_loss"])
 
 
+def test_mqar_data_options_reach_train_and_eval_batches():
+    cfg = configs.override(TINY, ["mqar_filler=zero", "mqar_query_power=0.01"])
+    task = train_lib.make_task(cfg, None)
+    for b in (task.train_batch(0, 0), task.eval_sets["mqar"][0]):
+        pos = b["positions"]
+        assert ((pos - 2 * cfg.num_pairs) % 2 == 0).all()            # power law: even offsets
+        scored = np.zeros_like(b["inputs"], bool)
+        np.put_along_axis(scored, pos, True, axis=1)
+        scored[:, :2 * cfg.num_pairs] = True
+        assert (b["inputs"][~scored] == 0).all()                      # zero filler
+    with pytest.raises(ValueError, match="filler must be one of"):
+        train_lib.make_task(configs.override(TINY, ["mqar_filler=noise"]), None)
+
+
 def test_bench_fit_steps_fills_the_budget_from_a_probe(tmp_path):
     from experiments import bench_train
 
