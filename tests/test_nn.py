@@ -122,6 +122,26 @@ def test_decay_init_spreads_the_initial_decay_over_heads():
         MirasLayer(D, H, "gated_deltanet", decay_init=(0.99, 1.0), rngs=nnx.Rngs(0))
 
 
+def test_lr_max_sets_the_inner_step_size_ceiling():
+    from experiments import configs
+
+    base = configs.override(configs.get("smoke"), ["model.preset=moneta"]).model
+    cfg = configs.override(configs.get("smoke"), ["model.preset=moneta", "model.lr_max=1",
+                                                  "model.mlp_hidden=40"]).model
+    assert cfg.lr_max == 1 and cfg.mlp_hidden == 40 and base.lr_max is None
+    assert configs.override(configs.get("smoke"), ["model.lr_max=none"]).model.lr_max is None
+    x = jax.random.normal(jax.random.key(0), (1, 5, cfg.d_model))
+    lr = {}
+    for name, c in (("default", base), ("one", cfg)):
+        layer = MirasLM(c, rngs=nnx.Rngs(0)).blocks[0].mixer
+        lr[name] = np.asarray(layer._gates(x)["lr"])
+    np.testing.assert_allclose(lr["default"], 0.05, atol=2e-3)  # MLP memory: 0.1 sigmoid(~0)
+    np.testing.assert_allclose(lr["one"], 10 * lr["default"], rtol=1e-5)
+    for bad in (0.0, -1.0, float("inf"), "1"):
+        with pytest.raises(ValueError, match="lr_max must be a positive finite number"):
+            MirasLayer(D, H, "moneta", lr_max=bad, rngs=nnx.Rngs(0))
+
+
 def test_bad_configurations_raise():
     with pytest.raises(ValueError, match="num_steps"):
         MirasLayer(D, H, "deltaproduct", rngs=nnx.Rngs(0))

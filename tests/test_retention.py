@@ -414,3 +414,33 @@ def test_abs_pow_sum_matches_autodiff_of_pow(x64, q):
         assert np.all(np.isfinite(g))
     nz = a.at[0, :2].set(0.3)
     check_grads(R.abs_pow_sum, (nz, qa), order=2, modes=("fwd", "rev"), rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+@pytest.mark.parametrize("q", [3.0, 4.0, 2.5])
+@pytest.mark.parametrize("c", [1e-14, 1e-6, 1.0, 1e9])
+def test_lq_normalize_is_accurate_and_finite_at_tiny_and_huge_scales(c, q):
+    """float32 ``lq_normalize`` / ``lq_scale`` (and their VJPs) equal a float64 oracle when
+    ``sum |A|^q`` would underflow or overflow float32 (max|A| = 1e-14: 1e-56 at q = 4; a Moneta
+    run's strong decays shrank an accumulator that far and the naive sum made the gradient NaN)."""
+    a64 = np.random.default_rng(1).normal(size=(6, 5)) * c
+    a64[0, 0] = 0.0
+    g64 = np.random.default_rng(2).normal(size=(6, 5))
+    a, g = jnp.asarray(a64, jnp.float32), jnp.asarray(g64, jnp.float32)
+    a64 = np.asarray(a, np.float64)  # the float32 input, exactly
+    norm = np.sum(np.abs(a64) ** q) ** (1.0 / q)
+    s_ref = norm ** -(q - 2.0)
+    np.testing.assert_allclose(R.lq_scale(a, jnp.float32(q)), s_ref, rtol=2e-5)
+    np.testing.assert_allclose(R.lq_normalize(a, q), a64 * s_ref, rtol=2e-5, atol=1e-30)
+    # d/dA sum(G * A s(A)) = G s + A-term: s G + s' <G, A> with ds/dA = -(q-2) s |A|^(q-1) sign(A) / norm^q
+    ds = -(q - 2.0) * s_ref * np.abs(a64) ** (q - 1.0) * np.sign(a64) / norm ** q
+    grad_ref = s_ref * g64.astype(np.float32) + ds * np.sum(g64.astype(np.float32) * a64)
+    grad = jax.grad(lambda x: jnp.sum(g * R.lq_normalize(x, q)))(a)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-4, atol=1e-4 * np.abs(grad_ref).max())
+    dq = jax.grad(lambda qq: jnp.sum(g * R.lq_normalize(a, qq)))(jnp.float32(q))
+    # d s / dq = s (-(log norm) + (q-2)/q (log norm - sum |A|^q log|A| / norm^q))
+    nz = a64 != 0
+    w = np.where(nz, np.abs(a64), 1.0)
+    dlognorm_dq = (-np.log(norm) + np.sum(np.where(nz, w ** q * np.log(w), 0.0)) / norm ** q) / q
+    dq_ref = np.sum(g64.astype(np.float32) * a64) * s_ref * (-np.log(norm) - (q - 2.0) * dlognorm_dq)
+    np.testing.assert_allclose(dq, dq_ref, rtol=1e-4)

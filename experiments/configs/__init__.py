@@ -94,6 +94,14 @@ def _parse(value: str, like):
         return float(value)
     if isinstance(like, tuple):
         return tuple(float(x) if any(c in x for c in ".eE") else int(x) for x in value.split(":") if x)
+    if like is None:  # optional numbers (mlp_hidden, lr_max): "none" keeps the default rule
+        if value.lower() == "none":
+            return None
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
     return value
 
 

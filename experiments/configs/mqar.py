@@ -1,8 +1,15 @@
 """MQAR at the issue's target size: vocab 8192, 64 key-value pairs, sequence 256, width 128, 2 layers
-(the default preset is Moneta; ``--preset`` picks another). The two heads start with decays 0.99 and
-0.999 (``decay_init``): with the layer's default 0.95 a key written at token 2 is 0.95^250 ~ 3e-6 of
-itself when queried at token 250. With them Gated DeltaNet left the ln(4096) loss plateau at steps
-550-750 (a run with 0.95 stopped at step 653 still on it: not an A/B)."""
+(the default preset is Moneta; ``--preset`` picks another).
+
+Data: Zoology's ``multiquery_ar`` defaults: queries at even offsets after the pairs with power-law
+weights ``(g + 1)^(0.01 - 1)`` (``mqar_query_power=0.01``) and the reserved token 0 everywhere else
+(``mqar_filler=zero``, Zoology's ``random_non_queries=False``). The harder variant, uniform query
+positions in random-token noise, is ``--set=mqar_query_power=0,mqar_filler=random``.
+
+The two heads start with decays 0.99 and 0.999 (``decay_init``): with the layer's default 0.95 a key
+written at token 2 is 0.95^250 ~ 3e-6 of itself when queried at token 250. With them Gated DeltaNet
+left the ln(4096) loss plateau at steps 550-750 (a run with 0.95 stopped at step 653 still on it:
+not an A/B)."""
 
 from experiments.configs import TrainConfig
 from miras_jax.nn import LMConfig
@@ -10,8 +17,8 @@ from miras_jax.nn import LMConfig
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        task="mqar", steps=3000, batch=32, seq_len=256, lr=3e-3, warmup=100, eval_every=250,
-        checkpoint_every=250, mqar_vocab=8192, num_pairs=64,
+        task="mqar", steps=3000, batch=32, seq_len=256, lr=3e-3, warmup=100, eval_every=100,
+        checkpoint_every=250, mqar_vocab=8192, num_pairs=64, mqar_query_power=0.01, mqar_filler="zero",
         model=LMConfig(d_model=128, num_layers=2, num_heads=2, preset="moneta", chunk_size=64,
                        decay_init=(0.99, 0.999)),
     )

@@ -87,13 +87,15 @@ class MirasLayer(nnx.Module):
       chunk_size / implementation / remat_every: passed to ``memorize_batched``.
       gate_rank: rank ``r`` of the gate projections. conv_kernel: ``K``.
       channel_decay: ``decay`` per key channel (``[k]`` per head); default: True for "gla".
+      decay_init: ``(lo, hi)`` initial decays spread over the heads. lr_max: the inner step size's
+        ceiling (``lr = lr_max sigmoid(z)``); default ``LR_MAX[memory kind]``.
     """
 
     def __init__(self, d_model: int, num_heads: int, spec, *, head_dim: int | None = None,
                  preset_kwargs: dict | None = None, chunk_size: int = 64, implementation: str = "xla",
                  remat_every: int = 0, gate_rank: int = 32, conv_kernel: int = 4,
                  channel_decay: bool | None = None, decay_init: tuple[float, float] | None = None,
-                 rngs: nnx.Rngs):
+                 lr_max: float | None = None, rngs: nnx.Rngs):
         if isinstance(spec, str):
             spec = presets.get(spec, **(preset_kwargs or {}))
         if spec.num_steps != 1:
@@ -103,6 +105,10 @@ class MirasLayer(nnx.Module):
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} "
                              "(or pass head_dim)")
         head_dim = head_dim or d_model // num_heads
+        lr_max = LR_MAX[spec.memory.kind] if lr_max is None else lr_max
+        if not (isinstance(lr_max, (int, float)) and 0.0 < lr_max < float("inf")):
+            raise ValueError(f"lr_max must be a positive finite number, got {lr_max!r}")
+        self.lr_max = float(lr_max)
         if conv_kernel < 1 or gate_rank < 1:
             raise ValueError(f"conv_kernel and gate_rank must be >= 1, got {conv_kernel}, {gate_rank}")
         # static structure (hashable) + numeric hyper-parameters as non-trainable state, so the
@@ -167,7 +173,7 @@ class MirasLayer(nnx.Module):
         b, t, _ = x.shape
         z0 = self.gate_down(x)
         out = {}
-        lr_max = LR_MAX[self.spec.memory.kind]
+        lr_max = self.lr_max
         for g in self.gates:
             w, bias = self.gate_up[g]
             z = z0 @ w[...] + bias[...]

@@ -42,6 +42,7 @@ class LMConfig:
     gate_rank: int = 32
     conv_kernel: int = 4
     decay_init: tuple = ()                # (lo, hi): initial decay spread over heads (MirasLayer)
+    lr_max: float | None = None           # inner step size ceiling; None: 1 (matrix) / 0.1 (MLP memory)
     mlp_hidden: int | None = None
     tie_embeddings: bool = True
 
@@ -86,7 +87,8 @@ class MirasBlock(nnx.Module):
             self.mixer = MirasLayer(cfg.d_model, cfg.num_heads, spec, chunk_size=cfg.chunk_size,
                                     implementation=cfg.implementation, remat_every=cfg.remat_every,
                                     gate_rank=cfg.gate_rank, conv_kernel=cfg.conv_kernel,
-                                    decay_init=tuple(cfg.decay_init) or None, rngs=rngs)
+                                    decay_init=tuple(cfg.decay_init) or None, lr_max=cfg.lr_max,
+                                    rngs=rngs)
         else:
             self.mixer = Attention(cfg.d_model, cfg.num_heads, window=cfg.window if kind == "S" else None,
                                    rngs=rngs)

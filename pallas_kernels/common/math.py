@@ -72,11 +72,17 @@ def layer_norm_vjp(y, rstd, g):
 
 
 def lq_scale(a, q):
-    """``s(A) = ||A||_q^-(q-2) = (sum |A|^q)^(-(q-2)/q)``, 1 for ``A = 0``: ``[1, 1]``."""
-    nz = a != 0
-    s = total(jnp.where(nz, jnp.exp(q * jnp.log(jnp.where(nz, jnp.abs(a), 1.0))), 0.0))
-    pos = s > 0
-    return jnp.where(pos, jnp.exp(-(q - 2.0) / q * jnp.log(jnp.where(pos, s, 1.0))), 1.0)
+    """``s(A) = ||A||_q^-(q-2)``, 1 for ``A = 0``: ``[1, 1]``. As ``||A||_q = m ||A / m||_q`` with
+    ``m = max|A|`` (constant under autodiff), so the sum of ``|A / m|^q`` in ``[1, numel]`` never
+    underflows (``sum |A|^q`` does in float32 for ``max|A| < ~1e-10`` at ``q = 4``)."""
+    m = jax.lax.stop_gradient(jnp.max(jnp.max(jnp.abs(a), axis=1, keepdims=True), axis=0, keepdims=True))
+    pos = m > 0
+    m = jnp.where(pos, m, 1.0)
+    r = a / m
+    nz = r != 0
+    s = total(jnp.where(nz, jnp.exp(q * jnp.log(jnp.where(nz, jnp.abs(r), 1.0))), 0.0))
+    log_norm = jnp.log(m) + jnp.log(jnp.where(pos, s, 1.0)) / q
+    return jnp.where(pos, jnp.exp(-(q - 2.0) * log_norm), 1.0)
 
 
 def simplex_softmax(z, c):
