@@ -173,6 +173,19 @@ def test_mqar_data_options_reach_train_and_eval_batches():
         train_lib.make_task(configs.override(TINY, ["mqar_filler=noise"]), None)
 
 
+def test_bench_mqar_keeps_the_config_schedule_and_reports_the_target(tmp_path, capsys):
+    from experiments import bench_train
+
+    sets = ["steps=3", "batch=2", "seq_len=32", "num_pairs=4", "mqar_vocab=64", "eval_batches=1",
+            "eval_every=3", "checkpoint_every=3", "model.d_model=16", "model.num_heads=2", "model.chunk_size=8"]
+    (row,) = bench_train.run("mqar", ["gated_deltanet"], 600.0, str(tmp_path), sets=sets)
+    assert row["steps"] == row["steps_planned"] == 3           # the config's steps, not a flat-lr stand-in
+    assert row["reached_99"] is False and row["time_to_99_s"] is None and 0.0 <= row["accuracy"] <= 1.0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+    cfg = json.loads((tmp_path / "gated_deltanet" / "summary.json").read_text())["config"]
+    assert cfg["stop_at_target"] is True and cfg["mqar_filler"] == "zero" and cfg["mqar_query_power"] == 0.01
+
+
 def test_bench_fit_steps_fills_the_budget_from_a_probe(tmp_path):
     from experiments import bench_train
 

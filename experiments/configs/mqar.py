@@ -17,7 +17,7 @@ from miras_jax.nn import LMConfig
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        task="mqar", steps=3000, batch=32, seq_len=256, lr=3e-3, warmup=100, eval_every=100,
+        task="mqar", steps=2500, batch=32, seq_len=256, lr=3e-3, warmup=100, eval_every=100,
         checkpoint_every=250, mqar_vocab=8192, num_pairs=64, mqar_query_power=0.01, mqar_filler="zero",
         model=LMConfig(d_model=128, num_layers=2, num_heads=2, preset="moneta", chunk_size=64,
                        decay_init=(0.99, 0.999)),
