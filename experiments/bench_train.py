@@ -7,10 +7,10 @@
 
 mqar: the ``mqar`` config (vocab 8192, 64 pairs, sequence 256, width 128, 2 layers, Zoology's
 default data; 2500 steps of warmup + cosine) per preset, stopped when the held-out query accuracy
-reaches 99% or the time budget runs out; reports the training time to the target. charlm: the ``charlm`` config (about 1M parameters at width 128)
-per preset for ``--budget_s`` of training, then the validation loss in nats per byte, next to
-nanoGPT's baby-GPT-on-CPU reference (1.91 / 1.64 / 1.53 after 2 / 5 / 14.5 minutes on this
-machine). ``transformer`` is the Transformer++ baseline (``pattern="A"``) in the same stack.
+reaches 99% or the time budget runs out; reports the training time to the target. charlm: the
+``charlm`` config (about 1M parameters at width 128) per preset for ``--budget_s`` of training,
+then the validation loss in nats per byte, next to nanoGPT's baby-GPT-on-CPU reference (1.91 /
+1.64 / 1.53 after 2 / 5 / 14.5 minutes on this machine). ``transformer`` is the Transformer++ baseline (``pattern="A"``) in the same stack.
 Every line carries the training throughput (tokens/s, forward + backward + optimizer).
 """
 
@@ -54,7 +54,7 @@ def run(suite: str, names: list[str], budget_s: float, workdir: str, data_path=N
     for name in names:
         over = [f"time_budget_s={budget_s}", *sets]
         over += ["model.pattern=A"] if name == "transformer" else [f"model.preset={name}"]
-        if suite == "mqar":  # the config's cosine schedule (annealing matters: see WORKSPACE.md), stopped at 99%
+        if suite == "mqar":  # the config's cosine schedule (annealing matters: WORKSPACE.md), stop at 99%
             over = ["stop_at_target=true", "log_every=50", *over]
         cfg = configs.override(configs.get(suite), over)
         if suite == "charlm" and not any(x.startswith("steps=") for x in sets):

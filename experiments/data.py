@@ -88,7 +88,8 @@ def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int, nu
         raise ValueError(f"seq_len must be >= 4 * num_pairs = {4 * num_pairs} (room for the pairs and the "
                          f"queries), got seq_len={seq_len}")
     _check_query_power(query_power)
-    return _mqar_rows(np.random.default_rng([seed, step]), batch, seq_len, vocab, num_pairs, query_power, filler)
+    rng = np.random.default_rng([seed, step])
+    return _mqar_rows(rng, batch, seq_len, vocab, num_pairs, query_power, filler)
 
 
 FILLERS = ("random", "zero")
@@ -119,8 +120,8 @@ def mqar_mixed_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: i
                      pairs: tuple[int, ...], query_power: float = 0.0, filler: str = "random") -> Batch:
     """MQAR batch whose rows draw their number of pairs uniformly from ``pairs`` (Zoology-style mixed
     training: short problems teach the write/read mechanism that long ones use). Row format as
-    :func:`mqar_batch` (``query_power`` and ``filler`` too); a row with n pairs scores n positions. Deterministic in
-    ``(seed, step)``."""
+    :func:`mqar_batch` (``query_power`` and ``filler`` too); a row with n pairs scores n positions.
+    Deterministic in ``(seed, step)``."""
     pairs = tuple(pairs)
     if not pairs:
         raise ValueError("pairs must name at least one number of key-value pairs")
@@ -132,19 +133,21 @@ def mqar_mixed_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: i
     counts = rng.multinomial(batch, [1 / len(pairs)] * len(pairs))
     _check_query_power(query_power)
     _check_filler(filler)
-    parts = [_mqar_rows(rng, c, seq_len, vocab, n, query_power, filler) for n, c in zip(pairs, counts, strict=True) if c]
+    parts = [_mqar_rows(rng, c, seq_len, vocab, n, query_power, filler)
+             for n, c in zip(pairs, counts, strict=True) if c]
     order = rng.permutation(batch)
     return {k: np.concatenate([p[k] for p in parts])[order] for k in ("inputs", "targets", "mask")}
 
 
 def _mqar_rows(rng: np.random.Generator, b: int, seq_len: int, vocab: int, n: int, power: float,
-               filler: str = "random") -> Batch:
+               filler: str) -> Batch:
     half = vocab // 2
     keys = rng.permuted(np.tile(np.arange(1, half), (b, 1)), axis=1)[:, :n]             # [b, n]
     values = rng.permuted(np.tile(np.arange(half, vocab), (b, 1)), axis=1)[:, :n]       # [b, n]
     query_pos = _query_positions(rng, b, seq_len, n, power)                             # [b, n]
 
-    inputs = rng.integers(1, vocab, size=(b, seq_len))  # drawn either way: "random" stays bit for bit
+    # drawn either way, so the rows after these (mixed batches share rng) are the same for both fillers
+    inputs = rng.integers(1, vocab, size=(b, seq_len))
     if filler == "zero":
         inputs[:] = 0
     inputs[:, 0:2 * n:2] = keys

@@ -173,13 +173,12 @@ class MirasLayer(nnx.Module):
         b, t, _ = x.shape
         z0 = self.gate_down(x)
         out = {}
-        lr_max = self.lr_max
         for g in self.gates:
             w, bias = self.gate_up[g]
             z = z0 @ w[...] + bias[...]
             z = z.reshape(b, t, self.h, -1)
             z = z if (g == "decay" and self.channel_decay) else z[..., 0]
-            out[g] = lr_max * jax.nn.sigmoid(z) if g == "lr" else GATE_RANGE[g](z)
+            out[g] = self.lr_max * jax.nn.sigmoid(z) if g == "lr" else GATE_RANGE[g](z)
         return out
 
     def _out(self, x, y):
