@@ -336,7 +336,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
             else:
                 with Checkpointer(resume_dir) as src:
                     state, meta, _ = src.restore(template)
-            if meta.get("config", {}).get("model") != cfg_dict["model"]:
+            if not _same_model(meta.get("config", {}).get("model"), cfg_dict["model"]):
                 raise TrainingError(f"cannot resume: the checkpoint's model config {meta.get('config', {}).get('model')}"
                                     f" differs from this run's {cfg_dict['model']}")
             params, opt_state = state["params"], state["opt_state"]
@@ -439,6 +439,15 @@ def load_run(workdir: str, step: int | None = None):
         state, _, got = ckpt.restore({"params": params, "opt_state": tx.init(params),
                                       "step": jnp.zeros((), jnp.int32)}, step=step)
     return cfg, graphdef, state["params"], rest, got
+
+
+def _same_model(saved: dict | None, current: dict) -> bool:
+    """Whether a checkpoint's model config is this run's; a field the checkpoint predates counts
+    as its default (adding an ``LMConfig`` field must not orphan older checkpoints)."""
+    if saved is None:
+        return False
+    defaults = _config_dict(configs.TrainConfig(model=LMConfig()))["model"]
+    return {**defaults, **saved} == current
 
 
 def _config_dict(cfg: configs.TrainConfig) -> dict:

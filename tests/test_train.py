@@ -80,6 +80,25 @@ def test_resume_continues_exactly(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_resume_accepts_a_checkpoint_that_predates_a_model_field(tmp_path, monkeypatch):
+    """A checkpoint saved before an ``LMConfig`` field existed resumes (the field reads as its
+    default); a model that really differs is refused."""
+    full = train_lib._config_dict
+
+    def old_format(cfg):  # what a checkpoint written before LMConfig.lr_max existed records
+        d = full(cfg)
+        d["model"].pop("lr_max")
+        return d
+
+    monkeypatch.setattr(train_lib, "_config_dict", old_format)
+    train_lib.train(TINY, str(tmp_path), stop_after=4, progress=False)
+    monkeypatch.setattr(train_lib, "_config_dict", full)
+    with pytest.raises(train_lib.TrainingError, match="cannot resume"):
+        train_lib.train(configs.override(TINY, ["model.lr_max=0.5"]), str(tmp_path), resume="auto", progress=False)
+    summary = train_lib.train(TINY, str(tmp_path), resume="auto", progress=False)
+    assert summary["finished"] and summary["steps_done"] == 8
+
+
 def jax_leaves(tree):
     import jax
 
