@@ -250,18 +250,24 @@ def _write_metrics(path: str, rows: list[dict]) -> None:
 
 class _TensorBoard:
     """Scalars of every metrics row to ``<workdir>/tensorboard`` when ``tensorboardX`` is installed
-    (``pip install tensorboardX``); otherwise a no-op. Same numbers as ``metrics.jsonl``."""
+    (``pip install tensorboardX``); otherwise a no-op. Same numbers as ``metrics.jsonl``. The writer
+    opens on the first row; after ``resume_at(step)`` it opens with ``purge_step = step + 1``, so
+    TensorBoard drops what an interrupted run had logged past the checkpoint it resumes from."""
 
     def __init__(self, logdir: str, enabled: bool = True):
-        self.writer = None
-        if enabled:
+        self.logdir, self.enabled, self.writer, self.purge_step = logdir, enabled, None, None
+
+    def resume_at(self, step: int) -> None:
+        self.purge_step = step + 1
+
+    def write(self, row: dict) -> None:
+        if self.writer is None and self.enabled:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
+                self.enabled = False
                 return
-            self.writer = SummaryWriter(logdir)
-
-    def write(self, row: dict) -> None:
+            self.writer = SummaryWriter(self.logdir, purge_step=self.purge_step)
         if self.writer is None:
             return
         for key, value in row.items():
@@ -342,6 +348,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
             params, opt_state = state["params"], state["opt_state"]
             start = int(state["step"])
             logging.info("resumed from %s at step %d", resume_dir, start)
+            tb.resume_at(start)
         rows = _read_metrics(metrics_path, start) if resume_dir is not None else []
         _write_metrics(metrics_path, rows)  # once: drops rows past the restored step; then append
         it = data.DataIterator(task.train_batch, cfg.seed, step=start)

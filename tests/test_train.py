@@ -4,6 +4,7 @@ exactly, bad input fails clearly, and saved runs evaluate and sample."""
 import dataclasses
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +47,8 @@ def test_smoke_run_writes_metrics_checkpoints_plot_summary(tmp_path):
 
 
 def _tensorboard_scalars(logdir) -> dict:
-    """``{tag: [(step, value), ...]}`` from the event files (TFRecord framing: length, crc, data, crc)."""
+    """``{tag: [(step, value), ...]}`` from the event files (TFRecord framing: length, crc, data, crc),
+    read as TensorBoard does: a ``SessionLog.START`` at step ``s`` discards the values at steps >= ``s``."""
     import struct
 
     from tensorboardX.proto import event_pb2
@@ -59,6 +61,8 @@ def _tensorboard_scalars(logdir) -> dict:
             (n,) = struct.unpack("<Q", buf[i:i + 8])
             ev = event_pb2.Event.FromString(buf[i + 12:i + 12 + n])
             i += 16 + n
+            if ev.session_log.status == ev.session_log.START:  # purge_step: drop steps >= it
+                out = {tag: [(s, x) for s, x in vals if s < ev.step] for tag, vals in out.items()}
             for v in ev.summary.value:
                 out.setdefault(v.tag, []).append((ev.step, v.simple_value))
     return out
@@ -68,12 +72,17 @@ def test_resume_continues_exactly(tmp_path):
     """4 steps, 'crash', resume to 8 == 8 uninterrupted steps: same losses, same final params."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train_lib.train(TINY, a, progress=False)
-    first = train_lib.train(TINY, b, stop_after=4, progress=False)
+    first = train_lib.train(TINY, b, stop_after=5, progress=False)
     assert not first["finished"]
+    # a crash after step 5 was logged but before its checkpoint was finalised: resume from step 4
+    shutil.rmtree(os.path.join(b, "checkpoints", "5"))
     train_lib.train(TINY, b, resume="auto", progress=False)
     ra, rb = _rows(a), _rows(b)
     assert [r["step"] for r in rb] == [r["step"] for r in ra]
     np.testing.assert_array_equal([r["loss"] for r in rb], [r["loss"] for r in ra])
+    ta, tb = _tensorboard_scalars(tmp_path / "a" / "tensorboard"), _tensorboard_scalars(tmp_path / "b" / "tensorboard")
+    assert [s for s, _ in tb["loss"]] == list(range(1, 9))   # step 5 once, not twice
+    np.testing.assert_array_equal([v for _, v in tb["loss"]], [v for _, v in ta["loss"]])
     _, _, pa, _, _ = train_lib.load_run(a)
     _, _, pb, _, _ = train_lib.load_run(b)
     for x, y in zip(jax_leaves(pa), jax_leaves(pb)):
