@@ -37,6 +37,15 @@ from miras_jax._checks import check_range, concrete
 DECAY_SOURCES = ("gate", "hparam", "none")
 
 
+# Moneta's exposed weights are ``W = A / ||A||_q^(q-2)``, so ``||W||_q = ||A||_q^(3-q)``: at q = 4 they
+# grow as the accumulator decays. In MQAR training (learned decays down to 0.003 per token) one
+# MLP layer's accumulator fell to 1e-9 while its weights reached 6e7 and the backward overflowed
+# to NaN; the other layer's accumulator grew (a feedback loop through the memory's LayerNorm).
+# The floor caps ``||W||_q`` at ``floor^(3-q)`` (100 at q = 4) and is far below the norm of a
+# freshly initialised MLP layer (~1.5), so it only acts on a memory that has been decayed away.
+LQ_NORM_FLOOR = 1e-2
+
+
 def _tree_decay(z, a):
     """``a * z`` leafwise; ``a`` scalar or ``[k]`` (broadcast on the last axis)."""
     if a is None:
@@ -76,25 +85,32 @@ def _abs_pow_sum_jvp(primals, tangents):
     return jnp.sum(p), jnp.sum(d_a * da) + jnp.sum(p * log_abs) * dq
 
 
-def lq_scale(a, q):
-    """``||A||_q^-(q-2)`` for one matrix, ``||A||_q = (sum |A|^q)^(1/q)``; 1 for ``A = 0``.
+def lq_scale(a, q, floor=0.0):
+    """``max(||A||_q, floor)^-(q-2)`` for one matrix, ``||A||_q = (sum |A|^q)^(1/q)``; for ``A = 0``
+    it is ``floor^-(q-2)`` (1 if ``floor = 0``).
 
     Computed as ``||A||_q = m ||A / m||_q`` with ``m = max|A|`` (held constant under autodiff: the
     value does not depend on it), so ``sum |A/m|^q`` lies in ``[1, numel]``: ``sum |A|^q`` itself
     underflows float32 once ``max|A| < ~1e-10`` at ``q = 4`` (it did in a Moneta run whose decays
     shrank one layer's accumulator), which made the scale jump to 1 and its gradient NaN.
+
+    ``floor`` bounds the exposed weights ``W = s(A) A``: without it ``||W||_q = ||A||_q^(3-q)``,
+    unbounded as ``A -> 0`` for ``q > 3``; with it ``||W||_q <= floor^(3-q)`` (``LQ_NORM_FLOOR``).
     """
     m = jax.lax.stop_gradient(jnp.max(jnp.abs(a)))
     pos = m > 0
     m = jnp.where(pos, m, 1.0)
     s = abs_pow_sum(a / m, q)
     log_norm = jnp.log(m) + jnp.log(jnp.where(pos, s, 1.0)) / q
-    return jnp.where(pos, jnp.exp(-(q - 2.0) * log_norm), 1.0)
+    has_floor = floor > 0
+    log_floor = jnp.log(jnp.where(has_floor, floor, 1.0))
+    log_norm = jnp.where(has_floor, jnp.where(pos, jnp.maximum(log_norm, log_floor), log_floor), log_norm)
+    return jnp.where(pos | has_floor, jnp.exp(-(q - 2.0) * log_norm), 1.0)
 
 
-def lq_normalize(a, q):
-    """``A / ||A||_q^(q-2)`` for one matrix; 0 stays 0."""
-    return a * lq_scale(a, q)
+def lq_normalize(a, q, floor=0.0):
+    """``A / max(||A||_q, floor)^(q-2)`` for one matrix; 0 stays 0."""
+    return a * lq_scale(a, q, floor)
 
 
 def simplex_softmax(z, c=None):
@@ -187,25 +203,28 @@ class Retention:
 
 @dataclasses.dataclass(frozen=True)
 class LqRetention(Retention):
-    """Moneta's l_q retention: ``A_t = a A_{t-1} + u``, ``W_t = A_t / ||A_t||_q^(q-2)``, ``q >= 2``."""
+    """Moneta's l_q retention: ``A_t = a A_{t-1} + u``, ``W_t = A_t / max(||A_t||_q, f)^(q-2)``,
+    ``q >= 2``, norm floor ``f >= 0`` (hparam ``norm_floor``, default ``LQ_NORM_FLOOR``; 0 is the
+    paper's map exactly)."""
 
     name: str = "lq"
     accumulate: bool = True
     chunk_mode = "scale"
 
     def scale(self, a, hp):
-        """The factor ``s(A) = ||A||_q^-(q-2)`` of one matrix: ``W = s(A) A``."""
-        return lq_scale(a, hp["q"])
+        """The factor ``s(A) = max(||A||_q, f)^-(q-2)`` of one matrix: ``W = s(A) A``."""
+        return lq_scale(a, hp["q"], hp["norm_floor"])
 
     def default_hparams(self):
-        return {**super().default_hparams(), "q": 4.0}
+        return {**super().default_hparams(), "q": 4.0, "norm_floor": LQ_NORM_FLOOR}
 
     def validate(self, hp):
         super().validate(hp)
         check_range("q", hp["q"], low=2.0, what=" (l_q retention)")
+        check_range("norm_floor", hp["norm_floor"], low=0.0, what=" (l_q retention)")
 
     def from_dual(self, z, hp):
-        return jax.tree.map(lambda a: lq_normalize(a, hp["q"]), z)
+        return jax.tree.map(lambda a: lq_normalize(a, hp["q"], hp["norm_floor"]), z)
 
 
 @dataclasses.dataclass(frozen=True)

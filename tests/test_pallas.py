@@ -68,6 +68,16 @@ def test_pallas_equals_xla(name, T, chunk):
     _close(g_p, g_x, LAG_TOL if lag else GRAD_TOL)
 
 
+def test_pallas_honours_the_lq_norm_floor():
+    """Moneta's ``norm_floor`` reaches the kernel: active floor, Pallas equals XLA."""
+    spec, params, args = _setup("moneta", 45, d=8)
+    spec = mj.presets.get("moneta", norm_floor=5.0)
+    out_x, g_x = _vjp(spec, params, args, chunk_size=16, implementation="xla")
+    out_p, g_p = _vjp(spec, params, args, chunk_size=16, implementation="pallas")
+    _close(out_p, out_x, VAL_TOL)
+    _close(g_p, g_x, GRAD_TOL)
+
+
 @pytest.mark.parametrize("name", ["gated_deltanet", "yaad", "moneta"])
 def test_pallas_equals_xla_bfloat16(name):
     spec, params, args = _setup(name, 40, d=8, dtype=jnp.bfloat16)

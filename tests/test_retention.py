@@ -209,7 +209,8 @@ def test_lq_normalize_q2_is_identity():
 
 @pytest.mark.parametrize("q", [2.5, 3.0, 4.0])
 def test_lq_normalizes_each_matrix_by_its_own_norm(q):
-    ret, hp = R.lq_retention(), {"q": jnp.asarray(q)}
+    ret = R.lq_retention()
+    hp = {**ret.default_hparams(), "q": jnp.asarray(q)}
     A, Bm = (np.asarray(x) for x in make_params("real", "mlp")["layers"])
     out = ret.from_dual({"layers": (jnp.asarray(A), jnp.asarray(Bm))}, hp)["layers"]
     np.testing.assert_allclose(out[0], _lq(A, q), rtol=RTOL, atol=ATOL)
@@ -350,11 +351,58 @@ def test_elastic_net_grads_wrt_gamma(x64):
     np.testing.assert_array_equal(d, np.where(np.abs(z) > GAMMA, -np.sign(z), 0.0))
 
 
+@pytest.mark.parametrize("q", [3.0, 4.0])
+@pytest.mark.parametrize("c", [1e-9, 1e-4, 1e-2, 1.0, 1e2])
+def test_lq_norm_floor_caps_the_weights(c, q):
+    """``W = A / max(||A||_q, f)^(q-2)``: the plain map above the floor, ``A / f^(q-2)`` below it
+    (value and gradient), so ``||W||_q <= f^(3-q)`` however far the accumulator has decayed."""
+    f = 1e-2
+    a64 = np.random.default_rng(3).normal(size=(6, 5)) * c
+    a = jnp.asarray(a64, jnp.float32)
+    a64 = np.asarray(a, np.float64)
+    g = jnp.asarray(np.random.default_rng(4).normal(size=(6, 5)), jnp.float32)
+    norm = np.sum(np.abs(a64) ** q) ** (1.0 / q)
+    w = R.lq_normalize(a, q, f)
+    grad = jax.grad(lambda x: jnp.sum(g * R.lq_normalize(x, q, f)))(a)
+    assert np.all(np.isfinite(grad))
+    if norm >= f:
+        np.testing.assert_allclose(w, R.lq_normalize(a, q), rtol=2e-5)
+        np.testing.assert_allclose(grad, jax.grad(lambda x: jnp.sum(g * R.lq_normalize(x, q)))(a), rtol=1e-4,
+                                   atol=1e-5 * float(jnp.abs(grad).max()))
+    else:
+        np.testing.assert_allclose(w, a64 / f ** (q - 2.0), rtol=2e-5)
+        np.testing.assert_allclose(grad, np.asarray(g) / f ** (q - 2.0), rtol=2e-5)
+    assert np.sum(np.abs(np.asarray(w, np.float64)) ** q) ** (1.0 / q) <= f ** (3.0 - q) * (1 + 1e-5)
+    z = jnp.zeros((6, 5))   # a fully decayed accumulator: W = 0, finite gradient A / f^(q-2)
+    np.testing.assert_array_equal(R.lq_normalize(z, q, f), 0.0)
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(g * R.lq_normalize(x, q, f)))(z), g / f ** (q - 2.0),
+                               rtol=1e-6)
+
+
+def test_lq_norm_floor_is_an_array_hparam_and_the_kernels_agree():
+    """The floor vmaps (a grid over floors is one program), and the Pallas kernels' ``lq_scale``
+    equals the library's for every floor, including 0 (the plain map) and A = 0."""
+    from pallas_kernels.common import math as km
+
+    a = jnp.asarray(np.random.default_rng(5).normal(size=(6, 5)) * 1e-3, jnp.float32)
+    floors = jnp.asarray([0.0, 1e-4, 1e-2, 1.0])
+    s = jax.vmap(lambda fl: R.lq_scale(a, 4.0, fl))(floors)
+    for i, fl in enumerate([0.0, 1e-4, 1e-2, 1.0]):
+        np.testing.assert_allclose(s[i], R.lq_scale(a, 4.0, fl), rtol=1e-6)
+        for x in (a, jnp.zeros_like(a)):
+            np.testing.assert_allclose(km.lq_scale(x, jnp.full((1, 1), 4.0), jnp.full((1, 1), fl))[0, 0],
+                                       R.lq_scale(x, 4.0, fl), rtol=1e-5)
+    np.testing.assert_allclose(s[1], s[0], rtol=1e-6)   # ||A||_4 ~ 3e-3: floor 1e-4 does not act,
+    assert s[1] > s[2] > s[3]                          # 1e-2 and 1 do
+    assert float(R.lq_scale(jnp.zeros((2, 2)), 4.0, 0.0)) == 1.0
+
+
 # --- 4. validation -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ret, hp, name", [
     (R.lq_retention(), {"q": 1.5}, "q"),
     (R.lq_retention(), {"q": np.array([2.0, 1.9])}, "q"),
+    (R.lq_retention(), {"q": 4.0, "norm_floor": -1e-3}, "norm_floor"),
     (R.decay_retention("hparam"), {"decay": 1.5}, "decay"),
     (R.decay_retention("hparam"), {"decay": 0.0}, "decay"),
     (R.lq_retention("hparam"), {"decay": 1.01, "q": 4.0}, "decay"),

@@ -87,7 +87,7 @@ def supports(spec) -> str | None:
 
 def _hparams(spec) -> dict:
     hp = {**spec.hparams["bias"], **spec.hparams["retention"]}
-    return {k: hp[k] for k in ("p", "a", "eps", "delta_scale", "q") if k in hp}
+    return {k: hp[k] for k in ("p", "a", "eps", "delta_scale", "q", "norm_floor") if k in hp}
 
 
 def run_batched(spec, state: MemoryState, q, k, v, gates: dict, *, chunk_size: int,

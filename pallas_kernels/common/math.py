@@ -71,10 +71,11 @@ def layer_norm_vjp(y, rstd, g):
     return rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - y * jnp.mean(g * y, axis=-1, keepdims=True))
 
 
-def lq_scale(a, q):
-    """``s(A) = ||A||_q^-(q-2)``, 1 for ``A = 0``: ``[1, 1]``. As ``||A||_q = m ||A / m||_q`` with
-    ``m = max|A|`` (constant under autodiff), so the sum of ``|A / m|^q`` in ``[1, numel]`` never
-    underflows (``sum |A|^q`` does in float32 for ``max|A| < ~1e-10`` at ``q = 4``)."""
+def lq_scale(a, q, floor):
+    """``s(A) = max(||A||_q, floor)^-(q-2)`` (``floor^-(q-2)`` for ``A = 0``, 1 if also
+    ``floor = 0``): ``[1, 1]``. As ``||A||_q = m ||A / m||_q`` with ``m = max|A|`` (constant under
+    autodiff), so the sum of ``|A / m|^q`` in ``[1, numel]`` never underflows (``sum |A|^q`` does in
+    float32 for ``max|A| < ~1e-10`` at ``q = 4``). Same as ``miras_jax.retention.lq_scale``."""
     m = jax.lax.stop_gradient(jnp.max(jnp.max(jnp.abs(a), axis=1, keepdims=True), axis=0, keepdims=True))
     pos = m > 0
     m = jnp.where(pos, m, 1.0)
@@ -82,7 +83,10 @@ def lq_scale(a, q):
     nz = r != 0
     s = total(jnp.where(nz, jnp.exp(q * jnp.log(jnp.where(nz, jnp.abs(r), 1.0))), 0.0))
     log_norm = jnp.log(m) + jnp.log(jnp.where(pos, s, 1.0)) / q
-    return jnp.where(pos, jnp.exp(-(q - 2.0) * log_norm), 1.0)
+    has_floor = floor > 0
+    log_floor = jnp.log(jnp.where(has_floor, floor, 1.0))
+    log_norm = jnp.where(has_floor, jnp.where(pos, jnp.maximum(log_norm, log_floor), log_floor), log_norm)
+    return jnp.where(pos | has_floor, jnp.exp(-(q - 2.0) * log_norm), 1.0)
 
 
 def simplex_softmax(z, c):

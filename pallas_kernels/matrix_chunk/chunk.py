@@ -5,7 +5,7 @@ Per-chunk inputs ``xs`` (float32): ``q, k: [c, k]``, ``v: [c, v]``, ``lr`` as a 
 and a row ``[1, c]``, ``L`` (within-chunk cumulative log decay ``L_i = sum_{j<=i} log a_j``) as a
 column and a row, ``L_end: [1, 1]``, the bias gate ``[c, 1]``, ``last: [c, 1]`` (1 on the last
 token of a full chunk); with channel-wise decay also ``L: [c, k]`` and ``L_end: [1, k]``.
-``consts``: hyper-parameters ``[1, 1]`` (``residuals.HPARAMS`` + ``q``).
+``consts``: hyper-parameters ``[1, 1]`` (``residuals.HPARAMS`` + ``q``, ``norm_floor``).
 State: ``(W [v, k],)``, or ``(W, A)`` for the l_q "scale" retention.
 """
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from pallas_kernels.common import math as km
 from pallas_kernels.common import residuals
 
-HPARAMS = residuals.HPARAMS + ("q",)
+HPARAMS = residuals.HPARAMS + ("q", "norm_floor")
 X_NAMES = ("q", "k", "v", "lr_col", "lr_row", "l_col", "l_row", "l_end", "gate", "last")
 CHANNEL_X_NAMES = X_NAMES + ("l_mat", "l_end_row")
 
@@ -86,7 +86,7 @@ def make_chunk_fn(cfg):
         y = jnp.exp(l_c) * km.dot_t(q, base) + km.dot(cm * km.dot_t(q, k), g)
         z_end = jnp.exp(l_end) * base + km.t_dot(g, -jnp.exp(l_end - l_c) * lr_c * k)
         if cfg.retention == "scale":
-            s_prev, s_end = km.lq_scale(base, hp["q"]), km.lq_scale(z_end, hp["q"])
+            s_prev, s_end = km.lq_scale(base, hp["q"], hp["norm_floor"]), km.lq_scale(z_end, hp["q"], hp["norm_floor"])
             y = y * jnp.where(last > 0, s_end, s_prev)
             return (s_end * z_end, z_end), (y,)
         return (z_end,), (y,)
