@@ -150,7 +150,9 @@ def moneta(memory: str = "mlp", smooth: bool | None = True, expansion: int = 4,
            depth: int = 2) -> MirasSpec:
     """Moneta (Eq. 24-25), defaults ``p = 3``, ``q = 4``:
     ``A_t = a_t A_{t-1} - b_t grad l_p(W_{t-1})``, ``W_t = A_t / ||A_t||_q^(q-2)`` per weight
-    matrix, ``A_0 = W_0``; for matrix memory ``grad l_p = p sign(r)|r|^(p-1) k^T``."""
+    matrix, ``A_0 = W_0``; for matrix memory ``grad l_p = p sign(r)|r|^(p-1) k^T``. The norm is
+    floored (hparam ``norm_floor``, default ``retention.LQ_NORM_FLOOR``; 0 = the paper's map): at
+    ``q = 4``, ``||W||_q = 1 / ||A||_q`` would grow without bound as strong decays empty ``A``."""
     mem = _memory(memory, expansion=expansion, depth=depth)
     return _spec("moneta", mem, B.lp_bias(smooth), R.lq_retention(), O.gd())
 
