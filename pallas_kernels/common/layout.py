@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-HP_DEFAULTS = {"p": 3.0, "a": 10.0, "eps": 1e-6, "delta_scale": 1.0, "q": 4.0, "norm_floor": 1e-2}  # = retention.LQ_NORM_FLOOR
+# norm_floor: = miras_jax.retention.LQ_NORM_FLOOR (the kernels do not import the library)
+HP_DEFAULTS = {"p": 3.0, "a": 10.0, "eps": 1e-6, "delta_scale": 1.0, "q": 4.0, "norm_floor": 1e-2}
 
 
 def _is_float(x) -> bool:

@@ -86,7 +86,7 @@ def make_chunk_fn(cfg):
         y = jnp.exp(l_c) * km.dot_t(q, base) + km.dot(cm * km.dot_t(q, k), g)
         z_end = jnp.exp(l_end) * base + km.t_dot(g, -jnp.exp(l_end - l_c) * lr_c * k)
         if cfg.retention == "scale":
-            s_prev, s_end = km.lq_scale(base, hp["q"], hp["norm_floor"]), km.lq_scale(z_end, hp["q"], hp["norm_floor"])
+            s_prev, s_end = (km.lq_scale(x, hp["q"], hp["norm_floor"]) for x in (base, z_end))
             y = y * jnp.where(last > 0, s_end, s_prev)
             return (s_end * z_end, z_end), (y,)
         return (z_end,), (y,)

@@ -48,7 +48,7 @@ def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
             return Z, (Z @ q_i, Z @ q_i)
         Z, (y, _) = jax.lax.scan(tok, Z, (qc, lrc, lac, grads))
         if cfg.retention == "scale":
-            s_prev, s_end = km.lq_scale(A, hp["q"], hp["norm_floor"])[0, 0], km.lq_scale(Z, hp["q"], hp["norm_floor"])[0, 0]
+            s_prev, s_end = (km.lq_scale(x, hp["q"], hp["norm_floor"])[0, 0] for x in (A, Z))
             y = y * s_prev
             y = y.at[-1].set(jnp.where(is_full, y[-1] / s_prev * s_end, y[-1]))
             return (s_end * Z, Z), y

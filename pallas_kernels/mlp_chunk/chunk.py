@@ -57,8 +57,9 @@ def make_chunk_fn(cfg):
         c_end = -jnp.exp(l_end - l_c) * lr_c                  # [c, 1]
         z_end = tuple(jnp.exp(l_end) * b + km.t_dot(dl, c_end * il) for b, dl, il in zip(base, deltas, ins))
         if cfg.retention == "scale":
-            s_end = tuple(km.lq_scale(a, hp["q"], hp["norm_floor"]) for a in z_end)
-            scales = tuple(jnp.where(last > 0, se, km.lq_scale(a, hp["q"], hp["norm_floor"])) for se, a in zip(s_end, base))
+            lq = lambda a: km.lq_scale(a, hp["q"], hp["norm_floor"])  # noqa: E731
+            s_end = tuple(lq(a) for a in z_end)
+            scales = tuple(jnp.where(last > 0, se, lq(a)) for se, a in zip(s_end, base))
         else:
             scales = (1.0, 1.0)
 

@@ -40,7 +40,8 @@ def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
             lrc, lac = lrc.at[0].set(0.0), lac.at[0].set(0.0)
         else:
             Z = A if cfg.retention == "scale" else W
-        s_prev = tuple(km.lq_scale(a, hp["q"], hp["norm_floor"])[0, 0] for a in Z) if cfg.retention == "scale" else (1.0, 1.0)
+        lq = lambda a: km.lq_scale(a, hp["q"], hp["norm_floor"])[0, 0]  # noqa: E731
+        s_prev = tuple(lq(a) for a in Z) if cfg.retention == "scale" else (1.0, 1.0)
 
         def tok(Z, t):
             lr_i, la_i, g_i = t
@@ -49,7 +50,7 @@ def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
         Z_end, _ = jax.lax.scan(tok, Z, (lrc, lac, grads))
         _, Zs = jax.lax.scan(lambda Z, t: (tok(Z, t)[0],) * 2, Z, (lrc, lac, grads))   # Z after each token
         if cfg.retention == "scale":
-            s_end = tuple(km.lq_scale(a, hp["q"], hp["norm_floor"])[0, 0] for a in Z_end)
+            s_end = tuple(lq(a) for a in Z_end)
             is_last = (jnp.arange(c) == c - 1) & is_full
             sc = tuple(jnp.where(is_last, se, sp) for se, sp in zip(s_end, s_prev))     # [c] per weight
             y = jax.vmap(lambda z0, z1, s0, s1, q_i: memory((s0 * z0, s1 * z1), q_i))(*Zs, *sc, qc)
