@@ -23,6 +23,14 @@ from pallas_kernels.matrix_chunk.chunk import HPARAMS, lag_step
 __all__ = ["HPARAMS", "make_chunk_fn"]
 
 
+def _centred(w):
+    """``W_1`` minus its mean over the output rows, for the products that enter the memory's
+    LayerNorm: the LN removes a per-token constant and the deltas ``D_1`` are mean-free, so values
+    and gradients are unchanged, but the common mean that the LN would cancel is gone (with
+    Memora's positive weights that cancellation turned float32 rounding into 4e-3 errors)."""
+    return w - jnp.mean(w, axis=0, keepdims=True)
+
+
 def make_chunk_fn(cfg):
     """``fn(state, xs, consts) -> (new_state, (y [c, d],))`` for an ``MLPChunkConfig``."""
 
@@ -34,7 +42,7 @@ def make_chunk_fn(cfg):
         # per-token factors at the chunk-start weights
         z = km.dot_t(k, P0)                                   # [c, f]
         h = km.gelu(z)
-        o, rstd = km.layer_norm(km.dot_t(h, P1))              # [c, d]
+        o, rstd = km.layer_norm(km.dot_t(h, _centred(P1)))    # [c, d]
         phi = residuals.residual(cfg.residual, cfg.smooth, k + o, v, gate, hp)
         d1 = km.layer_norm_vjp(o, rstd, phi)                  # [c, d]
         d0 = km.gelu_slope(z) * km.dot(d1, P1)                # [c, f]
@@ -63,8 +71,10 @@ def make_chunk_fn(cfg):
         else:
             scales = (1.0, 1.0)
 
+        bases = (base[0], _centred(base[1]))
+
         def mm(l, x):                                         # W_l(i) x_i, for every token i
-            return scales[l] * (beta * km.dot_t(x, base[l]) + km.dot(cm * km.dot_t(x, ins[l]), deltas[l]))
+            return scales[l] * (beta * km.dot_t(x, bases[l]) + km.dot(cm * km.dot_t(x, ins[l]), deltas[l]))
 
         y = q + km.layer_norm(mm(1, km.gelu(mm(0, q))))[0]
         if cfg.retention == "scale":
