@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from miras_jax import inner_opt
 from miras_jax import memory as memory_lib
+from miras_jax.engine import chunked_vjp
 from miras_jax.engine.chunked_reference import pad_to_chunks
 from miras_jax.engine.reference import MemoryState
 
@@ -162,14 +163,18 @@ def chunk_step(spec, mode: str, momentum: bool, channel: bool, carry, xs):
 
 
 def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int,
-                     remat_every: int = 0, valid_len=None):
+                     remat_every: int = 0, valid_len=None, vjp: str = "hand"):
     """Mini-batch chunked form of one head: ``(y [T, v], final MemoryState)``.
 
     ``remat_every = R > 0`` checkpoints groups of ``R`` chunks: activation memory
     ``O(T / (c R))`` states plus one group's intermediates. ``valid_len`` (may be traced):
     only the first ``valid_len`` tokens are written (the rest are padding; their ``y`` is
-    meaningless) — recurrent decoding runs a partly filled chunk this way.
+    meaningless) — recurrent decoding runs a partly filled chunk this way. ``vjp="hand"`` runs
+    GD specs through ``chunked_vjp`` (hand-written backward); ``"autodiff"`` differentiates
+    :func:`chunk_step` (always used for momentum and channel-wise decay).
     """
+    if vjp not in ("hand", "autodiff"):
+        raise ValueError(f"vjp must be 'hand' or 'autodiff', got {vjp!r}")
     reason = supports(spec)
     if reason:
         raise NotImplementedError(reason)
@@ -197,6 +202,15 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     log_a = log_gate(jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)) > 0, a, 1.0))
     log_m = log_gate(jnp.where(mask > 0, m, 1.0))
     last = jnp.arange(n * c) % c == c - 1   # chunk ends only (a final partial chunk has none)
+
+    if vjp == "hand" and chunked_vjp.supports(spec, momentum, channel):
+        chunks = lambda x: x.reshape((n, c) + x.shape[1:])  # noqa: E731
+        xs = chunked_vjp.ChunkIn(*jax.tree.map(chunks, (q, k, v, gates, lr, log_a)), mask[::c])
+        y, P_end, A_end = chunked_vjp.memorize(spec, state, xs, remat_every)
+        final = MemoryState(spec.memory.from_leaves(P_end),
+                            spec.memory.from_leaves(A_end) if mode == "scale" else state.retention,
+                            state.optimizer)
+        return y.reshape((n * c,) + y.shape[2:])[:T], final
 
     xs = (q, k, v, gates, lr, log_a, log_m, mask, last)
 

@@ -1,0 +1,445 @@
+"""The mini-batch chunked form for GD specs with a hand-written VJP (the fast path of ``chunked.py``).
+
+Same semantics as ``chunked.chunk_step`` (and the loops of ``chunked_reference.py``), for a memory
+of ``L`` layers ``W_l: [n_{l+1}, n_l]`` (matrix memory: ``L = 1``; MLP memory: any depth, with the
+optional LayerNorm and residual of ``memory.MLPMemory``), plain or implicit GD, scalar decay and
+the retention chunk modes "linear", "scale" (Moneta) and "lag" (Memora). One chunk of ``c`` tokens,
+one head; ``P`` the chunk-start memory, ``B`` the base of the dual state (``P``; the accumulator
+``A`` in "scale" mode; the state after token 0's exact step in "lag" mode)::
+
+    factors   X_0 = K;  Z_l = X_l P_l^T;  X_{l+1} = act(Z_l);  pred = [K +] [LN](Z_{L-1})
+              E_{L-1} = LN'(Z_{L-1})^T phi(pred, V);  E_{l-1} = (E_l P_l) * act'(Z_{l-1})
+              (grad_{W_l} l_i = E_l[i]^T X_l[i]: never materialised)
+    end       Z_end,l = beta_c B_l + (C_c * E_l)^T X_l          C = -R * lr, beta = exp(cumsum log a)
+    reads     Y_0 = Q;  U_l = s_l * [beta * (Y_l B_l^T) + (C * (Y_l X_l^T)) E_l];  Y_{l+1} = act(U_l)
+              y = [Q +] [LN](U_{L-1})                           (dual form, MIRAS.md Eq. 28-32)
+
+Why not autodiff: reverse mode through ``chunk_step`` stacks about sixty residual arrays per chunk
+(the factors' own VJP is inside the differentiated function) and moves them around; that traffic
+was ~40% of Moneta's forward + backward time on the CPU. Here the forward keeps a few ``[c, n]``
+residuals per chunk (``Z``, ``E``, ``E P``, the reads' pre-activations, the ``[c, c]`` scores), and
+the backward is written out: per layer two matmuls for every forward one. The small pieces with no
+matmul in them (the residual map ``phi``, the LayerNorm VJP, the decay coefficients, the l_q scale,
+Memora's exact first-token step) are differentiated with ``jax.vjp`` locally. ``remat_every = R``:
+only every R-th chunk-start state is kept, and the backward recomputes each group's forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from miras_jax import inner_opt
+from miras_jax import memory as memory_lib
+
+
+class Layout(NamedTuple):
+    """Static shape of a memory for this engine: depth, activation name, LayerNorm, residual."""
+
+    depth: int
+    act: str
+    ln: bool
+    res: bool
+
+
+def layout(memory) -> Layout:
+    if memory.kind == "linear":
+        return Layout(1, "identity", False, False)
+    return Layout(memory.depth, memory.activation, memory.layer_norm, memory.residual)
+
+
+def supports(spec, momentum: bool, channel: bool) -> bool:
+    """Whether this engine covers ``spec`` (the rest runs ``chunked.chunk_step`` under autodiff)."""
+    return (not momentum and not channel and spec.memory.kind in ("linear", "mlp")
+            and type(spec.optimizer) in (inner_opt.GD, inner_opt.ImplicitGD)
+            and spec.retention.chunk_mode in ("linear", "scale", "lag"))
+
+
+# --- elementwise pieces ---------------------------------------------------------------------
+
+def _act(name):
+    return memory_lib.ACTIVATIONS[name]
+
+
+def _act1(name, x):
+    """``act'(x)``."""
+    return jax.jvp(_act(name), (x,), (jnp.ones_like(x),))[1]
+
+
+def _act2(name, x):
+    """``act''(x)``."""
+    return jax.jvp(lambda z: _act1(name, z), (x,), (jnp.ones_like(x),))[1]
+
+
+def _ln_vjp(o, g, eps: float = 1e-5):
+    """``LN'(o)^T g`` row-wise, ``LN`` = ``memory.layer_norm``: ``(g - mean g - n mean(g n)) / sigma``."""
+    mu = jnp.mean(o, axis=-1, keepdims=True)
+    xc = o - mu
+    inv = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+    n = xc * inv
+    return inv * (g - jnp.mean(g, axis=-1, keepdims=True) - n * jnp.mean(g * n, axis=-1, keepdims=True))
+
+
+def coefficients(lr, log_a):
+    """``(C [c, c], beta [c])``: ``C_ij = -exp(L_i - L_j) lr_j`` for ``j <= i``, ``beta_i = exp(L_i)``,
+    ``L = cumsum(log a)`` (the GD case of ``chunked._coefficients``)."""
+    from miras_jax.engine.chunked import decay_matrix
+    return -decay_matrix(log_a) * lr[None, :], jnp.exp(jnp.cumsum(log_a))
+
+
+# --- one chunk, one head: forward pieces ------------------------------------------------------
+
+def _head(lay: Layout, bias, o, K, V, G, hpb):
+    """``E_{L-1} = dl/dZ_{L-1}`` per token: ``pred = [K +] [LN](o)``, ``phi = bias.residual_map``."""
+    pred = memory_lib.layer_norm(o) if lay.ln else o
+    if lay.res:
+        pred = K + pred
+    phi = jax.vmap(lambda p, v, g: bias.residual_map(p, v, hpb, g))(pred, V, G).astype(o.dtype)
+    return _ln_vjp(o, phi) if lay.ln else phi
+
+
+def _centred(lay: Layout, W, l):
+    """Layer ``l``'s weights for a product that feeds the memory's LayerNorm: with its columns
+    centred (``W - mean_rows W``), ``W h`` moves by a constant per row, which the LN removes, and
+    every cotangent that reaches it is mean-free, so values and gradients are unchanged. It removes
+    the common mean that the LN would cancel: with Memora's positive weights (row sums ~ f) that
+    cancellation turned float32 rounding of the matmul into 1e-4 errors of the reads."""
+    if lay.ln and l == lay.depth - 1:
+        return W - jnp.mean(W, axis=0, keepdims=True)
+    return W
+
+
+def _factors(lay: Layout, bias, hpb, P, K, V, G):
+    """Factors of the chunk's gradients at ``P``: ``(X, Z, E, M)`` per layer (``M_l = E_l P_l``)."""
+    L = lay.depth
+    X, Z = [K], []
+    for l in range(L):
+        Z.append(X[l] @ _centred(lay, P[l], l).T)                        # [c, n_{l+1}]
+        if l < L - 1:
+            X.append(_act(lay.act)(Z[l]))
+    E, M = [None] * L, [None] * L
+    E[L - 1] = _head(lay, bias, Z[-1], K, V, G, hpb)
+    for l in range(L - 1, 0, -1):
+        M[l] = E[l] @ P[l]                                               # [c, n_l]
+        E[l - 1] = M[l] * _act1(lay.act, Z[l - 1])
+    return X, Z, E, M
+
+
+def _end_state(Bw, beta_c, C_c, X, E):
+    """``Z_end,l = beta_c B_l + (C_c * E_l)^T X_l``: ``[n_{l+1}, n_l]`` per layer."""
+    return [beta_c * b + (C_c[:, None] * e).T @ x for b, e, x in zip(Bw, E, X)]
+
+
+def _reads(lay: Layout, Bw, beta, C, S, Q, X, E):
+    """Dual-form reads. ``S``: per-layer token scales ``[c]`` or ``None``. Returns ``(y, Ys, YX, R)``
+    with ``R_l`` the unscaled pre-activations (``U_l = S_l * R_l``)."""
+    Y, YX, R = [Q], [], []
+    for l in range(lay.depth):
+        yx = Y[l] @ X[l].T                                               # [c, c]
+        r = beta[:, None] * (Y[l] @ _centred(lay, Bw[l], l).T) + (C * yx) @ E[l]   # [c, n_{l+1}]
+        YX.append(yx)
+        R.append(r)
+        u = r if S is None else S[l][:, None] * r
+        if l < lay.depth - 1:
+            Y.append(_act(lay.act)(u))
+    out = memory_lib.layer_norm(u) if lay.ln else u
+    return (Q + out if lay.res else out), Y, YX, R
+
+
+# --- one chunk, one head: backward pieces -----------------------------------------------------
+
+def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, YX, R, dy):
+    """VJP of :func:`_reads`: ``(dQ, dB, dbeta, dC, dS, dX, dE)``."""
+    L = lay.depth
+    U = [r if S is None else S[l][:, None] * r for l, r in enumerate(R)]
+    dQ = dy if lay.res else jnp.zeros_like(dy)
+    du = _ln_vjp(U[-1], dy) if lay.ln else dy
+    dB, dX, dE, dS = [None] * L, [None] * L, [None] * L, [None] * L
+    dbeta, dC = jnp.zeros_like(beta), jnp.zeros_like(C)
+    for l in range(L - 1, -1, -1):
+        if S is None:
+            dr = du
+        else:
+            dS[l] = jnp.sum(du * R[l], axis=-1)
+            dr = S[l][:, None] * du
+        drB = dr @ Bw[l]                                                 # [c, n_l]
+        dbeta = dbeta + jnp.sum(drB * Y[l], axis=-1)
+        dB[l] = (beta[:, None] * dr).T @ Y[l]                            # [n_{l+1}, n_l]
+        dscore = dr @ E[l].T                                             # [c, c]
+        dE[l] = (C * YX[l]).T @ dr
+        dC = dC + dscore * YX[l]
+        dyx = dscore * C
+        dY = beta[:, None] * drB + dyx @ X[l]
+        dX[l] = dyx.T @ Y[l]
+        if l > 0:
+            du = dY * _act1(lay.act, U[l - 1])
+        else:
+            dQ = dQ + dY
+    return dQ, dB, dbeta, dC, dS, dX, dE
+
+
+def _end_bwd(Bw, beta_c, C_c, X, E, dZ):
+    """VJP of :func:`_end_state`: ``(dB, dbeta_c, dC_c, dX, dE)``."""
+    dB, dX, dE = [], [], []
+    dbeta_c, dC_c = 0.0, jnp.zeros_like(C_c)
+    for b, x, e, g in zip(Bw, X, E, dZ):
+        dB.append(beta_c * g)
+        dbeta_c = dbeta_c + jnp.sum(b * g)
+        eg = e @ g                                                       # [c, n_l]
+        dX.append(C_c[:, None] * eg)
+        dC_c = dC_c + jnp.sum(eg * x, axis=-1)
+        dE.append(C_c[:, None] * (x @ g.T))                              # [c, n_{l+1}]
+    return dB, dbeta_c, dC_c, dX, dE
+
+
+def _factors_bwd(lay: Layout, bias, hpb, P, K, V, G, X, Z, E, M, dX, dE):
+    """VJP of :func:`_factors` for cotangents on ``X`` and ``E``: ``(dP, dK, dV, dG, dhpb)``."""
+    L = lay.depth
+    dP, dZ = [None] * L, [None] * L
+    dX, dE = list(dX), list(dE)
+    for l in range(1, L):            # E_{l-1} = (E_l P_l) * act'(Z_{l-1}), computed top-down
+        dM = dE[l - 1] * _act1(lay.act, Z[l - 1])
+        dZ[l - 1] = dE[l - 1] * M[l] * _act2(lay.act, Z[l - 1])
+        dE[l] = dE[l] + dM @ P[l].T
+        dP[l] = E[l].T @ dM
+    _, vjp = jax.vjp(lambda o, K, V, G, hpb: _head(lay, bias, o, K, V, G, hpb), Z[-1], K, V, G, hpb)
+    do, dK, dV, dG, dhpb = vjp(dE[L - 1])
+    dZ[L - 1] = do if dZ[L - 1] is None else dZ[L - 1] + do
+    for l in range(L - 1, -1, -1):   # Z_l = X_l P_l^T, X_{l+1} = act(Z_l)
+        dX[l] = dX[l] + dZ[l] @ P[l]
+        dPl = dZ[l].T @ X[l]
+        dP[l] = dPl if dP[l] is None else dP[l] + dPl
+        if l > 0:
+            extra = dX[l] * _act1(lay.act, Z[l - 1])
+            dZ[l - 1] = extra if dZ[l - 1] is None else dZ[l - 1] + extra
+    return dP, dK + dX[0], dV, dG, dhpb
+
+
+# --- one chunk, one head: the retention modes ---------------------------------------------------
+
+class Config(NamedTuple):
+    """Everything static about a run: the memory, its layout, bias, retention and chunk mode."""
+
+    memory: object
+    lay: Layout
+    bias: object
+    ret: object
+    mode: str
+
+
+class ChunkIn(NamedTuple):
+    """Per-chunk inputs (one head): ``q, k [c, k]``, ``v [c, v]``, gates ``{name: [c, ...]}``,
+    masked ``lr [c]``, ``log_a [c]`` (0 on padding), ``m0``: whether token 0 is a real token."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    g: dict
+    lr: jax.Array
+    log_a: jax.Array
+    m0: jax.Array
+
+
+def _coeffs(mode, lr, log_a):
+    """``(C, beta)``; in "lag" mode token 0 is the exact step, so it is left out of the linear part."""
+    if mode == "lag":
+        lr, log_a = lr.at[0].set(0.0), log_a.at[0].set(0.0)
+    return coefficients(lr, log_a)
+
+
+def _lag_base(cfg: Config, hpr, P, E0, X0, lr0, la0, m0):
+    """Memora's first token: ``W' = retention.step(project(P), -lr_0 E_l[0] X_l[0]^T, a_0)`` per layer
+    (``P`` itself if token 0 is padding)."""
+    mem, ret = cfg.memory, cfg.ret
+    u0 = mem.from_leaves([-lr0 * jnp.outer(e, x) for e, x in zip(E0, X0)])
+    W1, _ = ret.step(ret.project(mem.from_leaves(P)), (), u0, jnp.exp(la0), hpr)
+    return [jnp.where(m0 > 0, w, p) for w, p in zip(mem.leaves(W1), P)]
+
+
+def _scales(cfg: Config, hpr, Z):
+    return [cfg.ret.scale(z, hpr) for z in Z]
+
+
+def _token_scales(s_end, s_prev, c):
+    """Moneta's reads: ``s(A_0)`` for every token but the chunk's last (``s(A_end)``): ``[c]`` per layer."""
+    last = jnp.arange(c) == c - 1
+    return [jnp.where(last, se, sp) for se, sp in zip(s_end, s_prev)]
+
+
+def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
+    """One chunk: ``(P_end, A_end, s_end, y [c, v], residuals)``. ``A``, ``s`` are ``[]`` unless "scale"."""
+    lay, mode = cfg.lay, cfg.mode
+    c = x.q.shape[0]
+    C, beta = _coeffs(mode, x.lr, x.log_a)
+    X, Z, E, M = _factors(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g)
+    if mode == "linear":
+        Bw = P
+    elif mode == "scale":
+        Bw = A
+    else:
+        Bw = _lag_base(cfg, hp["retention"], P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.m0)
+    Z_end = _end_state(Bw, beta[-1], C[-1], X, E)
+    if mode == "scale":
+        s_end = _scales(cfg, hp["retention"], Z_end)
+        S = _token_scales(s_end, s_prev, c)
+        P_end, A_end = [s * z for s, z in zip(s_end, Z_end)], Z_end
+    else:
+        s_end, S, P_end, A_end = [], None, Z_end, A
+    y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E)
+    return P_end, A_end, s_end, y, (Z, E, M[1:], YX, R)
+
+
+def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_end, dA_end, ds_end):
+    """VJP of :func:`chunk_fwd` given the cotangents of ``y``, ``P_end``, ``A_end`` and ``s_end``
+    (``A_next`` = this chunk's ``A_end``, "scale" only). Returns ``(dP, dA, ds_prev, dhp, dx)``."""
+    lay, mode, act = cfg.lay, cfg.mode, cfg.lay.act
+    L, c = lay.depth, x.q.shape[0]
+    Z, E, M1, YX, R = resid
+    M = [None, *M1]
+    X = [x.k] + [_act(act)(z) for z in Z[:-1]]
+    (C, beta), coeff_vjp = jax.vjp(lambda lr, la: _coeffs(mode, lr, la), x.lr, x.log_a)
+    hpr = hp["retention"]
+    dhpr = jax.tree.map(jnp.zeros_like, hpr)
+    if mode == "lag":
+        lag = lambda P, E0, X0, lr0, la0, h: _lag_base(cfg, h, P, E0, X0, lr0, la0, x.m0)  # noqa: E731
+        Bw, lag_vjp = jax.vjp(lag, P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], hpr)
+    else:
+        Bw = A if mode == "scale" else P
+    if mode == "scale":
+        s_end, scale_vjp = jax.vjp(lambda z, h: _scales(cfg, h, z), A_next, hpr)
+        S = _token_scales(s_end, s_prev, c)
+        ds_end = [d + jnp.sum(g * z) for d, g, z in zip(ds_end, dP_end, A_next)]
+        dZ_end = [da + s * g for da, s, g in zip(dA_end, s_end, dP_end)]
+    else:
+        S, dZ_end = None, list(dP_end)
+    Y = [x.q] + [_act(act)(r if S is None else S[l][:, None] * r) for l, r in enumerate(R[:-1])]
+    dq, dB, dbeta, dC, dS, dX, dE = _reads_bwd(lay, Bw, beta, C, S, X, E, Y, YX, R, dy)
+    ds_prev = []
+    if mode == "scale":
+        last = jnp.arange(c) == c - 1
+        ds_end = [d + jnp.sum(jnp.where(last, g, 0.0)) for d, g in zip(ds_end, dS)]
+        ds_prev = [jnp.sum(jnp.where(last, 0.0, g)) for g in dS]
+        dZ_s, dh = scale_vjp(ds_end)
+        dZ_end = [a + b for a, b in zip(dZ_end, dZ_s)]
+        dhpr = jax.tree.map(jnp.add, dhpr, dh)
+    dB_e, dbeta_c, dC_c, dX_e, dE_e = _end_bwd(Bw, beta[-1], C[-1], X, E, dZ_end)
+    dB = [a + b for a, b in zip(dB, dB_e)]
+    dX = [a + b for a, b in zip(dX, dX_e)]
+    dE = [a + b for a, b in zip(dE, dE_e)]
+    dbeta = dbeta.at[-1].add(dbeta_c)
+    dC = dC.at[-1].add(dC_c)
+    dlr0 = dla0 = 0.0
+    if mode == "lag":
+        dP, dE0, dX0, dlr0, dla0, dh = lag_vjp(dB)
+        dE = [e.at[0].add(g) for e, g in zip(dE, dE0)]
+        dX = [z.at[0].add(g) for z, g in zip(dX, dX0)]
+        dhpr = jax.tree.map(jnp.add, dhpr, dh)
+        dA = A
+    elif mode == "scale":
+        dP, dA = None, dB
+    else:
+        dP, dA = dB, A
+    dP_f, dk, dv, dg, dhpb = _factors_bwd(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g, X, Z, E, M, dX, dE)
+    dP = dP_f if dP is None else [a + b for a, b in zip(dP, dP_f)]
+    dlr, dla = coeff_vjp((dC, dbeta))
+    dlr, dla = dlr.at[0].add(dlr0), dla.at[0].add(dla0)
+    dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.m0))
+    return dP, dA, ds_prev, {"bias": dhpb, "retention": dhpr}, dx
+
+
+# --- the sequence: forward scan, reverse scan -----------------------------------------------------
+
+def _fwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, save: bool):
+    """Chunks in order. ``group = 0``: with ``save`` keep every chunk's start state and residuals;
+    ``group = R``: keep only the start state of every R-th chunk. Returns ``(y, (P, A), saved)``."""
+    s0 = _scales(cfg, hp["retention"], A0) if cfg.mode == "scale" else []
+
+    def step(carry, x):
+        P_end, A_end, s_end, y, resid = chunk_fwd(cfg, hp, *carry, x)
+        return (P_end, A_end, s_end), (y, (carry, resid) if (save and not group) else None)
+
+    if not group:
+        (P, A, _), (y, saved) = jax.lax.scan(step, (P0, A0, s0), xs)
+        return y, (P, A), saved
+    xg = jax.tree.map(lambda a: a.reshape((-1, group) + a.shape[1:]), xs)
+
+    def group_step(carry, x):
+        end, (y, _) = jax.lax.scan(step, carry, x)
+        return end, (y, carry if save else None)
+
+    (P, A, _), (y, saved) = jax.lax.scan(group_step, (P0, A0, s0), xg)
+    return y.reshape((-1,) + y.shape[2:]), (P, A), saved
+
+
+def _bwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, saved, A_final, dy, dP_end, dA_end):
+    """Chunks in reverse, carrying the cotangents of the chunk-end state and of ``s_end``; returns
+    ``(dhp, dP0, dA0, dxs)``."""
+
+    def bstep(carry, inp):
+        dP, dA, ds, dhp, A_next = carry
+        (P, A, s), resid, x, dy_c = inp
+        dP, dA_new, ds, dh, dx = chunk_bwd(cfg, hp, P, A, s, x, resid, A_next, dy_c, dP, dA, ds)
+        return (dP, dA_new, ds, jax.tree.map(jnp.add, dhp, dh), A), dx
+
+    init = (list(dP_end), list(dA_end), [jnp.zeros((), P0[0].dtype) for _ in A0],
+            jax.tree.map(jnp.zeros_like, hp), list(A_final))
+    if not group:
+        states, resid = saved
+        (dP, dA, ds, dhp, _), dxs = jax.lax.scan(bstep, init, (states, resid, xs, dy), reverse=True)
+    else:
+        xg = jax.tree.map(lambda a: a.reshape((-1, group) + a.shape[1:]), (xs, dy))
+
+        def bgroup(carry, inp):
+            start, (x, dy_g) = inp
+
+            def step(c_, x_):   # recompute the group's chunk-start states and residuals
+                P_end, A_end, s_end, _, resid = chunk_fwd(cfg, hp, *c_, x_)
+                return (P_end, A_end, s_end), (c_, resid)
+
+            _, (states, resid) = jax.lax.scan(step, start, x)
+            return jax.lax.scan(bstep, carry, (states, resid, x, dy_g), reverse=True)
+
+        (dP, dA, ds, dhp, _), dxs = jax.lax.scan(bgroup, init, (saved, xg), reverse=True)
+        dxs = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), dxs)
+    if cfg.mode == "scale":   # s_prev of chunk 0 is s(A_0)
+        _, vjp = jax.vjp(lambda a, h: _scales(cfg, h, a), A0, hp["retention"])
+        dA0, dh = vjp(ds)
+        dA = [a + b for a, b in zip(dA, dA0)]
+        dhp = {**dhp, "retention": jax.tree.map(jnp.add, dhp["retention"], dh)}
+    return dhp, dP, dA, dxs
+
+
+@functools.lru_cache(maxsize=None)
+def _engine(cfg: Config, group: int):
+    """``run(hp, P0, A0, xs) -> (y [n, c, v], P_end, A_end)`` with its hand-written VJP."""
+
+    @jax.custom_vjp
+    def run(hp, P0, A0, xs):
+        y, (P, A), _ = _fwd_scan(cfg, hp, P0, A0, xs, group, save=False)
+        return y, P, A
+
+    def fwd(hp, P0, A0, xs):
+        y, (P, A), saved = _fwd_scan(cfg, hp, P0, A0, xs, group, save=True)
+        return (y, P, A), (hp, P0, A0, xs, saved, A)
+
+    def bwd(res, cts):
+        hp, P0, A0, xs, saved, A_final = res
+        dy, dP_end, dA_end = cts
+        return _bwd_scan(cfg, hp, P0, A0, xs, group, saved, A_final, dy, dP_end, dA_end)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
+def memorize(spec, state, xs: ChunkIn, group: int = 0):
+    """One head: the chunks ``xs`` (leaves ``[n, c, ...]``) from ``state``; ``group = R > 0`` keeps
+    every R-th chunk-start state only (``remat_every``). Returns ``(y [n, c, v], P_end, A_end)`` as
+    leaf lists (``A`` is ``[]`` unless the retention is "scale")."""
+    mem = spec.memory
+    cfg = Config(mem, layout(mem), spec.bias, spec.retention, spec.retention.chunk_mode)
+    hp = {"bias": spec.hparams["bias"], "retention": spec.hparams["retention"]}
+    A0 = mem.leaves(state.retention) if cfg.mode == "scale" else []
+    return _engine(cfg, group)(hp, mem.leaves(state.memory), A0, xs)

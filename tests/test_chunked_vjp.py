@@ -1,0 +1,131 @@
+"""The hand-written VJP of the mini-batch chunked form (engine/chunked_vjp.py) against the path it
+replaces (autodiff of chunked.chunk_step): values and VJPs w.r.t. every input — q, k, v, gates, lr
+and decay via the gates, hyper-parameters, both parts of the initial state (memory and l_q
+accumulator) — with cotangents on y and on both parts of the final state; random shapes, every
+retention mode, matrix and MLP memories of depth 1-3, remat groups."""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import miras_jax as mj
+from miras_jax.engine import chunked, chunked_vjp
+from miras_jax.engine.reference import MemoryState, init_state
+from tests.helpers import random_inputs
+
+VAL_TOL = dict(rtol=1e-4, atol=1e-4)    # float32, same math in another order (as test_chunked)
+GRAD_TOL = 2e-3                          # float32, relative to the largest entry of the reference
+EXACT = dict(grad_tol=1e-9, val_tol=dict(rtol=1e-9, atol=1e-9))   # float64: agree to rounding
+
+# (preset, structural / numeric kwargs): every chunk mode ("linear", "scale", "lag"), every bias
+# family the MLP presets use, matrix memory, depth 1 / 3, implicit GD, no retention.
+CASES = [
+    ("moneta", {}), ("moneta", {"memory": "linear"}), ("moneta", {"depth": 3, "p": 1.5, "q": 3.0}),
+    ("yaad", {}), ("memora", {}), ("ttt_linear", {}),
+    pytest.param("moneta", {"smooth": None, "p": 2.5}, marks=pytest.mark.slow),
+    pytest.param("yaad", {"memory": "linear"}, marks=pytest.mark.slow),
+    pytest.param("memora", {"memory": "linear"}, marks=pytest.mark.slow),
+    pytest.param("memora", {"depth": 1}, marks=pytest.mark.slow),
+    pytest.param("ttt_mlp", {}, marks=pytest.mark.slow),
+]
+
+
+def _id(case):
+    name, kw = case.values if hasattr(case, "values") else case
+    return f"{name}-{'-'.join(map(str, kw.values())) or 'default'}"
+
+
+def _f64(t):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)
+
+
+def _setup(name, kw, T, d, seed, wide=False):
+    spec = mj.presets.get(name, **kw)
+    q, k, v, gates = random_inputs(seed, T, d, d)
+    gates = {g: gates[g] for g in spec.required_gates}
+    if "decay" in gates:
+        gates["decay"] = jax.random.uniform(jax.random.key(seed + 7), (T,), minval=0.5, maxval=1.0)
+    if name == "yaad":   # residual norms well clear of the switch (no branch flips between orders)
+        gates["delta"] = jnp.where(jnp.arange(T) % 3 == 0, 0.02, 80.0)
+    params = spec.memory.init(jax.random.key(seed + 1), d, d)
+    if spec.memory.kind == "linear" and name != "memora":
+        params = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(seed + 2), w.shape, w.dtype), params)
+    state = init_state(spec, params)
+    if spec.retention.chunk_mode == "scale":   # an accumulator that is not the memory itself
+        state = state._replace(retention=jax.tree.map(lambda a: 1.3 * a, state.retention))
+    if wide:
+        return spec.replace(hparams=_f64(spec.hparams)), _f64(state), _f64((q, k, v, gates))
+    return spec, state, (q, k, v, gates)
+
+
+def _outputs_and_vjp(spec, state, args, chunk, vjp, remat_every=0):
+    def f(hp, memory, retention, q, k, v, gates):
+        st = MemoryState(memory, retention, state.optimizer)
+        y, fin = chunked.memorize_chunked(spec.replace(hparams=hp), st, q, k, v, gates, chunk,
+                                          remat_every=remat_every, vjp=vjp)
+        return y, fin.memory, fin.retention
+
+    out, fn = jax.vjp(f, spec.hparams, state.memory, state.retention, *args)
+    keys = jax.random.split(jax.random.key(42), len(jax.tree.leaves(out)))
+    cot = jax.tree.unflatten(jax.tree.structure(out), [jax.random.normal(kk, x.shape, x.dtype)
+                                                       for kk, x in zip(keys, jax.tree.leaves(out))])
+    return out, fn(cot)
+
+
+def _assert_close(got, want, grad_tol=GRAD_TOL, val_tol=VAL_TOL):
+    (out, grads), (out_ref, grads_ref) = got, want
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_ref)):
+        np.testing.assert_allclose(a, b, **val_tol)
+    flat, _ = jax.tree_util.tree_flatten_with_path(grads_ref)
+    for (path, b), a in zip(flat, jax.tree.leaves(grads)):
+        scale = max(float(jnp.abs(b).max()), 1e-6)
+        np.testing.assert_allclose(a / scale, b / scale, atol=grad_tol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[_id(c) for c in CASES])
+def test_hand_vjp_equals_autodiff_on_random_shapes(name, kw, x64):
+    """float64, so the comparison is of the math (float32 rounding is amplified by long sequences
+    and by scalar hyper-parameter gradients, sums over every token)."""
+    rng = np.random.default_rng(zlib.crc32(repr((name, sorted(kw.items()))).encode()))  # fixed per case
+    T, d, chunk = int(rng.integers(9, 60)), int(rng.choice([4, 8, 16])), int(rng.choice([4, 8, 16]))
+    spec, state, args = _setup(name, kw, T, d, seed=int(rng.integers(100)), wide=True)
+    assert chunked_vjp.supports(spec, momentum=False, channel=False)
+    _assert_close(_outputs_and_vjp(spec, state, args, chunk, "hand"),
+                  _outputs_and_vjp(spec, state, args, chunk, "autodiff"), **EXACT)
+
+
+@pytest.mark.parametrize("name", ["moneta", "yaad", "memora"])
+def test_hand_vjp_matches_autodiff_in_float32(name):
+    spec, state, args = _setup(name, {}, T=40, d=8, seed=3)
+    _assert_close(_outputs_and_vjp(spec, state, args, 16, "hand"),
+                  _outputs_and_vjp(spec, state, args, 16, "autodiff"))
+
+
+@pytest.mark.parametrize("name,remat", [("moneta", 2), pytest.param("memora", 3, marks=pytest.mark.slow),
+                                         pytest.param("yaad", 1, marks=pytest.mark.slow)])
+def test_remat_groups_recompute_the_same_gradients(name, remat):
+    """``remat_every = R``: the backward recomputes each group of R chunks from its start state."""
+    spec, state, args = _setup(name, {}, T=45, d=8, seed=5)
+    _assert_close(_outputs_and_vjp(spec, state, args, 4, "hand", remat_every=remat),
+                  _outputs_and_vjp(spec, state, args, 4, "hand"))
+
+
+def test_strong_decay_gradients_stay_finite_and_agree():
+    """Decays near 0 (exp of large negative cumulative logs in the coefficients)."""
+    spec, state, (q, k, v, gates) = _setup("moneta", {}, T=40, d=8, seed=9)
+    gates = {**gates, "decay": jax.random.uniform(jax.random.key(1), (40,), minval=1e-3, maxval=0.05)}
+    got = _outputs_and_vjp(spec, state, (q, k, v, gates), 16, "hand")
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
+    _assert_close(got, _outputs_and_vjp(spec, state, (q, k, v, gates), 16, "autodiff"))
+
+
+def test_memorize_uses_the_hand_vjp_for_gd_specs_only():
+    assert chunked_vjp.supports(mj.presets.get("moneta"), momentum=False, channel=False)
+    titans = mj.presets.get("titans")
+    assert not chunked_vjp.supports(titans, momentum=True, channel=False)
+    with pytest.raises(ValueError, match="vjp must be"):
+        spec, state, (q, k, v, gates) = _setup("moneta", {}, T=8, d=4, seed=0)
+        chunked.memorize_chunked(spec, state, q, k, v, gates, 4, vjp="manual")
