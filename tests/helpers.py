@@ -1,7 +1,20 @@
-"""Shared test inputs: random sequences with realistic gates."""
+"""Shared test inputs (random sequences with realistic gates) and the default / slow split of grids."""
 
 import jax
 import jax.numpy as jnp
+import pytest
+
+
+def rotate(names, options, name_id=str, option_id=str):
+    """The grid ``names x options`` as ``pytest.param((name, option))``: name ``i`` runs option
+    ``i mod len(options)`` by default and the rest under ``-m slow``. Every name and every option
+    stays in the default suite (not every pair: the full grid is ``-m 'slow or not slow'``)."""
+    out = []
+    for i, name in enumerate(names):
+        for j, opt in enumerate(options):
+            marks = () if j == i % len(options) else (pytest.mark.slow,)
+            out.append(pytest.param(name, opt, marks=marks, id=f"{name_id(name)}-{option_id(opt)}"))
+    return out
 
 
 def unit_rows(x):

@@ -9,7 +9,7 @@ import pytest
 
 import miras_jax as mj
 from miras_jax.engine.dispatch import exact_family
-from tests.helpers import random_inputs
+from tests.helpers import random_inputs, rotate
 
 VAL_TOL = dict(rtol=1e-4, atol=1e-4)    # reordered float32 chunk math
 GRAD_TOL = 2e-3                          # relative to the largest reference entry
@@ -61,8 +61,7 @@ def test_chunk_size_one_equals_token_engine(name):
     _close(g, g_ref, grads=True)
 
 
-@pytest.mark.parametrize("name", EXACT)
-@pytest.mark.parametrize("chunk", [16, 64, 7])
+@pytest.mark.parametrize("name,chunk", rotate(EXACT, [16, 64, 7]))   # full grid: -m slow
 def test_exact_families_equal_token_engine(name, chunk):
     spec, params, args = _setup(name, T=70)
     out_ref, g_ref = _vjp(spec, params, args)
@@ -71,8 +70,7 @@ def test_exact_families_equal_token_engine(name, chunk):
     _close(g, g_ref, grads=True)
 
 
-@pytest.mark.parametrize("name", MINIBATCH)
-@pytest.mark.parametrize("chunk", [8, 16, 64])
+@pytest.mark.parametrize("name,chunk", rotate(MINIBATCH, [8, 16, 64]))   # full grid: -m slow
 def test_minibatch_xla_equals_chunked_reference(name, chunk):
     spec, params, args = _setup(name, T=70)
     out_ref, g_ref = _vjp(spec, params, args, chunk_size=chunk, implementation="reference")
@@ -81,7 +79,7 @@ def test_minibatch_xla_equals_chunked_reference(name, chunk):
     _close(g, g_ref, grads=True)
 
 
-@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("memory", [pytest.param("linear", marks=pytest.mark.slow), "mlp"])
 def test_lq_norm_floor_is_honoured_by_every_path(memory):
     """Moneta with its norm floor active (``norm_floor = 5`` is above every ``||A||_q`` here):
     chunk size 1 equals the token engine, the XLA chunked form equals the chunked reference, and
@@ -100,8 +98,10 @@ def test_lq_norm_floor_is_honoured_by_every_path(memory):
     assert float(jnp.max(jnp.abs(out0[0] - out[0]))) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "titans", "moneta", "memora"])
-@pytest.mark.parametrize("decay", [(0.01, 0.1), (0.999, 1.0)], ids=["strong", "weak"])
+# each preset one regime by default (both regimes stay in); -m slow: both for every preset
+@pytest.mark.parametrize("name,decay", rotate(["gated_deltanet", "mamba2", "titans", "moneta", "memora"],
+                                              [(0.01, 0.1), (0.999, 1.0)],
+                                              option_id=lambda d: "strong" if d[0] < 0.5 else "weak"))
 def test_gate_gradients_under_strong_and_weak_decay(name, decay):
     kw = {"memory": "linear"} if name in ("titans", "moneta", "memora") else {}
     spec, params, args = _setup(name, T=40, decay=decay, **kw)
@@ -122,7 +122,8 @@ def test_chunked_reference_is_exact_at_chunk_one_and_differs_above():
     assert not np.allclose(y8, y_tok, atol=1e-3)      # stale gradients really are stale
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "deltaproduct", "gla", "titans", "moneta", "memora"])
+@pytest.mark.parametrize("name", ["gated_deltanet", "moneta", "memora", *(pytest.param(n, marks=pytest.mark.slow)
+                                                                        for n in ("deltaproduct", "gla", "titans"))])
 def test_segments_equal_one_call(name):
     spec, params, (q, k, v, gates) = _setup(name, T=50)
     kw = dict(chunk_size=8, implementation="xla")
@@ -135,7 +136,8 @@ def test_segments_equal_one_call(name):
     _close(s2, st, grads=False)
 
 
-@pytest.mark.parametrize("name", ["titans", "moneta", "memora", "yaad"])
+@pytest.mark.parametrize("name", ["moneta", *(pytest.param(n, marks=pytest.mark.slow)
+                                             for n in ("titans", "memora", "yaad"))])
 def test_remat_every_changes_nothing(name):
     spec, params, args = _setup(name, T=45)
     out_ref, g_ref = _vjp(spec, params, args, chunk_size=8, implementation="xla")

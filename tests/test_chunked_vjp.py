@@ -23,7 +23,8 @@ EXACT = dict(grad_tol=1e-9, val_tol=dict(rtol=1e-9, atol=1e-9))   # float64: agr
 # (preset, structural / numeric kwargs): every chunk mode ("linear", "scale", "lag"), every bias
 # family the MLP presets use, matrix memory, depth 1 / 3, implicit GD, no retention.
 CASES = [
-    ("moneta", {}), ("moneta", {"memory": "linear"}), ("moneta", {"depth": 3, "p": 1.5, "q": 3.0}),
+    ("moneta", {}), ("moneta", {"memory": "linear"}),
+    pytest.param("moneta", {"depth": 3, "p": 1.5, "q": 3.0}, marks=pytest.mark.slow),
     ("yaad", {}), ("memora", {}), ("ttt_linear", {}),
     pytest.param("moneta", {"smooth": None, "p": 2.5}, marks=pytest.mark.slow),
     pytest.param("yaad", {"memory": "linear"}, marks=pytest.mark.slow),

@@ -103,10 +103,11 @@ def test_checkpoint_saved_on_2x4_restores_on_1x8(tmp_path):
 def test_sharded_run_resumed_on_another_mesh_continues(tmp_path):
     """Save on a 2x4 mesh, resume on 1x8: the run continues where it stopped. Across meshes the
     sums run in another order, so losses agree to rounding, not bit for bit (a smooth preset:
-    Yaad's Huber switch would flip branches on such differences and the runs would drift apart)."""
+    Yaad's Huber switch would flip branches on such differences and the runs would drift apart).
+    The uninterrupted run uses the first mesh (its program is compiled once, for both)."""
     cfg = _cfg("gated_deltanet", steps=4, log_every=1, eval_every=4, checkpoint_every=2, warmup=1, lr=1e-3,
                eval_batches=1)
-    full = train_lib.train(cfg, str(tmp_path / "one"), progress=False, mesh="data:1")
+    full = train_lib.train(cfg, str(tmp_path / "one"), progress=False, mesh="data:2,fsdp:4")
     train_lib.train(cfg, str(tmp_path / "two"), progress=False, mesh="data:2,fsdp:4", stop_after=2)
     resumed = train_lib.train(cfg, str(tmp_path / "two"), progress=False, mesh="fsdp:8", resume="auto")
     rows = lambda d: [r["loss"] for r in train_lib._read_metrics(str(tmp_path / d / "metrics.jsonl"), None)]  # noqa: E731
