@@ -17,23 +17,9 @@ F32_GRAD_RTOL = 1e-3  # VJPs, relative to the largest entry of the reference cot
 BF16_TOL = 1e-2  # bf16 inputs vs the float32 run on the unrounded inputs (relative to the scale)
 INVERSE_TOL = 1e-5
 
-# Compile at LLVM -O0: XLA's CPU backend optimisation dominates this file's runtime (about 3x),
-# and the tests are small. The HLO (the math) is unchanged.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def fast_jit(fn):
-    """``jax.jit(fn)`` compiled with ``FAST_COMPILE``, one executable per input structure/shapes."""
-    jitted_fn, cache = jax.jit(fn), {}
-
-    def call(*args):
-        leaves, tree = jax.tree.flatten(args)
-        key = (tree, tuple((x.shape, x.dtype) for x in leaves))
-        if key not in cache:
-            cache[key] = jitted_fn.lower(*args).compile(compiler_options=FAST_COMPILE)
-        return cache[key](*args)
-
-    return call
+# Plain jax.jit (default XLA options). An LLVM -O0 compile option used here before saved only ~25%
+# of this file's time and was inside both segfaults seen in XLA's compile (test_hebbian_values,
+# after ~600 earlier tests in the same process).
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,12 +132,12 @@ def value_and_vjp(fn, args, seed=99):
         out, vjp = jax.vjp(f, *d)
         return out, vjp(g)
 
-    return fast_jit(go)(diff_args, cot)
+    return jax.jit(go)(diff_args, cot)
 
 
 def jitted(fn, *static):
     """``fn`` with trailing static arguments bound, jitted (one compile instead of eager ops)."""
-    return fast_jit(lambda *a: fn(*a, *static))
+    return jax.jit(lambda *a: fn(*a, *static))
 
 
 FAMILIES = {"hebbian": (hebbian_chunked, hebbian_reference), "delta": (delta_chunked, delta_reference)}
@@ -171,7 +157,7 @@ def test_hebbian_values(c, T, d_k, d_v, decay):
     q, k, v, lr, ld, W0 = make_inputs(c + T, T, d_k, d_v, decay=decay)
     got = jitted(hebbian_chunked, c)(q, k, v, lr, ld, W0)
     assert got[0].shape == (T, d_v) and got[1].shape == (d_v, d_k)
-    assert_values_close(got, fast_jit(hebbian_reference)(q, k, v, lr, ld, W0))
+    assert_values_close(got, jax.jit(hebbian_reference)(q, k, v, lr, ld, W0))
 
 
 @pytest.mark.parametrize("decay", ["none", "scalar"])
@@ -180,7 +166,7 @@ def test_delta_values(c, T, d_k, d_v, decay):
     q, k, v, lr, ld, W0 = make_inputs(c + T, T, d_k, d_v, decay=decay)
     got = jitted(delta_chunked, c)(q, k, v, lr, ld, W0)
     assert got[0].shape == (T, d_v) and got[1].shape == (d_v, d_k)
-    assert_values_close(got, fast_jit(delta_reference)(q, k, v, lr, ld, W0))
+    assert_values_close(got, jax.jit(delta_reference)(q, k, v, lr, ld, W0))
 
 
 @pytest.mark.parametrize("n,c,T", [(2, 2, 40), (2, 16, 96), (3, 12, 72), (3, 21, 84)])
@@ -253,13 +239,13 @@ def test_unit_lower_inverse_value_and_vjp(c):
     """The custom_vjp inverse vs a naive (Neumann-series) inverse differentiated by autodiff."""
     ka, kg = jax.random.split(jax.random.key(c))
     a = jnp.tril(0.4 * jax.random.normal(ka, (3, c, c)), -1)  # a batch of 3 chunks
-    x = fast_jit(unit_lower_inverse)(a)
-    np.testing.assert_allclose(np.asarray(x), np.asarray(fast_jit(inverse_reference)(a)), atol=INVERSE_TOL)
+    x = jax.jit(unit_lower_inverse)(a)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(jax.jit(inverse_reference)(a)), atol=INVERSE_TOL)
     np.testing.assert_allclose(np.asarray(x @ (jnp.eye(c) + a)), np.broadcast_to(np.eye(c), a.shape),
                                atol=INVERSE_TOL)
     g = jax.random.normal(kg, a.shape)
-    (da,) = fast_jit(lambda a, g: jax.vjp(unit_lower_inverse, a)[1](g))(a, g)
-    (da_ref,) = fast_jit(lambda a, g: jax.vjp(inverse_reference, a)[1](g))(a, g)
+    (da,) = jax.jit(lambda a, g: jax.vjp(unit_lower_inverse, a)[1](g))(a, g)
+    (da_ref,) = jax.jit(lambda a, g: jax.vjp(inverse_reference, a)[1](g))(a, g)
     da_ref = jnp.tril(da_ref, -1)  # only the strictly-lower part of A is an input
     np.testing.assert_allclose(np.asarray(da), np.asarray(da_ref), atol=INVERSE_TOL, rtol=INVERSE_TOL)
 
@@ -277,9 +263,9 @@ def test_bf16_inputs(family):
     args16 = tuple(a.astype(jnp.bfloat16) for a in args)
     got = jitted(fast, c)(*args16)
     # Math runs in float32: equal to the float32 reference on the rounded inputs ...
-    assert_values_close(got, fast_jit(ref)(*args16))
+    assert_values_close(got, jax.jit(ref)(*args16))
     # ... and close to the float32 run on the unrounded inputs.
-    for g, w in zip(got, fast_jit(ref)(*args)):
+    for g, w in zip(got, jax.jit(ref)(*args)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=BF16_TOL * float(jnp.abs(w).max()))
     _, grads = value_and_vjp(lambda *a: fast(*a, c), args16)
     assert all(g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
@@ -291,7 +277,7 @@ def test_jit_vmap_segments():
     batch = [make_inputs(s, T, d_k, d_v) for s in range(3)]
     stacked = tuple(jnp.stack(x) for x in zip(*batch))
     for fast in (hebbian_chunked, delta_chunked):
-        y, W = fast_jit(jax.vmap(lambda *a, f=fast: f(*a, c)))(*stacked)
+        y, W = jax.jit(jax.vmap(lambda *a, f=fast: f(*a, c)))(*stacked)
         one = jitted(fast, c)
         for b, args in enumerate(batch):
             y_b, W_b = one(*args)

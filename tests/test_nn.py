@@ -15,7 +15,10 @@ from miras_jax import presets
 from miras_jax.nn import HParam, LMConfig, MirasLayer, MirasLM, count_params, generate
 from miras_jax.nn.attention import attend
 
-DECODE_TOL = 2e-5  # prefill + steps vs full forward, float32 (same math, other op order)
+# prefill + steps vs full forward, float32 (same math, other op order). 2e-5 flaked on Moneta's LM
+# single-threaded (1 of 880 logits off by 3.6e-5: the l_q map amplifies rounding); 1e-4 is still
+# four orders below the logits' O(1) scale.
+DECODE_TOL = 1e-4
 D, H, CHUNK, T, PROMPT = 16, 2, 4, 11, 6
 LAYER_PRESETS = [p for p in presets.names() if p != "deltaproduct"]
 
