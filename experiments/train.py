@@ -364,7 +364,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
         reached = next((r for r in rows if r.get("reached_target")), None)
         last_eval = {}
         t_offset = rows[-1].get("elapsed_s", 0.0) if rows else 0.0  # training time before a resume
-        done = start
+        done, bar_tps = start, 0.0  # the bar shows the last logged tokens/s between log steps
         for step in range(start + 1, end + 1):
             batch = put(next(it))
             params, opt_state, loss, acc, gnorm = train_step(params, opt_state, batch)
@@ -384,7 +384,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
                 row = {"step": step, "loss": loss, "accuracy": float(acc), "grad_norm": float(gnorm),
                        "lr": float(schedule(step - 1)), "tokens_per_s": seen / max(now - t_last, 1e-9),
                        "elapsed_s": elapsed}
-                t_last, seen = now, 0
+                t_last, seen, bar_tps = now, 0, row["tokens_per_s"]
             if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
                 last_eval = evaluate(eval_step, params, task.eval_sets, put)
                 row = {**(row or {"step": step, "loss": loss, "elapsed_s": elapsed}), **last_eval}
@@ -402,7 +402,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
                       {"data": it.get_state(), "config": cfg_dict}, force=step == cfg.steps or final)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{(row or {}).get('tokens_per_s', 0):.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{bar_tps:.0f}")
             if final:
                 break
         if bar is not None:
