@@ -17,6 +17,11 @@ def rotate(names, options, name_id=str, option_id=str):
     return out
 
 
+def some_slow(names, slow):
+    """``names`` as pytest params, those in ``slow`` marked ``slow`` (run with ``-m slow``)."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in names]
+
+
 def unit_rows(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 

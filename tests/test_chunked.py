@@ -9,7 +9,7 @@ import pytest
 
 import miras_jax as mj
 from miras_jax.engine.dispatch import exact_family
-from tests.helpers import random_inputs, rotate
+from tests.helpers import random_inputs, rotate, some_slow
 
 VAL_TOL = dict(rtol=1e-4, atol=1e-4)    # reordered float32 chunk math
 GRAD_TOL = 2e-3                          # relative to the largest reference entry
@@ -79,7 +79,7 @@ def test_minibatch_xla_equals_chunked_reference(name, chunk):
     _close(g, g_ref, grads=True)
 
 
-@pytest.mark.parametrize("memory", [pytest.param("linear", marks=pytest.mark.slow), "mlp"])
+@pytest.mark.parametrize("memory", some_slow(["linear", "mlp"], slow=("linear",)))
 def test_lq_norm_floor_is_honoured_by_every_path(memory):
     """Moneta with its norm floor active (``norm_floor = 5`` is above every ``||A||_q`` here):
     chunk size 1 equals the token engine, the XLA chunked form equals the chunked reference, and
@@ -122,8 +122,10 @@ def test_chunked_reference_is_exact_at_chunk_one_and_differs_above():
     assert not np.allclose(y8, y_tok, atol=1e-3)      # stale gradients really are stale
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "moneta", "memora", *(pytest.param(n, marks=pytest.mark.slow)
-                                                                        for n in ("deltaproduct", "gla", "titans"))])
+SEGMENT_PRESETS = ["gated_deltanet", "deltaproduct", "gla", "titans", "moneta", "memora"]
+
+
+@pytest.mark.parametrize("name", some_slow(SEGMENT_PRESETS, slow=("deltaproduct", "gla", "titans")))
 def test_segments_equal_one_call(name):
     spec, params, (q, k, v, gates) = _setup(name, T=50)
     kw = dict(chunk_size=8, implementation="xla")
@@ -136,8 +138,8 @@ def test_segments_equal_one_call(name):
     _close(s2, st, grads=False)
 
 
-@pytest.mark.parametrize("name", ["moneta", *(pytest.param(n, marks=pytest.mark.slow)
-                                             for n in ("titans", "memora", "yaad"))])
+@pytest.mark.parametrize("name", some_slow(["titans", "moneta", "memora", "yaad"],
+                                          slow=("titans", "memora", "yaad")))
 def test_remat_every_changes_nothing(name):
     spec, params, args = _setup(name, T=45)
     out_ref, g_ref = _vjp(spec, params, args, chunk_size=8, implementation="xla")

@@ -18,8 +18,8 @@ BF16_TOL = 1e-2  # bf16 inputs vs the float32 run on the unrounded inputs (relat
 INVERSE_TOL = 1e-5
 
 # Plain jax.jit (default XLA options). An LLVM -O0 compile option used here before saved only ~25%
-# of this file's time and was inside both segfaults seen in XLA's compile (test_hebbian_values,
-# after ~600 earlier tests in the same process).
+# of this file's time; XLA segfaulted twice in that compile in test_hebbian_values (once ~630
+# tests into a single-process run).
 
 
 # ----------------------------------------------------------------------------------------------

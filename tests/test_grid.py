@@ -18,11 +18,11 @@ def _cfg():
                                eval_batches=1)
 
 
-# (p values, which variants are also trained alone): by default one of two (each separate run
+# (p values, the variants also trained alone): by default one of two (each separate run
 # compiles its own program); -m slow: all three.
-@pytest.mark.parametrize("ps,alone", [([3.0, 4.0], [1]),
+@pytest.mark.parametrize("ps,trained_alone", [([3.0, 4.0], [1]),
                                       pytest.param([2.0, 3.0, 4.0], [0, 1, 2], marks=pytest.mark.slow)])
-def test_grid_equals_separate_runs(tmp_path, ps, alone):
+def test_grid_equals_separate_runs(tmp_path, ps, trained_alone):
     cfg = _cfg()
     g = {"p": ps, "q": [3.0]}
     results = grid.run_grid(cfg, g, str(tmp_path / "grid"), progress=False)
@@ -30,7 +30,7 @@ def test_grid_equals_separate_runs(tmp_path, ps, alone):
         grid_losses = np.array([r["losses"] for r in map(json.loads, f)])          # [steps, K]
     assert grid_losses.shape == (4, len(ps))
     for i, vcfg in enumerate(grid.grid_configs(cfg, grid.variants(g))):
-        if i not in alone:
+        if i not in trained_alone:
             continue
         train_lib.train(vcfg, str(tmp_path / f"run{i}"), progress=False)
         alone = [r["loss"] for r in train_lib._read_metrics(str(tmp_path / f"run{i}" / "metrics.jsonl"), None)]

@@ -13,7 +13,7 @@ import miras_jax as mj
 from miras_jax.engine import pallas as pallas_path
 from miras_jax.engine.api import memorize_batched, resolve
 from pallas_kernels import MatrixChunkConfig, MLPChunkConfig, matrix_chunk, mlp_chunk
-from tests.helpers import random_inputs, rotate, unit_rows
+from tests.helpers import random_inputs, rotate, some_slow, unit_rows
 
 VAL_TOL = 1e-4        # float32, reordered chunk math; relative to the largest reference entry
 GRAD_TOL = 2e-3       # gradients, one notch looser
@@ -58,8 +58,7 @@ def _vjp(spec, params, args, **kw):
 
 
 # retnet, deltanet and longhorn run the kernels of linear_attention and gated_deltanet with other gates
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("retnet", "deltanet", "longhorn")
-                                  else n for n in PALLAS])
+@pytest.mark.parametrize("name", some_slow(PALLAS, slow=("retnet", "deltanet", "longhorn")))
 @pytest.mark.parametrize("T,chunk", [(45, 16), pytest.param(64, 32, marks=pytest.mark.slow)])
 def test_pallas_equals_xla(name, T, chunk):
     spec, params, args = _setup(name, T, d=8)
@@ -241,8 +240,9 @@ def _kernel_vs_reference(run, cfg, args, tol_v, tol_g, backend):
 
 # one interpreted backend per config by default, alternating; -m slow runs both (both lower:
 # test_kernel_lowers_forward_and_backward)
-@pytest.mark.parametrize("cfg,backend", rotate(MATRIX_CONFIGS, ["tpu", "triton"],
-                                               name_id=lambda c: f"{c.mode}-{c.residual}-{c.retention}" + "-channel" * c.channel))
+@pytest.mark.parametrize("cfg,backend", rotate(
+    MATRIX_CONFIGS, ["tpu", "triton"],
+    name_id=lambda c: f"{c.mode}-{c.residual}-{c.retention}" + "-channel" * c.channel))
 def test_matrix_kernel_equals_reference(cfg, backend):
     args = _kernel_inputs(2, 3, 45, 16, positive=cfg.retention == "lag")
     lag = cfg.retention == "lag"
