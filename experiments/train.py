@@ -169,7 +169,7 @@ def make_steps(graphdef, rest, tx, placement: Placement | None = None):
     def train_step(params, opt_state, batch):
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acc, optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, loss, acc, optax.tree.norm(grads)
 
     kw = {}
     if placement is not None:

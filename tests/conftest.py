@@ -12,7 +12,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # persistent compilation cache shared by the workers of one session compiles each only once.
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("MIRAS_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture

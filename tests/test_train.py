@@ -23,8 +23,13 @@ def _rows(workdir):
         return [json.loads(ln) for ln in f]
 
 
-def test_smoke_run_writes_metrics_checkpoints_plot_summary(tmp_path):
+def test_smoke_run_writes_metrics_checkpoints_plot_summary(tmp_path, monkeypatch):
+    made = []
+    make_steps = train_lib.make_steps
+    monkeypatch.setattr(train_lib, "make_steps", lambda *a, **k: made.append(make_steps(*a, **k)) or made[-1])
     summary = train_lib.train(TINY, str(tmp_path), progress=False)
+    ((train_step, _),) = made
+    assert train_step._cache_size() == 1   # step 1 returns its inputs' types: no second compile
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all(np.isfinite(r["loss"]) for r in rows)

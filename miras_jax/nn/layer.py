@@ -43,7 +43,7 @@ def decay_bias(num_heads: int, lo: float, hi: float):
     """Per-head logits whose sigmoids run from ``lo`` to ``hi`` with ``1 - decay`` log-spaced: ``[h]``."""
     if not 0.0 < lo <= hi < 1.0:
         raise ValueError(f"decay_init needs 0 < lo <= hi < 1, got ({lo}, {hi})")
-    d = 1.0 - jnp.exp(jnp.linspace(jnp.log(1.0 - lo), jnp.log(1.0 - hi), num_heads))
+    d = 1.0 - jnp.exp(jnp.linspace(jnp.log(1.0 - lo), jnp.log(1.0 - hi), num_heads, dtype=jnp.float32))
     return jnp.log(d) - jnp.log1p(-d)
 
 
@@ -133,7 +133,8 @@ class MirasLayer(nnx.Module):
         for g in self.gates:
             width = num_heads * (head_dim if (g == "decay" and self.channel_decay) else 1)
             w = 0.01 * jax.random.normal(rngs.params(), (gate_rank, width)) / gate_rank ** 0.5
-            bias = jnp.full((width,), GATE_INIT[g])
+            bias = jnp.full((width,), GATE_INIT[g], jnp.float32)  # strong dtype: a weak-typed
+            # leaf would come back strong from the first optimizer step and recompile train_step
             if g == "decay" and decay_init:
                 bias = jnp.repeat(decay_bias(num_heads, *decay_init), width // num_heads)
             ups[g] = (nnx.Param(w), nnx.Param(bias))
