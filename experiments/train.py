@@ -320,6 +320,7 @@ def train(cfg: configs.TrainConfig, workdir: str, *, data_path: str | None = Non
 def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     task = make_task(cfg, data_path)
+    resume_dir = resolve_resume(workdir, resume) if resume else None  # fail before building the model
     graphdef, params, rest, tx, schedule = build(cfg, task.vocab)
     placement = None
     if mesh:
@@ -332,7 +333,6 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     cfg_dict = _config_dict(cfg)
     start = 0
-    resume_dir = resolve_resume(workdir, resume) if resume else None
     with (Checkpointer(ckpt_dir, max_to_keep=3, save_every=cfg.checkpoint_every) as ckpt,
           _TensorBoard(os.path.join(workdir, "tensorboard"), enabled=cfg.tensorboard) as tb):
         if resume_dir is not None:
