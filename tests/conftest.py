@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# --xla_backend_optimization_level=0: the suite is compile-bound (tiny shapes, hundreds of
+# programs); unoptimised backend code compiles ~20% faster here (test_chunked_vjp: 165 -> 133 s).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
