@@ -6,7 +6,7 @@ import pytest
 
 
 def rotate(names, options, name_id=str, option_id=str):
-    """The grid ``names x options`` as ``pytest.param((name, option))``: name ``i`` runs option
+    """The grid ``names x options`` as ``pytest.param(name, option)``s: name ``i`` runs option
     ``i mod len(options)`` by default and the rest under ``-m slow``. Every name and every option
     stays in the default suite (not every pair: the full grid is ``-m 'slow or not slow'``)."""
     out = []

@@ -17,9 +17,9 @@ F32_GRAD_RTOL = 1e-3  # VJPs, relative to the largest entry of the reference cot
 BF16_TOL = 1e-2  # bf16 inputs vs the float32 run on the unrounded inputs (relative to the scale)
 INVERSE_TOL = 1e-5
 
-# Plain jax.jit (default XLA options). An LLVM -O0 compile option used here before saved only ~25%
-# of this file's time; XLA segfaulted twice in that compile in test_hebbian_values (once ~630
-# tests into a single-process run).
+# Plain jax.jit: the suite-wide --xla_backend_optimization_level=0 (tests/conftest.py) replaces the
+# per-executable compile option this file used to pass (one of last session's two single-process
+# segfaults came inside that compile, in test_hebbian_values; root cause unknown).
 
 
 # ----------------------------------------------------------------------------------------------
