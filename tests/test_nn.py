@@ -5,6 +5,8 @@ outputs as one full-sequence forward (the decode state carries the chunk semanti
 that trained the model), for prompt and sequence lengths that are not multiples of the chunk.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +14,10 @@ import pytest
 from flax import nnx
 
 from miras_jax import presets
+from miras_jax.engine.api import memorize_batched
 from miras_jax.nn import HParam, LMConfig, MirasLayer, MirasLM, count_params, generate
 from miras_jax.nn.attention import attend
+from miras_jax.nn.layer import LR_MAX_LQ_MLP
 
 # prefill + steps vs full forward, float32 (same math, other op order). 2e-5 flaked on Moneta's LM
 # single-threaded (1 of 880 logits off by 3.6e-5: the l_q map amplifies rounding); 1e-4 is still
@@ -128,21 +132,46 @@ def test_decay_init_spreads_the_initial_decay_over_heads():
 def test_lr_max_sets_the_inner_step_size_ceiling():
     from experiments import configs
 
-    base = configs.override(configs.get("smoke"), ["model.preset=moneta"]).model
-    cfg = configs.override(configs.get("smoke"), ["model.preset=moneta", "model.lr_max=1",
+    base = configs.override(configs.get("smoke"), ["model.preset=yaad"]).model
+    cfg = configs.override(configs.get("smoke"), ["model.preset=yaad", "model.lr_max=1",
                                                   "model.mlp_hidden=40"]).model
     assert cfg.lr_max == 1 and cfg.mlp_hidden == 40 and base.lr_max is None
     assert configs.override(configs.get("smoke"), ["model.lr_max=none"]).model.lr_max is None
     x = jax.random.normal(jax.random.key(0), (1, 5, cfg.d_model))
     lr = {}
-    for name, c in (("default", base), ("one", cfg)):
+    for name, c in (("default", base), ("one", cfg),
+                    ("moneta", dataclasses.replace(base, preset="moneta"))):
         layer = MirasLM(c, rngs=nnx.Rngs(0)).blocks[0].mixer
         lr[name] = np.asarray(layer._gates(x)["lr"])
     np.testing.assert_allclose(lr["default"], 0.05, atol=2e-3)  # MLP memory: 0.1 sigmoid(~0)
     np.testing.assert_allclose(lr["one"], 10 * lr["default"], rtol=1e-5)
+    np.testing.assert_allclose(lr["moneta"], 0.03 * lr["default"], rtol=1e-5)  # LR_MAX_LQ_MLP
     for bad in (0.0, -1.0, float("inf"), "1"):
         with pytest.raises(ValueError, match="lr_max must be a positive finite number"):
             MirasLayer(D, H, "moneta", lr_max=bad, rngs=nnx.Rngs(0))
+
+
+def _accumulator_growth(lr_max, T=64):
+    """``max ||A_T||_4 / ||A_0||_4`` over the MLP layers and heads of a fresh Moneta layer
+    (width 64, 2 heads, chunk 16, decays 0.99 / 0.999) after ``T`` tokens of random input."""
+    layer = MirasLayer(64, 2, "moneta", chunk_size=16, decay_init=(0.99, 0.999), lr_max=lr_max,
+                       rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, T, 64))
+    q, k, v, _ = layer._qkv(x, None)
+    w0 = layer.memory_init()
+    _, st = memorize_batched(layer.spec, w0, q, k, v, layer._gates(x), chunk_size=16, implementation="xla")
+    norm = lambda a: jnp.sum(jnp.abs(a) ** 4, axis=(-2, -1)) ** 0.25
+    return max(float(jnp.max(norm(a_t[0]) / norm(a_0))) for a_t, a_0 in
+               zip(jax.tree.leaves(st.retention), jax.tree.leaves(w0)))
+
+
+def test_moneta_mlp_memory_stays_stable_at_its_default_step_ceiling():
+    """``W = A / ||A||_4^2`` with a LayerNorm'd MLP memory: writes grow ``A`` in proportion to
+    ``A`` (``LR_MAX_LQ_MLP``). At the generic MLP ceiling 0.1 the accumulators run away within a
+    few chunks (and ``W`` shrinks below the LayerNorm's eps); at the default they stay near ``A_0``."""
+    assert MirasLayer(64, 2, "moneta", rngs=nnx.Rngs(0)).lr_max == LR_MAX_LQ_MLP
+    assert _accumulator_growth(None) < 3.0
+    assert _accumulator_growth(0.1) > 10.0
 
 
 def test_bad_configurations_raise():

@@ -10,7 +10,8 @@ Axis letters: ``b`` batch, ``t`` tokens, ``d`` model width, ``h`` heads, ``k`` k
     out     = W_o (RMSNorm_head(y_mem) * SiLU(W_g x))
 
 Gate ranges and initialisations (``GATE_INIT``): ``lr = lr_max sigmoid(z)`` (``lr_max`` = 1 for
-matrix memories, 0.1 for MLP memories; initial ``lr`` ~ ``lr_max / 2``), ``decay = sigmoid(z)``
+matrix memories, 0.1 for MLP memories, 3e-3 for an MLP memory under the l_q retention (Moneta; see
+``LR_MAX_LQ_MLP``); initial ``lr`` ~ ``lr_max / 2``), ``decay = sigmoid(z)``
 (initial ~0.95, channel-wise ``[k]`` per head for GLA), ``momentum = sigmoid(z)`` (~0.9),
 ``delta = softplus(z)`` (~1). ``z = x W_down W_up + bias`` with ``W_up`` initialised small, so
 gates start near their bias values and the bias sets the initial range. ``decay_init=(lo, hi)``
@@ -32,11 +33,28 @@ from miras_jax import presets, sharding
 from miras_jax.engine import decode as decode_lib
 from miras_jax.engine.api import memorize_batched
 from miras_jax.engine.reference import init_state
+from miras_jax.retention import LqRetention
 from miras_jax.spec import MirasSpec
 
 GATE_INIT = {"lr": 0.0, "decay": 2.944, "momentum": 2.197, "delta": 0.541}  # logit(.95), logit(.9)
 LR_MAX = {"linear": 1.0, "mlp": 0.1}
+# Moneta on an MLP memory: ``W = A / ||A||_q^(q-2)`` is homogeneous of degree 3 - q in ``A``, and the
+# memory's LayerNorm makes the inner gradient scale as ``1 / |W| ~ |A|`` (q = 4), so every write
+# grows ``A`` in proportion to ``A``: ``|A_t| ~ sqrt(a^2 + (lr c)^2) |A_{t-1}|`` with ``c`` ~ 10 at
+# init. Above a step of about ``sqrt(1 - a^2) / c`` the accumulator runs away and ``W`` shrinks until
+# the LayerNorm's eps swamps its pre-activations: at lr_max 0.1 the accumulators grew 10-20x in 16
+# tokens and the memory read returned only its residual ``q`` (MQAR stalled at 5%). At 3e-3 they
+# stay near ``A_0`` at the initial decays (WORKSPACE.md, "MQAR diagnostics").
+LR_MAX_LQ_MLP = 3e-3
 GATE_RANGE = {"decay": jax.nn.sigmoid, "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}  # lr: below
+
+
+def default_lr_max(spec: MirasSpec) -> float:
+    """The inner step ceiling a layer gets when ``lr_max`` is not given: ``LR_MAX[memory kind]``,
+    or ``LR_MAX_LQ_MLP`` for an MLP memory under the l_q retention."""
+    if spec.memory.kind == "mlp" and isinstance(spec.retention, LqRetention):
+        return LR_MAX_LQ_MLP
+    return LR_MAX[spec.memory.kind]
 
 
 def decay_bias(num_heads: int, lo: float, hi: float):
@@ -88,7 +106,7 @@ class MirasLayer(nnx.Module):
       gate_rank: rank ``r`` of the gate projections. conv_kernel: ``K``.
       channel_decay: ``decay`` per key channel (``[k]`` per head); default: True for "gla".
       decay_init: ``(lo, hi)`` initial decays spread over the heads. lr_max: the inner step size's
-        ceiling (``lr = lr_max sigmoid(z)``); default ``LR_MAX[memory kind]``.
+        ceiling (``lr = lr_max sigmoid(z)``); default ``default_lr_max(spec)``.
     """
 
     def __init__(self, d_model: int, num_heads: int, spec, *, head_dim: int | None = None,
@@ -105,7 +123,7 @@ class MirasLayer(nnx.Module):
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} "
                              "(or pass head_dim)")
         head_dim = head_dim or d_model // num_heads
-        lr_max = LR_MAX[spec.memory.kind] if lr_max is None else lr_max
+        lr_max = default_lr_max(spec) if lr_max is None else lr_max
         if not (isinstance(lr_max, (int, float)) and 0.0 < lr_max < float("inf")):
             raise ValueError(f"lr_max must be a positive finite number, got {lr_max!r}")
         self.lr_max = float(lr_max)

@@ -42,7 +42,7 @@ class LMConfig:
     gate_rank: int = 32
     conv_kernel: int = 4
     decay_init: tuple = ()                # (lo, hi): initial decay spread over heads (MirasLayer)
-    lr_max: float | None = None           # inner step size ceiling; None: 1 (matrix) / 0.1 (MLP memory)
+    lr_max: float | None = None           # inner step size ceiling; None: nn.layer.default_lr_max(spec)
     mlp_hidden: int | None = None
     tie_embeddings: bool = True
 
