@@ -140,12 +140,14 @@ def test_lr_max_sets_the_inner_step_size_ceiling():
     x = jax.random.normal(jax.random.key(0), (1, 5, cfg.d_model))
     lr = {}
     for name, c in (("default", base), ("one", cfg),
-                    ("moneta", dataclasses.replace(base, preset="moneta"))):
+                    ("moneta", dataclasses.replace(base, preset="moneta")),
+                    ("memora", dataclasses.replace(base, preset="memora"))):
         layer = MirasLM(c, rngs=nnx.Rngs(0)).blocks[0].mixer
         lr[name] = np.asarray(layer._gates(x)["lr"])
     np.testing.assert_allclose(lr["default"], 0.05, atol=2e-3)  # MLP memory: 0.1 sigmoid(~0)
     np.testing.assert_allclose(lr["one"], 10 * lr["default"], rtol=1e-5)
     np.testing.assert_allclose(lr["moneta"], 0.03 * lr["default"], rtol=1e-5)  # LR_MAX_LQ_MLP
+    np.testing.assert_allclose(lr["memora"], 30 * lr["default"], rtol=1e-5)    # LR_MAX_KL_MLP
     for bad in (0.0, -1.0, float("inf"), "1"):
         with pytest.raises(ValueError, match="lr_max must be a positive finite number"):
             MirasLayer(D, H, "moneta", lr_max=bad, rngs=nnx.Rngs(0))

@@ -11,8 +11,10 @@ written at token 2 is 0.95^250 ~ 3e-6 of itself when queried at token 250. With 
 left the ln(4096) loss plateau at steps 550-750 (a run with 0.95 stopped at step 653 still on it:
 not an A/B).
 
-Memora needs a larger inner step ceiling than the layer's MLP default (``lr_max`` 0.1):
-``--set=model.lr_max=3.0`` (on ``mqar_small``: 98.2% against 5.3%; WORKSPACE.md, "MQAR diagnostics")."""
+The layer's inner step ceiling ``lr_max`` defaults per spec (``nn.layer.default_lr_max``): 3e-3 for
+Moneta's MLP memory (at the generic MLP ceiling 0.1 its l_q accumulators run away and the memory
+reads only its residual: 5.2% against 99.3% on ``mqar_small``) and 3 for Memora's (98.2% against
+5.3%); WORKSPACE.md, "MQAR diagnostics"."""
 
 from experiments.configs import TrainConfig
 from miras_jax.nn import LMConfig
