@@ -47,9 +47,9 @@ LR_MAX = {"linear": 1.0, "mlp": 0.1}
 # tokens and the memory read returned only its residual ``q`` (MQAR stalled at 5%). At 3e-3 they
 # stay near ``A_0`` at the initial decays (WORKSPACE.md, "MQAR diagnostics").
 LR_MAX_LQ_MLP = 3e-3
-# Memora on an MLP memory: the KL step is multiplicative (``W = c softmax(a log W - lr g)``), and with
-# gradients of a LayerNorm'd memory it barely moves ``log W`` at 0.1: MQAR (``mqar_small``) 5.3% at
-# 0.1, 70.1% at 1, 98.2% at 3; the issue-size run reached 99% at 3; char-LM the same at 0.1 and 3.
+# Memora on an MLP memory: its multiplicative step (``W = c softmax(a log W - lr g)``) needs a far
+# larger ceiling than an additive one: MQAR (``mqar_small``) 5.3% at 0.1, 70.1% at 1, 98.2% at 3, and
+# the issue-size run reached 99% at 3; char-LM is the same at 0.1 and 3 (WORKSPACE.md).
 LR_MAX_KL_MLP = 3.0
 GATE_RANGE = {"decay": jax.nn.sigmoid, "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}  # lr: below
 
