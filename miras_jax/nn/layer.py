@@ -34,7 +34,6 @@ from miras_jax import presets, sharding
 from miras_jax.engine import decode as decode_lib
 from miras_jax.engine.api import memorize_batched
 from miras_jax.engine.reference import init_state
-from miras_jax.retention import KLRetention, LqRetention
 from miras_jax.spec import MirasSpec
 
 GATE_INIT = {"lr": 0.0, "decay": 2.944, "momentum": 2.197, "delta": 0.541}  # logit(.95), logit(.9)
@@ -51,17 +50,15 @@ LR_MAX_LQ_MLP = 3e-3
 # larger ceiling than an additive one: MQAR (``mqar_small``) 5.3% at 0.1, 70.1% at 1, 98.2% at 3, and
 # the issue-size run reached 99% at 3; char-LM is the same at 0.1 and 3 (WORKSPACE.md).
 LR_MAX_KL_MLP = 3.0
+LR_MAX_BY_RETENTION = {("mlp", "lq"): LR_MAX_LQ_MLP, ("mlp", "kl"): LR_MAX_KL_MLP}
 GATE_RANGE = {"decay": jax.nn.sigmoid, "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}  # lr: below
 
 
 def default_lr_max(spec: MirasSpec) -> float:
-    """The inner step ceiling a layer gets when ``lr_max`` is not given: ``LR_MAX[memory kind]``,
-    or for an MLP memory ``LR_MAX_LQ_MLP`` under the l_q retention, ``LR_MAX_KL_MLP`` under KL."""
-    if spec.memory.kind == "mlp" and isinstance(spec.retention, LqRetention):
-        return LR_MAX_LQ_MLP
-    if spec.memory.kind == "mlp" and isinstance(spec.retention, KLRetention):
-        return LR_MAX_KL_MLP
-    return LR_MAX[spec.memory.kind]
+    """The inner step ceiling a layer gets when ``lr_max`` is not given: ``LR_MAX_BY_RETENTION`` for
+    (memory kind, retention name) if listed, else ``LR_MAX[memory kind]``."""
+    kind = spec.memory.kind
+    return LR_MAX_BY_RETENTION.get((kind, spec.retention.name), LR_MAX[kind])
 
 
 def decay_bias(num_heads: int, lo: float, hi: float):
