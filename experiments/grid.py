@@ -128,6 +128,7 @@ def run_grid(cfg: configs.TrainConfig, grid: dict, workdir: str, *, data_path=No
 
 
 def _run_grid(cfg, grid, workdir, *, data_path, shard, progress):
+    cfg = train_lib.resolved(cfg)
     os.makedirs(workdir, exist_ok=True)
     vs = variants(grid)
     K = len(vs)

@@ -34,6 +34,7 @@ from experiments import configs, data
 from experiments.checkpoint import Checkpointer, resolve_resume
 from miras_jax import presets, sharding
 from miras_jax.nn import LMConfig, MirasLM, count_params
+from miras_jax.nn.layer import LR_MAX
 
 
 def define_flags():
@@ -318,6 +319,7 @@ def train(cfg: configs.TrainConfig, workdir: str, *, data_path: str | None = Non
 
 
 def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) -> dict:
+    cfg = resolved(cfg)
     os.makedirs(workdir, exist_ok=True)
     task = make_task(cfg, data_path)
     resume_dir = resolve_resume(workdir, resume) if resume else None  # fail before building the model
@@ -426,11 +428,31 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
     return summary
 
 
+def resolved(cfg: configs.TrainConfig) -> configs.TrainConfig:
+    """``cfg`` with the model's defaulted numbers filled in (``LMConfig.resolved``): what a run
+    saves, and what a resume compares against."""
+    return dataclasses.replace(cfg, model=cfg.model.resolved())
+
+
+def _tuples(v):
+    """JSON lists back to (nested) tuples."""
+    return tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+
+
 def config_from_dict(d: dict) -> configs.TrainConfig:
-    """Inverse of ``_config_dict`` (JSON lists back to tuples)."""
-    tup = lambda v: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-    model = LMConfig(**{k: tup(v) for k, v in d["model"].items()})
-    return configs.TrainConfig(**{k: tup(v) for k, v in d.items() if k != "model"}, model=model)
+    """Inverse of ``_config_dict``; the model config as ``_saved_model`` reads it."""
+    return configs.TrainConfig(**{k: _tuples(v) for k, v in d.items() if k != "model"},
+                               model=LMConfig(**_saved_model(d["model"])))
+
+
+def _saved_model(saved: dict) -> dict:
+    """A checkpoint's model config: a field it predates is its default, and an unresolved ``lr_max``
+    (None or absent: written before runs saved the resolved value) is ``LR_MAX[memory kind]``,
+    what the layers used then (since then Moneta's MLP memory defaults to 3e-3, Memora's to 3)."""
+    d = {**dataclasses.asdict(LMConfig()), **{k: _tuples(v) for k, v in saved.items()}}
+    if d["lr_max"] is None and "M" in d["pattern"]:
+        d["lr_max"] = LR_MAX[LMConfig(**d).spec().memory.kind]
+    return d
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -449,17 +471,19 @@ def load_run(workdir: str, step: int | None = None):
 
 
 def _same_model(saved: dict | None, current: dict) -> bool:
-    """Whether a checkpoint's model config is this run's; a field the checkpoint predates counts
-    as its default (adding an ``LMConfig`` field must not orphan older checkpoints)."""
+    """Whether a checkpoint's model config (read by ``_saved_model``: adding an ``LMConfig`` field
+    must not orphan older checkpoints) is this run's (resolved) one."""
     if saved is None:
         return False
-    defaults = _config_dict(configs.TrainConfig(model=LMConfig()))["model"]
-    return {**defaults, **saved} == current
+    return _json(_saved_model(saved)) == current
+
+
+def _json(d):
+    return json.loads(json.dumps(d, default=list))
 
 
 def _config_dict(cfg: configs.TrainConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    return json.loads(json.dumps(d, default=list))
+    return _json(dataclasses.asdict(cfg))
 
 
 def config_from_flags() -> configs.TrainConfig:
@@ -497,4 +521,4 @@ if __name__ == "__main__":
     app.run(main)
 
 
-__all__ = ["LMConfig", "Task", "TrainingError", "build", "evaluate", "make_task", "masked_loss", "train"]
+__all__ = ["LMConfig", "Task", "TrainingError", "build", "evaluate", "make_task", "masked_loss", "resolved", "train"]

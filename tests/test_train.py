@@ -113,6 +113,42 @@ def test_resume_accepts_a_checkpoint_that_predates_a_model_field(tmp_path, monke
     assert summary["finished"] and summary["steps_done"] == 8
 
 
+def test_a_run_saves_its_resolved_step_ceiling_and_an_unresolved_one_reads_as_it_was_written(tmp_path,
+                                                                                              monkeypatch):
+    """Checkpoints record the ``lr_max`` the layers used, so a later change of the per-spec default
+    cannot silently change a resumed run; one saved as None (before this) trained at
+    ``LR_MAX[memory kind]`` (0.1 for Moneta's MLP memory, now 3e-3) and resumes or loads only as that."""
+    from miras_jax.nn.layer import LR_MAX, default_lr_max
+
+    cfg = configs.override(TINY, ["model.preset=moneta", "steps=4"])
+    new = default_lr_max(cfg.model.spec())
+    assert new != LR_MAX["mlp"]
+    train_lib.train(cfg, str(tmp_path / "now"), stop_after=2, progress=False)
+    with Checkpointer(tmp_path / "now" / "checkpoints") as ck:
+        assert ck.restore_meta()["config"]["model"]["lr_max"] == new
+    assert train_lib.load_run(str(tmp_path / "now"))[0].model.lr_max == new
+
+    full = train_lib._config_dict
+
+    def unresolved(c):  # what a run saved before it resolved lr_max
+        d = full(c)
+        d["model"]["lr_max"] = None
+        return d
+
+    monkeypatch.setattr(train_lib, "_config_dict", unresolved)
+    monkeypatch.setattr(train_lib, "resolved", lambda c: c)
+    train_lib.train(configs.override(cfg, ["model.lr_max=0.1"]), str(tmp_path / "old"), stop_after=2, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(train_lib.TrainingError, match="cannot resume"):
+        train_lib.train(cfg, str(tmp_path / "old"), resume="auto", progress=False)
+    got, graphdef, params, rest, _ = train_lib.load_run(str(tmp_path / "old"))
+    assert got.model.lr_max == LR_MAX["mlp"]
+    assert train_lib.merge(graphdef, params, rest).blocks[0].mixer.lr_max == LR_MAX["mlp"]
+    summary = train_lib.train(configs.override(cfg, ["model.lr_max=0.1"]), str(tmp_path / "old"), resume="auto",
+                              progress=False)
+    assert summary["finished"] and summary["steps_done"] == 4
+
+
 def jax_leaves(tree):
     import jax
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from miras_jax import presets
 from miras_jax.nn.attention import Attention
-from miras_jax.nn.layer import MirasLayer
+from miras_jax.nn.layer import MirasLayer, default_lr_max
 
 MIXERS = {"M": "miras", "S": "sliding-window attention", "A": "global attention"}
 
@@ -64,6 +64,18 @@ class LMConfig:
     def hidden(self) -> int:
         return self.mlp_hidden or -(-(8 * self.d_model) // 3 // 8) * 8
 
+    def spec(self):
+        """The Miras layers' spec: the preset with ``preset_kwargs``, then ``hparams``."""
+        spec = presets.get(self.preset, **dict(self.preset_kwargs))
+        return spec.with_hparams(**dict(self.hparams)) if self.hparams else spec
+
+    def resolved(self) -> LMConfig:
+        """This config with ``lr_max`` the number the Miras layers use (``default_lr_max(spec)``
+        when None), so what is saved records the step ceiling a model trained with."""
+        if self.lr_max is not None or "M" not in self.pattern:
+            return self
+        return dataclasses.replace(self, lr_max=default_lr_max(self.spec()))
+
 
 class SwiGLU(nnx.Module):
     def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
@@ -81,10 +93,7 @@ class MirasBlock(nnx.Module):
     def __init__(self, cfg: LMConfig, kind: str, *, rngs: nnx.Rngs):
         self.kind = kind
         if kind == "M":
-            spec = presets.get(cfg.preset, **dict(cfg.preset_kwargs))
-            if cfg.hparams:
-                spec = spec.with_hparams(**dict(cfg.hparams))
-            self.mixer = MirasLayer(cfg.d_model, cfg.num_heads, spec, chunk_size=cfg.chunk_size,
+            self.mixer = MirasLayer(cfg.d_model, cfg.num_heads, cfg.spec(), chunk_size=cfg.chunk_size,
                                     implementation=cfg.implementation, remat_every=cfg.remat_every,
                                     gate_rank=cfg.gate_rank, conv_kernel=cfg.conv_kernel,
                                     decay_init=tuple(cfg.decay_init) or None, lr_max=cfg.lr_max,
