@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from experiments import configs, inspect_memory
@@ -55,3 +56,8 @@ def test_inspect_run_reads_a_saved_run(tmp_path):
     assert [(r["step"], r["layer"], r["head"]) for r in rows] == [(2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1)]
     assert all(np.isfinite(r["memory_ratio"]).all() for r in rows)
     assert jnp.isfinite(jnp.asarray([r["read_std"] for r in rows])).all()
+
+
+def test_inspect_run_of_a_directory_without_checkpoints_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        inspect_memory.inspect_run(str(tmp_path))
