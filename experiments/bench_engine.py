@@ -38,6 +38,8 @@ flags.DEFINE_integer("remat_every", 0, "remat groups of chunks (xla mini-batch f
 flags.DEFINE_float("peak_gflops", 190.0, "machine float32 matmul peak, GFLOP/s")
 flags.DEFINE_integer("host_devices", 1, "> 1: split the batch over this many host CPU devices, each "
                      "running single-threaded (data parallel over the cores; B must divide)")
+flags.DEFINE_bool("traced_hparams", False, "pass the spec's hyper-parameters as a jit argument (as the "
+                  "Flax layer and vmapped grids do) instead of closing over them: no static-q l_q fast path")
 flags.DEFINE_string("child", "", "internal: run one measurement 'preset,impl,T,mode'")
 FLAGS = flags.FLAGS
 
@@ -69,14 +71,16 @@ def _program(preset: str, impl: str, T: int, mode: str):
     params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(ks[7], H))
     kw = dict(chunk_size=f.chunk if impl == "xla" else 1, implementation=impl, remat_every=f.remat_every)
 
-    def fwd(params, q, k, v, gates):
-        return mj.memorize_batched(spec, params, q, k, v, gates, **kw)[0]
+    def fwd(params, q, k, v, gates, hp=None):
+        s = spec if hp is None else spec.replace(hparams=hp)
+        return mj.memorize_batched(s, params, q, k, v, gates, **kw)[0]
 
     if mode == "fwd":
         fn = jax.jit(fwd)
     else:
         fn = jax.jit(jax.grad(lambda *a: jnp.sum(fwd(*a) ** 2), argnums=(0, 1, 2, 3, 4)))
     args = (params, q, k, v, gates)
+    hp = (spec.hparams,) if f.traced_hparams else ()
     if f.host_devices > 1:   # batch rows over the host devices (one core each), params replicated
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -84,7 +88,8 @@ def _program(preset: str, impl: str, T: int, mode: str):
         mesh = jax.make_mesh((f.host_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         rows = lambda t: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("data"))), t)  # noqa: E731
         args = (jax.device_put(params, NamedSharding(mesh, P())), *rows((q, k, v, gates)))
-    return fn, args, kw
+        hp = jax.device_put(hp, NamedSharding(mesh, P()))
+    return fn, args + hp, kw
 
 
 def _flops(compiled) -> float:
@@ -120,6 +125,7 @@ def measure(preset: str, impl: str, T: int, mode: str) -> dict:
         "peak_frac": round(flops / med / 1e9 / f.peak_gflops, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "compile_s": round(compile_s, 2), "remat_every": f.remat_every, "host_devices": f.host_devices,
+        "traced_hparams": f.traced_hparams,
         "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc",
         "jax": jax.__version__,
     }

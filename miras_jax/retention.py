@@ -85,6 +85,13 @@ def _abs_pow_sum_jvp(primals, tangents):
     return jnp.sum(p), jnp.sum(d_a * da) + jnp.sum(p * log_abs) * dq
 
 
+def int_pow_sum(a, q: int):
+    """``sum |a|^q`` for a static integer ``q``: repeated multiplication (``lax.integer_pow``), no
+    ``exp`` / ``log`` in the value or its gradient. Engines call it where ``q`` is a known constant
+    (``chunked_vjp.static_q``); a traced ``q`` (a vmapped grid) takes :func:`abs_pow_sum`."""
+    return jnp.sum(a ** q if q % 2 == 0 else jnp.abs(a) ** q)
+
+
 def lq_scale(a, q, floor=0.0):
     """``max(||A||_q, floor)^-(q-2)`` for one matrix, ``||A||_q = (sum |A|^q)^(1/q)``; for ``A = 0``
     it is ``floor^-(q-2)`` (1 if ``floor = 0``).
@@ -96,11 +103,12 @@ def lq_scale(a, q, floor=0.0):
 
     ``floor`` bounds the exposed weights ``W = s(A) A``: without it ``||W||_q = ||A||_q^(3-q)``,
     unbounded as ``A -> 0`` for ``q > 3``; with it ``||W||_q <= floor^(3-q)`` (``LQ_NORM_FLOOR``).
+    A Python ``int`` ``q`` takes :func:`int_pow_sum` (same value, no ``exp`` / ``log`` per entry).
     """
     m = jax.lax.stop_gradient(jnp.max(jnp.abs(a)))
     pos = m > 0
     m = jnp.where(pos, m, 1.0)
-    s = abs_pow_sum(a / m, q)
+    s = int_pow_sum(a / m, q) if isinstance(q, int) else abs_pow_sum(a / m, q)
     log_norm = jnp.log(m) + jnp.log(jnp.where(pos, s, 1.0)) / q
     has_floor = floor > 0
     log_floor = jnp.log(jnp.where(has_floor, floor, 1.0))

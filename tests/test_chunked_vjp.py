@@ -130,3 +130,29 @@ def test_memorize_uses_the_hand_vjp_for_gd_specs_only():
     with pytest.raises(ValueError, match="vjp must be"):
         spec, state, (q, k, v, gates) = _setup("moneta", {}, T=8, d=4, seed=0)
         chunked.memorize_chunked(spec, state, q, k, v, gates, 4, vjp="manual")
+
+
+@pytest.mark.parametrize("q", [4.0, 3.0])
+def test_static_integer_q_equals_the_traced_q_path(q):
+    """A concrete integer ``q`` takes ``int_pow_sum`` (no exp / log per entry); it must equal the
+    general path (``q`` traced: the spec's hparams a differentiated argument) on values and on the
+    gradients w.r.t. everything else."""
+    spec, state, args = _setup("moneta", {"q": q}, T=37, d=8, seed=11)
+    assert chunked_vjp.static_q(spec) == int(q)
+    assert chunked_vjp.static_q(spec.with_hparams(q=3.5)) is None
+
+    def run(hp, memory, retention, q_, k, v, gates):
+        s = spec if hp is None else spec.replace(hparams=hp)
+        if hp is not None:
+            assert chunked_vjp.static_q(s) is None          # traced: the general path
+        st = MemoryState(memory, retention, state.optimizer)
+        y, fin = chunked.memorize_chunked(s, st, q_, k, v, gates, 8)
+        return y, fin.memory, fin.retention
+
+    primals = (state.memory, state.retention, *args)
+    out_s, vjp_s = jax.vjp(lambda *a: run(None, *a), *primals)
+    out_t, vjp_t = jax.vjp(run, spec.hparams, *primals)
+    keys = jax.random.split(jax.random.key(3), len(jax.tree.leaves(out_t)))
+    cot = jax.tree.unflatten(jax.tree.structure(out_t), [jax.random.normal(kk, x.shape, x.dtype)
+                                                         for kk, x in zip(keys, jax.tree.leaves(out_t))])
+    _assert_close((out_s, vjp_s(cot)), (out_t, vjp_t(cot)[1:]))
