@@ -38,8 +38,8 @@ flags.DEFINE_integer("remat_every", 0, "remat groups of chunks (xla mini-batch f
 flags.DEFINE_float("peak_gflops", 190.0, "machine float32 matmul peak, GFLOP/s")
 flags.DEFINE_integer("host_devices", 1, "> 1: split the batch over this many host CPU devices, each "
                      "running single-threaded (data parallel over the cores; B must divide)")
-flags.DEFINE_bool("traced_hparams", False, "pass the spec's hyper-parameters as a jit argument (as the "
-                  "Flax layer and vmapped grids do) instead of closing over them: no static-q l_q fast path")
+flags.DEFINE_bool("traced_hparams", False, "pass the spec's hyper-parameters as a jit argument (as vmapped "
+                  "grids do) instead of closing over them: no static-q l_q fast path")
 flags.DEFINE_string("child", "", "internal: run one measurement 'preset,impl,T,mode'")
 FLAGS = flags.FLAGS
 

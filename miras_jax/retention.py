@@ -85,10 +85,19 @@ def _abs_pow_sum_jvp(primals, tangents):
     return jnp.sum(p), jnp.sum(d_a * da) + jnp.sum(p * log_abs) * dq
 
 
+def static_int(q, low: int = 2, high: int = 16) -> int | None:
+    """``q`` as a Python int when it is a concrete (untraced) scalar integer in ``[low, high]``,
+    else ``None`` (a traced ``q``: ``jax.vmap`` over a grid, a differentiated or ``jit`` argument)."""
+    val = None if q is None else concrete(q)
+    if val is None or val.ndim != 0:
+        return None
+    qf = float(val)
+    return int(qf) if qf.is_integer() and low <= qf <= high else None
+
+
 def int_pow_sum(a, q: int):
     """``sum |a|^q`` for a static integer ``q``: repeated multiplication (``lax.integer_pow``), no
-    ``exp`` / ``log`` in the value or its gradient. Engines call it where ``q`` is a known constant
-    (``chunked_vjp.static_q``); a traced ``q`` (a vmapped grid) takes :func:`abs_pow_sum`."""
+    ``exp`` / ``log`` in the value or its gradient (:func:`abs_pow_sum` is the traced-``q`` form)."""
     return jnp.sum(a ** q if q % 2 == 0 else jnp.abs(a) ** q)
 
 
@@ -103,12 +112,15 @@ def lq_scale(a, q, floor=0.0):
 
     ``floor`` bounds the exposed weights ``W = s(A) A``: without it ``||W||_q = ||A||_q^(3-q)``,
     unbounded as ``A -> 0`` for ``q > 3``; with it ``||W||_q <= floor^(3-q)`` (``LQ_NORM_FLOOR``).
-    A Python ``int`` ``q`` takes :func:`int_pow_sum` (same value, no ``exp`` / ``log`` per entry).
+    A concrete integer ``q`` (:func:`static_int`) takes :func:`int_pow_sum` (same value, no ``exp`` /
+    ``log`` per entry: that was ~10% of Moneta's chunked forward + backward on the CPU).
     """
     m = jax.lax.stop_gradient(jnp.max(jnp.abs(a)))
     pos = m > 0
     m = jnp.where(pos, m, 1.0)
-    s = int_pow_sum(a / m, q) if isinstance(q, int) else abs_pow_sum(a / m, q)
+    qi = static_int(q)
+    q = q if qi is None else qi
+    s = abs_pow_sum(a / m, q) if qi is None else int_pow_sum(a / m, qi)
     log_norm = jnp.log(m) + jnp.log(jnp.where(pos, s, 1.0)) / q
     has_floor = floor > 0
     log_floor = jnp.log(jnp.where(has_floor, floor, 1.0))

@@ -70,10 +70,13 @@ def _outputs_and_vjp(spec, state, args, chunk, vjp, remat_every=0):
         return y, fin.memory, fin.retention
 
     out, fn = jax.vjp(f, spec.hparams, state.memory, state.retention, *args)
-    keys = jax.random.split(jax.random.key(42), len(jax.tree.leaves(out)))
-    cot = jax.tree.unflatten(jax.tree.structure(out), [jax.random.normal(kk, x.shape, x.dtype)
-                                                       for kk, x in zip(keys, jax.tree.leaves(out))])
-    return out, fn(cot)
+    return out, fn(_random_cotangent(out, 42))
+
+
+def _random_cotangent(out, seed):
+    keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(out)))
+    return jax.tree.unflatten(jax.tree.structure(out), [jax.random.normal(kk, x.shape, x.dtype)
+                                                        for kk, x in zip(keys, jax.tree.leaves(out))])
 
 
 def _assert_close(got, want, grad_tol=GRAD_TOL, val_tol=VAL_TOL):
@@ -152,7 +155,5 @@ def test_static_integer_q_equals_the_traced_q_path(q):
     primals = (state.memory, state.retention, *args)
     out_s, vjp_s = jax.vjp(lambda *a: run(None, *a), *primals)
     out_t, vjp_t = jax.vjp(run, spec.hparams, *primals)
-    keys = jax.random.split(jax.random.key(3), len(jax.tree.leaves(out_t)))
-    cot = jax.tree.unflatten(jax.tree.structure(out_t), [jax.random.normal(kk, x.shape, x.dtype)
-                                                         for kk, x in zip(keys, jax.tree.leaves(out_t))])
+    cot = _random_cotangent(out_t, 3)
     _assert_close((out_s, vjp_s(cot)), (out_t, vjp_t(cot)[1:]))

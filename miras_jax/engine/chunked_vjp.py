@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from miras_jax import inner_opt
 from miras_jax import memory as memory_lib
+from miras_jax import retention as retention_lib
 
 
 class Layout(NamedTuple):
@@ -232,17 +233,11 @@ class Config(NamedTuple):
 
 
 def static_q(spec) -> int | None:
-    """The l_q retention's ``q`` as a Python int when it is a concrete (untraced) integer in
-    ``[2, 16]``, else ``None``. Then the l_q scale is computed by repeated multiplication
-    (``retention.int_pow_sum``) instead of ``exp(q log|A|)`` per entry: that ``exp`` / ``log``
-    was ~10% of Moneta's forward + backward on the CPU. ``q`` traced (``jax.vmap`` over a grid,
-    or the spec a ``jit`` argument) keeps the general path, and with it ``d/dq``; a concrete ``q``
-    has no cotangent to give."""
-    q = spec.hparams["retention"].get("q")
-    if q is None or isinstance(q, jax.core.Tracer) or jnp.ndim(q) != 0:
-        return None
-    qf = float(q)
-    return int(qf) if qf.is_integer() and 2 <= qf <= 16 else None
+    """The l_q retention's ``q`` if it is a concrete integer (``retention.static_int``). Inside
+    :func:`_engine`'s ``custom_vjp`` every hparam is traced, so it is taken here and kept in
+    :class:`Config`: the l_q scale then multiplies instead of taking ``exp`` / ``log`` per entry.
+    A traced ``q`` keeps the general path, and with it ``d/dq``."""
+    return retention_lib.static_int(spec.hparams["retention"].get("q"))
 
 
 class ChunkIn(NamedTuple):
