@@ -39,17 +39,23 @@ def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
+def _gelu_slope(x, t, du):
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+
+
+def _gelu_curvature(x, t, du):
+    return (1.0 - t * t) * (du + 3.0 * _GELU_A * _GELU_C * x * x - x * t * du * du)
+
+
 @jax.custom_jvp
 def gelu_tanh_slope(x):
     """``gelu'(x) = (1 + t) / 2 + x (1 - t^2) u' / 2``."""
-    t, du = _gelu_parts(x)
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    return _gelu_slope(x, *_gelu_parts(x))
 
 
 def gelu_tanh_curvature(x):
     """``gelu''(x) = (1 - t^2) (u' + 3 0.044715 sqrt(2/pi) x^2 - x t u'^2)``."""
-    t, du = _gelu_parts(x)
-    return (1.0 - t * t) * (du + 3.0 * _GELU_A * _GELU_C * x * x - x * t * du * du)
+    return _gelu_curvature(x, *_gelu_parts(x))
 
 
 @gelu_tanh.defjvp
@@ -70,6 +76,19 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "identity": lambda x: x,
 }
+
+
+def activation_derivatives(name: str, x, n: int) -> list:
+    """``[act(x), act'(x), act''(x)][:n]`` from one evaluation (gelu: one ``tanh`` for all three,
+    where separate calls would each recompute it)."""
+    if name == "gelu":
+        t, du = _gelu_parts(x)
+        return [0.5 * x * (1.0 + t), _gelu_slope(x, t, du), _gelu_curvature(x, t, du)][:n]
+    out, f = [], ACTIVATIONS[name]
+    for _ in range(n):
+        out.append(f(x))
+        f = (lambda g: lambda z: jax.jvp(g, (z,), (jnp.ones_like(z),))[1])(f)
+    return out
 
 
 def _init_matrix(key, shape, init: str, scale: float, dtype):

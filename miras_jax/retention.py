@@ -139,6 +139,13 @@ def simplex_softmax(z, c=None):
     return c * jax.nn.softmax(z, axis=-1)
 
 
+def simplex_softmax_vjp(w, g, c=None):
+    """VJP of :func:`simplex_softmax` from its output ``w``: ``dz = w g - w sum(w g) / c`` per row."""
+    c = w.shape[-1] if c is None else c
+    wg = w * g
+    return wg - w * (jnp.sum(wg, axis=-1, keepdims=True) / c)
+
+
 @dataclasses.dataclass(frozen=True)
 class Retention:
     """A retention gate: ``z_t = a_t z_{t-1} + u_t`` in the dual space, ``W_t = from_dual(z_t)``.
@@ -268,6 +275,10 @@ class KLRetention(Retention):
 
     def from_dual(self, z, hp):
         return jax.tree.map(lambda x: simplex_softmax(x, self.c), z)
+
+    def from_dual_vjp(self, w, g):
+        """``dz`` for one matrix from ``w = from_dual(z)`` (no ``hp`` enters the map)."""
+        return simplex_softmax_vjp(w, g, self.c)
 
 
 @dataclasses.dataclass(frozen=True)

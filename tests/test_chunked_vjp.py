@@ -44,7 +44,8 @@ def _f64(t):
 
 
 def _setup(name, kw, T, d, seed, wide=False):
-    spec = mj.presets.get(name, **kw)
+    spec = name if isinstance(name, mj.MirasSpec) else mj.presets.get(name, **kw)
+    name = spec.name
     q, k, v, gates = random_inputs(seed, T, d, d)
     gates = {g: gates[g] for g in spec.required_gates}
     if "decay" in gates:
@@ -99,6 +100,18 @@ def test_hand_vjp_equals_autodiff_on_random_shapes(name, kw, x64):
     assert chunked_vjp.supports(spec, momentum=False, channel=False)
     _assert_close(_outputs_and_vjp(spec, state, args, chunk, "hand"),
                   _outputs_and_vjp(spec, state, args, chunk, "autodiff"), **EXACT)
+
+
+def test_lag_mode_without_an_analytic_from_dual_vjp(x64):
+    """"lag" mode for a retention with no ``from_dual_vjp`` (elastic net: soft threshold, hparam
+    ``gamma``): ``jax.vjp`` of ``from_dual`` at the recomputed ``z``, ``d/dgamma`` included."""
+    base = mj.presets.get("yaad")
+    spec = mj.MirasSpec(memory=base.memory, bias=mj.bias.l2_bias(), retention=mj.retention.elastic_net_retention(),
+                        optimizer=mj.inner_opt.gd())
+    assert spec.retention.chunk_mode == "lag" and not hasattr(spec.retention, "from_dual_vjp")
+    spec, state, args = _setup(spec, {}, T=29, d=8, seed=4, wide=True)
+    _assert_close(_outputs_and_vjp(spec, state, args, 8, "hand"),
+                  _outputs_and_vjp(spec, state, args, 8, "autodiff"), **EXACT)
 
 
 @pytest.mark.parametrize("name", ["moneta", "yaad", "memora"])

@@ -26,6 +26,17 @@ def test_gelu_tanh_matches_jax_nn_gelu(x64, order):
     np.testing.assert_allclose(got, ref, rtol=F64_TOL, atol=F64_TOL)
 
 
+@pytest.mark.parametrize("name", ["gelu", "silu", "identity"])
+def test_activation_derivatives_equal_autodiff(x64, name):
+    """``activation_derivatives`` (one shared evaluation) == value, first and second autodiff derivatives."""
+    x = jnp.linspace(-6.0, 6.0, 97)
+    f = M.ACTIVATIONS[name]
+    got = M.activation_derivatives(name, x, 3)
+    assert len(got) == 3 and len(M.activation_derivatives(name, x, 2)) == 2
+    for order, g in enumerate(got):
+        np.testing.assert_allclose(g, _nth_derivative(f, order)(x), rtol=F64_TOL, atol=F64_TOL)
+
+
 def test_gelu_tanh_check_grads(x64):
     x = jnp.linspace(-4.0, 4.0, 33)
     check_grads(M.gelu_tanh, (x,), order=3, modes=("fwd", "rev"))

@@ -65,14 +65,9 @@ def _act(name):
     return memory_lib.ACTIVATIONS[name]
 
 
-def _act1(name, x):
-    """``act'(x)``."""
-    return jax.jvp(_act(name), (x,), (jnp.ones_like(x),))[1]
-
-
-def _act2(name, x):
-    """``act''(x)``."""
-    return jax.jvp(lambda z: _act1(name, z), (x,), (jnp.ones_like(x),))[1]
+def _acts(name, x, n):
+    """``[act(x), act'(x), act''(x)][:n]``, one evaluation (``memory.activation_derivatives``)."""
+    return memory_lib.activation_derivatives(name, x, n)
 
 
 def _ln_vjp(o, g, eps: float = 1e-5):
@@ -116,16 +111,18 @@ def _centred(lay: Layout, W, l):
 def _factors(lay: Layout, bias, hpb, P, K, V, G):
     """Factors of the chunk's gradients at ``P``: ``(X, Z, E, M)`` per layer (``M_l = E_l P_l``)."""
     L = lay.depth
-    X, Z = [K], []
+    X, Z, A1 = [K], [], []
     for l in range(L):
         Z.append(X[l] @ _centred(lay, P[l], l).T)                        # [c, n_{l+1}]
         if l < L - 1:
-            X.append(_act(lay.act)(Z[l]))
+            x_next, a1 = _acts(lay.act, Z[l], 2)
+            X.append(x_next)
+            A1.append(a1)
     E, M = [None] * L, [None] * L
     E[L - 1] = _head(lay, bias, Z[-1], K, V, G, hpb)
     for l in range(L - 1, 0, -1):
         M[l] = E[l] @ P[l]                                               # [c, n_l]
-        E[l - 1] = M[l] * _act1(lay.act, Z[l - 1])
+        E[l - 1] = M[l] * A1[l - 1]
     return X, Z, E, M
 
 
@@ -152,12 +149,13 @@ def _reads(lay: Layout, Bw, beta, C, S, Q, X, E):
 
 # --- one chunk, one head: backward pieces -----------------------------------------------------
 
-def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, YX, R, dy):
-    """VJP of :func:`_reads`: ``(dQ, dB, dbeta, dC, dS, dX, dE)``."""
+def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy):
+    """VJP of :func:`_reads` (``A1U_l = act'(U_l)`` for the hidden layers):
+    ``(dQ, dB, dbeta, dC, dS, dX, dE)``."""
     L = lay.depth
-    U = [r if S is None else S[l][:, None] * r for l, r in enumerate(R)]
     dQ = dy if lay.res else jnp.zeros_like(dy)
-    du = _ln_vjp(U[-1], dy) if lay.ln else dy
+    u_top = R[-1] if S is None else S[-1][:, None] * R[-1]
+    du = _ln_vjp(u_top, dy) if lay.ln else dy
     dB, dX, dE, dS = [None] * L, [None] * L, [None] * L, [None] * L
     dbeta, dC = jnp.zeros_like(beta), jnp.zeros_like(C)
     for l in range(L - 1, -1, -1):
@@ -176,7 +174,7 @@ def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, YX, R, dy):
         dY = beta[:, None] * drB + dyx @ X[l]
         dX[l] = dyx.T @ Y[l]
         if l > 0:
-            du = dY * _act1(lay.act, U[l - 1])
+            du = dY * A1U[l - 1]
         else:
             dQ = dQ + dY
     return dQ, dB, dbeta, dC, dS, dX, dE
@@ -196,14 +194,15 @@ def _end_bwd(Bw, beta_c, C_c, X, E, dZ):
     return dB, dbeta_c, dC_c, dX, dE
 
 
-def _factors_bwd(lay: Layout, bias, hpb, P, K, V, G, X, Z, E, M, dX, dE):
-    """VJP of :func:`_factors` for cotangents on ``X`` and ``E``: ``(dP, dK, dV, dG, dhpb)``."""
+def _factors_bwd(lay: Layout, bias, hpb, P, K, V, G, X, Z, AZ, E, M, dX, dE):
+    """VJP of :func:`_factors` for cotangents on ``X`` and ``E`` (``AZ_l = (act, act', act'')(Z_l)``
+    for the hidden layers): ``(dP, dK, dV, dG, dhpb)``."""
     L = lay.depth
     dP, dZ = [None] * L, [None] * L
     dX, dE = list(dX), list(dE)
     for l in range(1, L):            # E_{l-1} = (E_l P_l) * act'(Z_{l-1}), computed top-down
-        dM = dE[l - 1] * _act1(lay.act, Z[l - 1])
-        dZ[l - 1] = dE[l - 1] * M[l] * _act2(lay.act, Z[l - 1])
+        dM = dE[l - 1] * AZ[l - 1][1]
+        dZ[l - 1] = dE[l - 1] * M[l] * AZ[l - 1][2]
         dE[l] = dE[l] + dM @ P[l].T
         dP[l] = E[l].T @ dM
     _, vjp = jax.vjp(lambda o, K, V, G, hpb: _head(lay, bias, o, K, V, G, hpb), Z[-1], K, V, G, hpb)
@@ -214,7 +213,7 @@ def _factors_bwd(lay: Layout, bias, hpb, P, K, V, G, X, Z, E, M, dX, dE):
         dPl = dZ[l].T @ X[l]
         dP[l] = dPl if dP[l] is None else dP[l] + dPl
         if l > 0:
-            extra = dX[l] * _act1(lay.act, Z[l - 1])
+            extra = dX[l] * AZ[l - 1][1]
             dZ[l - 1] = extra if dZ[l - 1] is None else dZ[l - 1] + extra
     return dP, dK + dX[0], dV, dG, dhpb
 
@@ -260,13 +259,51 @@ def _coeffs(mode, lr, log_a):
     return coefficients(lr, log_a)
 
 
-def _lag_base(cfg: Config, hpr, P, E0, X0, lr0, la0, m0):
-    """Memora's first token: ``W' = retention.step(project(P), -lr_0 E_l[0] X_l[0]^T, a_0)`` per layer
-    (``P`` itself if token 0 is padding)."""
+def _lag_dual(cfg: Config, hpr, P):
+    """``D_l = to_dual(project(P_l))``: the dual of the chunk-start memory (Memora: ``log P``)."""
     mem, ret = cfg.memory, cfg.ret
-    u0 = mem.from_leaves([-lr0 * jnp.outer(e, x) for e, x in zip(E0, X0)])
-    W1, _ = ret.step(ret.project(mem.from_leaves(P)), (), u0, jnp.exp(la0), hpr)
-    return [jnp.where(m0 > 0, w, p) for w, p in zip(mem.leaves(W1), P)]
+    return mem.leaves(ret.to_dual(ret.project(mem.from_leaves(P)), hpr))
+
+
+def _lag_z(D, E0, X0, lr0, la0):
+    """The first token's exact step in the dual space: ``z_l = a_0 D_l - lr_0 E_l[0] X_l[0]^T``."""
+    a = jnp.exp(la0)
+    return [a * d - lr0 * jnp.outer(e, x) for d, e, x in zip(D, E0, X0)]
+
+
+def _from_dual(cfg: Config, hpr, z):
+    return cfg.memory.leaves(cfg.ret.from_dual(cfg.memory.from_leaves(z), hpr))
+
+
+def _lag_fwd(cfg: Config, hpr, P, E0, X0, lr0, la0, m0):
+    """Memora's first token: ``W1_l = from_dual(z_l)`` (``retention.step`` on ``project(P)``); the base
+    is ``W1`` (``P`` itself if token 0 is padding). Returns ``(base, W1)``."""
+    W1 = _from_dual(cfg, hpr, _lag_z(_lag_dual(cfg, hpr, P), E0, X0, lr0, la0))
+    return [jnp.where(m0 > 0, w, p) for w, p in zip(W1, P)], W1
+
+
+def _lag_bwd(cfg: Config, hpr, P, E0, X0, lr0, la0, m0, W1, g):
+    """VJP of :func:`_lag_fwd` for the base's cotangent ``g``: ``(dP, dE0, dX0, dlr0, dla0, dhpr)``.
+    ``from_dual``'s VJP is taken from its output ``W1`` where the retention has one
+    (``from_dual_vjp``: no ``exp`` again for Memora's softmax); otherwise ``jax.vjp`` at ``z``."""
+    keep = m0 > 0
+    g1 = [jnp.where(keep, gi, 0.0) for gi in g]
+    D, dual_vjp = jax.vjp(lambda P_, h: _lag_dual(cfg, h, P_), P, hpr)
+    if hasattr(cfg.ret, "from_dual_vjp"):
+        dz = [cfg.ret.from_dual_vjp(w, gi) for w, gi in zip(W1, g1)]
+        dh_from = jax.tree.map(jnp.zeros_like, hpr)
+    else:
+        _, from_vjp = jax.vjp(lambda z, h: _from_dual(cfg, h, z), _lag_z(D, E0, X0, lr0, la0), hpr)
+        dz, dh_from = from_vjp(g1)
+    a = jnp.exp(la0)
+    dla0 = a * sum(jnp.sum(dzi * di) for dzi, di in zip(dz, D))
+    dzx = [dzi @ x for dzi, x in zip(dz, X0)]                        # [n_{l+1}]
+    dlr0 = -sum(jnp.dot(e, v) for e, v in zip(E0, dzx))
+    dE0 = [-lr0 * v for v in dzx]
+    dX0 = [-lr0 * (e @ dzi) for e, dzi in zip(E0, dz)]
+    dP, dh_to = dual_vjp([a * dzi for dzi in dz])
+    dP = [dp + jnp.where(keep, 0.0, gi) for dp, gi in zip(dP, g)]
+    return dP, dE0, dX0, dlr0, dla0, jax.tree.map(jnp.add, dh_from, dh_to)
 
 
 def _scales(cfg: Config, hpr, Z):
@@ -292,7 +329,7 @@ def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
     elif mode == "scale":
         Bw = A
     else:
-        Bw = _lag_base(cfg, hp["retention"], P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.m0)
+        Bw, _ = _lag_fwd(cfg, hp["retention"], P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.m0)
     Z_end = _end_state(Bw, beta[-1], C[-1], X, E)
     if mode == "scale":
         s_end = _scales(cfg, hp["retention"], Z_end)
@@ -311,13 +348,14 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     L, c = lay.depth, x.q.shape[0]
     Z, E, M1, YX, R = resid
     M = [None, *M1]
-    X = [x.k] + [_act(act)(z) for z in Z[:-1]]
+    AZ = [_acts(act, z, 3) for z in Z[:-1]]
+    X = [x.k] + [a[0] for a in AZ]
     (C, beta), coeff_vjp = jax.vjp(lambda lr, la: _coeffs(mode, lr, la), x.lr, x.log_a)
     hpr = hp["retention"]
     dhpr = jax.tree.map(jnp.zeros_like, hpr)
     if mode == "lag":
-        lag = lambda P, E0, X0, lr0, la0, h: _lag_base(cfg, h, P, E0, X0, lr0, la0, x.m0)  # noqa: E731
-        Bw, lag_vjp = jax.vjp(lag, P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], hpr)
+        lag_in = (P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.m0)
+        Bw, W1 = _lag_fwd(cfg, hpr, *lag_in)      # recomputed: as fast as keeping W1 here
     else:
         Bw = A if mode == "scale" else P
     if mode == "scale":
@@ -327,8 +365,9 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
         dZ_end = [da + s * g for da, s, g in zip(dA_end, s_end, dP_end)]
     else:
         S, dZ_end = None, list(dP_end)
-    Y = [x.q] + [_act(act)(r if S is None else S[l][:, None] * r) for l, r in enumerate(R[:-1])]
-    dq, dB, dbeta, dC, dS, dX, dE = _reads_bwd(lay, Bw, beta, C, S, X, E, Y, YX, R, dy)
+    AU = [_acts(act, r if S is None else S[l][:, None] * r, 2) for l, r in enumerate(R[:-1])]
+    Y = [x.q] + [a[0] for a in AU]
+    dq, dB, dbeta, dC, dS, dX, dE = _reads_bwd(lay, Bw, beta, C, S, X, E, Y, [a[1] for a in AU], YX, R, dy)
     ds_prev = []
     if mode == "scale":
         last = jnp.arange(c) == c - 1
@@ -345,7 +384,7 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     dC = dC.at[-1].add(dC_c)
     dlr0 = dla0 = 0.0
     if mode == "lag":
-        dP, dE0, dX0, dlr0, dla0, dh = lag_vjp(dB)
+        dP, dE0, dX0, dlr0, dla0, dh = _lag_bwd(cfg, hpr, *lag_in, W1, dB)
         dE = [e.at[0].add(g) for e, g in zip(dE, dE0)]
         dX = [z.at[0].add(g) for z, g in zip(dX, dX0)]
         dhpr = jax.tree.map(jnp.add, dhpr, dh)
@@ -354,7 +393,7 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
         dP, dA = None, dB
     else:
         dP, dA = dB, A
-    dP_f, dk, dv, dg, dhpb = _factors_bwd(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g, X, Z, E, M, dX, dE)
+    dP_f, dk, dv, dg, dhpb = _factors_bwd(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g, X, Z, AZ, E, M, dX, dE)
     dP = dP_f if dP is None else [a + b for a, b in zip(dP, dP_f)]
     dlr, dla = coeff_vjp((dC, dbeta))
     dlr, dla = dlr.at[0].add(dlr0), dla.at[0].add(dla0)
