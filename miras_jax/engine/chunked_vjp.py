@@ -17,11 +17,13 @@ one head; ``P`` the chunk-start memory, ``B`` the base of the dual state (``P``;
 Why not autodiff: reverse mode through ``chunk_step`` stacks about sixty residual arrays per chunk
 (the factors' own VJP is inside the differentiated function) and moves them around; that traffic
 was ~40% of Moneta's forward + backward time on the CPU. Here the forward keeps a few ``[c, n]``
-residuals per chunk (``Z``, ``E``, ``E P``, the reads' pre-activations, the ``[c, c]`` scores), and
-the backward is written out: per layer two matmuls for every forward one. The small pieces with no
-matmul in them (the residual map ``phi``, the LayerNorm VJP, the decay coefficients, the l_q scale,
-Memora's exact first-token step) are differentiated with ``jax.vjp`` locally. ``remat_every = R``:
-only every R-th chunk-start state is kept, and the backward recomputes each group's forward.
+residuals per chunk (``Z``, ``E``, ``E P``, the reads' pre-activations, the ``[c, c]`` scores and
+decay matrix), and the backward is written out: per layer two matmuls for every forward one; the
+decay coefficients, the activation's derivatives (one ``tanh`` per array for gelu) and Memora's
+softmax have closed-form VJPs. The other small pieces with no matmul in them (the residual map
+``phi``, the l_q scale, the dual map ``log``) are differentiated with ``jax.vjp`` locally.
+``remat_every = R``: only every R-th chunk-start state is kept, and the backward recomputes each
+group's forward.
 """
 
 from __future__ import annotations
@@ -79,11 +81,19 @@ def _ln_vjp(o, g, eps: float = 1e-5):
     return inv * (g - jnp.mean(g, axis=-1, keepdims=True) - n * jnp.mean(g * n, axis=-1, keepdims=True))
 
 
-def coefficients(lr, log_a):
-    """``(C [c, c], beta [c])``: ``C_ij = -exp(L_i - L_j) lr_j`` for ``j <= i``, ``beta_i = exp(L_i)``,
+def coefficients(lr, log_a, D):
+    """``(C [c, c], beta [c])`` from the decay matrix ``D = chunked.decay_matrix(log_a)``
+    (``D_ij = exp(L_i - L_j)``, ``j <= i``): ``C_ij = -D_ij lr_j``, ``beta_i = exp(L_i)``,
     ``L = cumsum(log a)`` (the GD case of ``chunked._coefficients``)."""
-    from miras_jax.engine.chunked import decay_matrix
-    return -decay_matrix(log_a) * lr[None, :], jnp.exp(jnp.cumsum(log_a))
+    return -D * lr[None, :], jnp.exp(jnp.cumsum(log_a))
+
+
+def coefficients_vjp(C, beta, D, dC, dbeta):
+    """VJP of :func:`coefficients` (through ``D``): ``dlr_j = -sum_i dC_ij D_ij``; with
+    ``H = dC * C``, ``dL_i = sum_j H_ij - sum_j H_ji + dbeta_i beta_i``, ``dlog_a`` = reverse cumsum."""
+    H = dC * C
+    dL = jnp.sum(H, axis=1) - jnp.sum(H, axis=0) + dbeta * beta
+    return -jnp.sum(dC * D, axis=0), jnp.cumsum(dL[::-1])[::-1]
 
 
 # --- one chunk, one head: forward pieces ------------------------------------------------------
@@ -252,11 +262,26 @@ class ChunkIn(NamedTuple):
     m0: jax.Array
 
 
-def _coeffs(mode, lr, log_a):
-    """``(C, beta)``; in "lag" mode token 0 is the exact step, so it is left out of the linear part."""
+def _coeff_inputs(mode, lr, log_a):
+    """In "lag" mode token 0 is the exact step, so it is left out of the linear part."""
     if mode == "lag":
-        lr, log_a = lr.at[0].set(0.0), log_a.at[0].set(0.0)
-    return coefficients(lr, log_a)
+        return lr.at[0].set(0.0), log_a.at[0].set(0.0)
+    return lr, log_a
+
+
+def _coeffs(mode, lr, log_a, D=None):
+    """``(C, beta, D)``; the decay matrix ``D`` (the chunk's one ``[c, c]`` of ``exp``) is a residual."""
+    from miras_jax.engine.chunked import decay_matrix
+    lr, log_a = _coeff_inputs(mode, lr, log_a)
+    D = decay_matrix(log_a) if D is None else D
+    return (*coefficients(lr, log_a, D), D)
+
+
+def _coeffs_bwd(mode, C, beta, D, dC, dbeta):
+    dlr, dla = coefficients_vjp(C, beta, D, dC, dbeta)
+    if mode == "lag":
+        dlr, dla = dlr.at[0].set(0.0), dla.at[0].set(0.0)
+    return dlr, dla
 
 
 def _lag_dual(cfg: Config, hpr, P):
@@ -322,7 +347,7 @@ def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
     """One chunk: ``(P_end, A_end, s_end, y [c, v], residuals)``. ``A``, ``s`` are ``[]`` unless "scale"."""
     lay, mode = cfg.lay, cfg.mode
     c = x.q.shape[0]
-    C, beta = _coeffs(mode, x.lr, x.log_a)
+    C, beta, D = _coeffs(mode, x.lr, x.log_a)
     X, Z, E, M = _factors(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g)
     if mode == "linear":
         Bw = P
@@ -338,7 +363,7 @@ def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
     else:
         s_end, S, P_end, A_end = [], None, Z_end, A
     y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E)
-    return P_end, A_end, s_end, y, (Z, E, M[1:], YX, R)
+    return P_end, A_end, s_end, y, (Z, E, M[1:], YX, R, D)
 
 
 def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_end, dA_end, ds_end):
@@ -346,11 +371,11 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     (``A_next`` = this chunk's ``A_end``, "scale" only). Returns ``(dP, dA, ds_prev, dhp, dx)``."""
     lay, mode, act = cfg.lay, cfg.mode, cfg.lay.act
     L, c = lay.depth, x.q.shape[0]
-    Z, E, M1, YX, R = resid
+    Z, E, M1, YX, R, D = resid
     M = [None, *M1]
     AZ = [_acts(act, z, 3) for z in Z[:-1]]
     X = [x.k] + [a[0] for a in AZ]
-    (C, beta), coeff_vjp = jax.vjp(lambda lr, la: _coeffs(mode, lr, la), x.lr, x.log_a)
+    C, beta, _ = _coeffs(mode, x.lr, x.log_a, D)
     hpr = hp["retention"]
     dhpr = jax.tree.map(jnp.zeros_like, hpr)
     if mode == "lag":
@@ -395,7 +420,7 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
         dP, dA = dB, A
     dP_f, dk, dv, dg, dhpb = _factors_bwd(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g, X, Z, AZ, E, M, dX, dE)
     dP = dP_f if dP is None else [a + b for a, b in zip(dP, dP_f)]
-    dlr, dla = coeff_vjp((dC, dbeta))
+    dlr, dla = _coeffs_bwd(mode, C, beta, D, dC, dbeta)
     dlr, dla = dlr.at[0].add(dlr0), dla.at[0].add(dla0)
     dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.m0))
     return dP, dA, ds_prev, {"bias": dhpb, "retention": dhpr}, dx
