@@ -17,8 +17,8 @@ one head; ``P`` the chunk-start memory, ``B`` the base of the dual state (``P``;
 Why not autodiff: reverse mode through ``chunk_step`` stacks about sixty residual arrays per chunk
 (the factors' own VJP is inside the differentiated function) and moves them around; that traffic
 was ~40% of Moneta's forward + backward time on the CPU. Here the forward keeps a few ``[c, n]``
-residuals per chunk (``Z``, ``E``, ``E P``, the reads' pre-activations, the ``[c, c]`` scores and
-decay matrix), and the backward is written out: per layer two matmuls for every forward one; the
+residuals per chunk (``Z``, ``E P``, the reads' pre-activations, the ``[c, c]`` scores and
+decay matrix; ``E`` is recomputed from them), and the backward is written out: per layer two matmuls for every forward one; the
 decay coefficients, the activation's derivatives (one ``tanh`` per array for gelu) and Memora's
 softmax have closed-form VJPs. The other small pieces with no matmul in them (the residual map
 ``phi``, the l_q scale, the dual map ``log``) are differentiated with ``jax.vjp`` locally.
@@ -204,9 +204,22 @@ def _end_bwd(Bw, beta_c, C_c, X, E, dZ):
     return dB, dbeta_c, dC_c, dX, dE
 
 
-def _factors_bwd(lay: Layout, bias, hpb, P, K, V, G, X, Z, AZ, E, M, dX, dE):
+def _factors_from(lay: Layout, bias, hpb, K, V, G, Z, M, AZ):
+    """The factors again from the residuals ``Z``, ``M`` (``AZ_l = (act, act', act'')(Z_l)``):
+    ``(X, E, head_vjp)``; ``E_{L-1}`` comes out of the head's ``jax.vjp``, which the backward needs
+    anyway, and ``E_{l-1} = M_l * act'(Z_{l-1})`` is one product: cheaper than storing them."""
+    L = lay.depth
+    E_top, head_vjp = jax.vjp(lambda o, K_, V_, G_, h: _head(lay, bias, o, K_, V_, G_, h), Z[-1], K, V, G, hpb)
+    E = [None] * L
+    E[L - 1] = E_top
+    for l in range(L - 1, 0, -1):
+        E[l - 1] = M[l] * AZ[l - 1][1]
+    return [K] + [a[0] for a in AZ], E, head_vjp
+
+
+def _factors_bwd(lay: Layout, head_vjp, P, X, AZ, E, M, dX, dE):
     """VJP of :func:`_factors` for cotangents on ``X`` and ``E`` (``AZ_l = (act, act', act'')(Z_l)``
-    for the hidden layers): ``(dP, dK, dV, dG, dhpb)``."""
+    for the hidden layers, ``head_vjp`` from :func:`_factors_from`): ``(dP, dK, dV, dG, dhpb)``."""
     L = lay.depth
     dP, dZ = [None] * L, [None] * L
     dX, dE = list(dX), list(dE)
@@ -215,8 +228,7 @@ def _factors_bwd(lay: Layout, bias, hpb, P, K, V, G, X, Z, AZ, E, M, dX, dE):
         dZ[l - 1] = dE[l - 1] * M[l] * AZ[l - 1][2]
         dE[l] = dE[l] + dM @ P[l].T
         dP[l] = E[l].T @ dM
-    _, vjp = jax.vjp(lambda o, K, V, G, hpb: _head(lay, bias, o, K, V, G, hpb), Z[-1], K, V, G, hpb)
-    do, dK, dV, dG, dhpb = vjp(dE[L - 1])
+    do, dK, dV, dG, dhpb = head_vjp(dE[L - 1])
     dZ[L - 1] = do if dZ[L - 1] is None else dZ[L - 1] + do
     for l in range(L - 1, -1, -1):   # Z_l = X_l P_l^T, X_{l+1} = act(Z_l)
         dX[l] = dX[l] + dZ[l] @ P[l]
@@ -363,7 +375,7 @@ def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
     else:
         s_end, S, P_end, A_end = [], None, Z_end, A
     y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E)
-    return P_end, A_end, s_end, y, (Z, E, M[1:], YX, R, D)
+    return P_end, A_end, s_end, y, (Z, M[1:], YX, R, D)
 
 
 def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_end, dA_end, ds_end):
@@ -371,10 +383,10 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     (``A_next`` = this chunk's ``A_end``, "scale" only). Returns ``(dP, dA, ds_prev, dhp, dx)``."""
     lay, mode, act = cfg.lay, cfg.mode, cfg.lay.act
     L, c = lay.depth, x.q.shape[0]
-    Z, E, M1, YX, R, D = resid
+    Z, M1, YX, R, D = resid
     M = [None, *M1]
     AZ = [_acts(act, z, 3) for z in Z[:-1]]
-    X = [x.k] + [a[0] for a in AZ]
+    X, E, head_vjp = _factors_from(lay, cfg.bias, hp["bias"], x.k, x.v, x.g, Z, M, AZ)
     C, beta, _ = _coeffs(mode, x.lr, x.log_a, D)
     hpr = hp["retention"]
     dhpr = jax.tree.map(jnp.zeros_like, hpr)
@@ -418,7 +430,7 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
         dP, dA = None, dB
     else:
         dP, dA = dB, A
-    dP_f, dk, dv, dg, dhpb = _factors_bwd(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g, X, Z, AZ, E, M, dX, dE)
+    dP_f, dk, dv, dg, dhpb = _factors_bwd(lay, head_vjp, P, X, AZ, E, M, dX, dE)
     dP = dP_f if dP is None else [a + b for a, b in zip(dP, dP_f)]
     dlr, dla = _coeffs_bwd(mode, C, beta, D, dC, dbeta)
     dlr, dla = dlr.at[0].add(dlr0), dla.at[0].add(dla0)
