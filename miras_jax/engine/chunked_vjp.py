@@ -440,6 +440,21 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
 
 # --- the sequence: forward scan, reverse scan -----------------------------------------------------
 
+def _stored(cfg: Config, carry):
+    """What the forward keeps of a chunk-start state ``(P, A, s)``: in "scale" mode ``P = s A`` for
+    every chunk but the first (the forward computes ``P_end`` so: the same rounding), so ``([], A, s)``."""
+    P, A, s = carry
+    return ([] if cfg.mode == "scale" else P), A, s
+
+
+def _restored(P0, stored, first):
+    """Inverse of :func:`_stored`; ``first``: whether this is chunk 0 (its ``P`` is ``P0``)."""
+    P, A, s = stored
+    if not P:
+        P = [jnp.where(first, p0, s_ * a) for p0, s_, a in zip(P0, s, A)]
+    return P, A, s
+
+
 def _fwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, save: bool):
     """Chunks in order. ``group = 0``: with ``save`` keep every chunk's start state and residuals;
     ``group = R``: keep only the start state of every R-th chunk. Returns ``(y, (P, A), saved)``."""
@@ -447,7 +462,7 @@ def _fwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, save: bool):
 
     def step(carry, x):
         P_end, A_end, s_end, y, resid = chunk_fwd(cfg, hp, *carry, x)
-        return (P_end, A_end, s_end), (y, (carry, resid) if (save and not group) else None)
+        return (P_end, A_end, s_end), (y, (_stored(cfg, carry), resid) if (save and not group) else None)
 
     if not group:
         (P, A, _), (y, saved) = jax.lax.scan(step, (P0, A0, s0), xs)
@@ -468,7 +483,8 @@ def _bwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, saved, A_final, 
 
     def bstep(carry, inp):
         dP, dA, ds, dhp, A_next = carry
-        (P, A, s), resid, x, dy_c = inp
+        stored, resid, x, dy_c, first = inp
+        P, A, s = _restored(P0, stored, first)
         dP, dA_new, ds, dh, dx = chunk_bwd(cfg, hp, P, A, s, x, resid, A_next, dy_c, dP, dA, ds)
         return (dP, dA_new, ds, jax.tree.map(jnp.add, dhp, dh), A), dx
 
@@ -476,7 +492,8 @@ def _bwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, saved, A_final, 
             jax.tree.map(jnp.zeros_like, hp), list(A_final))
     if not group:
         states, resid = saved
-        (dP, dA, ds, dhp, _), dxs = jax.lax.scan(bstep, init, (states, resid, xs, dy), reverse=True)
+        first = jnp.arange(xs.q.shape[0]) == 0
+        (dP, dA, ds, dhp, _), dxs = jax.lax.scan(bstep, init, (states, resid, xs, dy, first), reverse=True)
     else:
         xg = jax.tree.map(lambda a: a.reshape((-1, group) + a.shape[1:]), (xs, dy))
 
@@ -488,7 +505,7 @@ def _bwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, saved, A_final, 
                 return (P_end, A_end, s_end), (c_, resid)
 
             _, (states, resid) = jax.lax.scan(step, start, x)
-            return jax.lax.scan(bstep, carry, (states, resid, x, dy_g), reverse=True)
+            return jax.lax.scan(bstep, carry, (states, resid, x, dy_g, jnp.zeros(group, bool)), reverse=True)
 
         (dP, dA, ds, dhp, _), dxs = jax.lax.scan(bgroup, init, (saved, xg), reverse=True)
         dxs = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), dxs)
