@@ -170,3 +170,29 @@ def test_static_integer_q_equals_the_traced_q_path(q):
     out_t, vjp_t = jax.vjp(run, spec.hparams, *primals)
     cot = _random_cotangent(out_t, 3)
     _assert_close((out_s, vjp_s(cot)), (out_t, vjp_t(cot)[1:]))
+
+
+@pytest.mark.parametrize("floor", [1e-2, 3.0])
+def test_static_q_norm_floor_gradient_equals_the_traced_path(floor):
+    """With ``q`` a concrete integer the l_q scale is differentiated from its two sums
+    (``retention.lq_scale_vjp``); ``d/d norm_floor`` (traced: a grid over it) must equal the general
+    path's, below the floor (3.0: every chunk-end norm is floored) and above it."""
+    spec, state, args = _setup("moneta", {}, T=37, d=8, seed=12)
+    cot = None
+
+    def loss(floor_, traced_q):
+        s = spec.with_hparams(norm_floor=floor_)
+        if traced_q is not None:
+            s = s.replace(hparams={**s.hparams, "retention": {**s.hparams["retention"], "q": traced_q}})
+        assert (chunked_vjp.static_q(s) is None) == (traced_q is not None)
+        y, fin = chunked.memorize_chunked(s, state, *args, 8)
+        return jnp.sum(y * cot) + jnp.sum(fin.memory["layers"][0]) + jnp.sum(fin.retention["layers"][1])
+
+    cot = jax.random.normal(jax.random.key(5), (37, 8))
+    f = jnp.float32(floor)
+    g_static = jax.jit(jax.grad(loss))(f, None)
+    g_traced = jax.jit(jax.grad(loss))(f, jnp.float32(4.0))     # q a jit argument: traced
+    assert bool(jnp.isfinite(g_static))
+    np.testing.assert_allclose(g_static, g_traced, rtol=2e-4, atol=1e-6)
+    if floor > 1:
+        assert abs(float(g_traced)) > 1e-3   # the floor is active: the comparison is not of zeros

@@ -349,6 +349,33 @@ def _scales(cfg: Config, hpr, Z):
     return [cfg.ret.scale(z, hpr) for z in Z]
 
 
+def _sums_path(cfg: Config) -> bool:
+    """l_q with a static integer ``q``: the scale is kept as its two sums per matrix (a residual)
+    and differentiated by ``retention.lq_scale_vjp``."""
+    return cfg.static_q is not None and isinstance(cfg.ret, retention_lib.LqRetention)
+
+
+def _scales_sums(cfg: Config, hpr, Z):
+    """``(s, sums)`` per matrix (:func:`_sums_path` only)."""
+    sums = [retention_lib.lq_sums(z, cfg.static_q) for z in Z]
+    return [retention_lib.lq_scale_from_sums(m, S, cfg.static_q, hpr["norm_floor"]) for m, S in sums], sums
+
+
+def _scales_with_vjp(cfg: Config, hpr, Z, sums):
+    """``(s, vjp)`` for the scales of ``Z``; ``vjp(ds) -> (dZ, dhpr)``."""
+    if sums is None:
+        return jax.vjp(lambda z, h: _scales(cfg, h, z), Z, hpr)
+    q, floor = cfg.static_q, hpr["norm_floor"]
+    s = [retention_lib.lq_scale_from_sums(m, S, q, floor) for m, S in sums]
+
+    def vjp(ds):
+        parts = [retention_lib.lq_scale_vjp(z, m, S, q, floor, d) for z, (m, S), d in zip(Z, sums, ds)]
+        dh = jax.tree.map(jnp.zeros_like, hpr)
+        dh["norm_floor"] = sum(p[1] for p in parts).astype(dh["norm_floor"].dtype)
+        return [p[0] for p in parts], dh
+    return s, vjp
+
+
 def _token_scales(s_end, s_prev, c):
     """Moneta's reads: ``s(A_0)`` for every token but the chunk's last (``s(A_end)``): ``[c]`` per layer."""
     last = jnp.arange(c) == c - 1
@@ -369,13 +396,16 @@ def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
         Bw, _ = _lag_fwd(cfg, hp["retention"], P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.m0)
     Z_end = _end_state(Bw, beta[-1], C[-1], X, E)
     if mode == "scale":
-        s_end = _scales(cfg, hp["retention"], Z_end)
+        if _sums_path(cfg):
+            s_end, sums = _scales_sums(cfg, hp["retention"], Z_end)
+        else:
+            s_end, sums = _scales(cfg, hp["retention"], Z_end), None
         S = _token_scales(s_end, s_prev, c)
         P_end, A_end = [s * z for s, z in zip(s_end, Z_end)], Z_end
     else:
-        s_end, S, P_end, A_end = [], None, Z_end, A
+        s_end, S, P_end, A_end, sums = [], None, Z_end, A, None
     y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E)
-    return P_end, A_end, s_end, y, (Z, M[1:], YX, R, D)
+    return P_end, A_end, s_end, y, (Z, M[1:], YX, R, D, sums)
 
 
 def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_end, dA_end, ds_end):
@@ -383,7 +413,7 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     (``A_next`` = this chunk's ``A_end``, "scale" only). Returns ``(dP, dA, ds_prev, dhp, dx)``."""
     lay, mode, act = cfg.lay, cfg.mode, cfg.lay.act
     L, c = lay.depth, x.q.shape[0]
-    Z, M1, YX, R, D = resid
+    Z, M1, YX, R, D, sums = resid
     M = [None, *M1]
     AZ = [_acts(act, z, 3) for z in Z[:-1]]
     X, E, head_vjp = _factors_from(lay, cfg.bias, hp["bias"], x.k, x.v, x.g, Z, M, AZ)
@@ -396,7 +426,7 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     else:
         Bw = A if mode == "scale" else P
     if mode == "scale":
-        s_end, scale_vjp = jax.vjp(lambda z, h: _scales(cfg, h, z), A_next, hpr)
+        s_end, scale_vjp = _scales_with_vjp(cfg, hpr, A_next, sums)
         S = _token_scales(s_end, s_prev, c)
         ds_end = [d + jnp.sum(g * z) for d, g, z in zip(ds_end, dP_end, A_next)]
         dZ_end = [da + s * g for da, s, g in zip(dA_end, s_end, dP_end)]
