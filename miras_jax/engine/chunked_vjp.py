@@ -17,11 +17,12 @@ one head; ``P`` the chunk-start memory, ``B`` the base of the dual state (``P``;
 Why not autodiff: reverse mode through ``chunk_step`` stacks about sixty residual arrays per chunk
 (the factors' own VJP is inside the differentiated function) and moves them around; that traffic
 was ~40% of Moneta's forward + backward time on the CPU. Here the forward keeps a few ``[c, n]``
-residuals per chunk (``Z``, ``E P``, the reads' pre-activations, the ``[c, c]`` scores and
-decay matrix; ``E`` is recomputed from them), and the backward is written out: per layer two matmuls for every forward one; the
-decay coefficients, the activation's derivatives (one ``tanh`` per array for gelu) and Memora's
-softmax have closed-form VJPs. The other small pieces with no matmul in them (the residual map
-``phi``, the l_q scale, the dual map ``log``) are differentiated with ``jax.vjp`` locally.
+residuals per chunk (``Z``, ``E P``, the reads' pre-activations, the ``[c, c]`` scores and decay
+matrix; ``E`` is recomputed from them; in "scale" mode ``(A, s)`` but not ``P = s A``), and the
+backward is written out: per layer two matmuls for every forward one. Closed-form VJPs: the decay
+coefficients, the activation's derivatives (one ``tanh`` per array for gelu), Memora's softmax and,
+for a static integer ``q``, the l_q scale (from its two sums). The other small pieces with no
+matmul in them (the residual map ``phi``, the dual map ``log``) go through ``jax.vjp`` locally.
 ``remat_every = R``: only every R-th chunk-start state is kept, and the backward recomputes each
 group's forward.
 """
@@ -321,8 +322,8 @@ def _lag_fwd(cfg: Config, hpr, P, E0, X0, lr0, la0, m0):
 
 def _lag_bwd(cfg: Config, hpr, P, E0, X0, lr0, la0, m0, W1, g):
     """VJP of :func:`_lag_fwd` for the base's cotangent ``g``: ``(dP, dE0, dX0, dlr0, dla0, dhpr)``.
-    ``from_dual``'s VJP is taken from its output ``W1`` where the retention has one
-    (``from_dual_vjp``: no ``exp`` again for Memora's softmax); otherwise ``jax.vjp`` at ``z``."""
+    ``from_dual``'s VJP is taken in closed form from its output ``W1`` where the retention has one
+    (``from_dual_vjp``: Memora's softmax); otherwise by ``jax.vjp`` at ``z``."""
     keep = m0 > 0
     g1 = [jnp.where(keep, gi, 0.0) for gi in g]
     D, dual_vjp = jax.vjp(lambda P_, h: _lag_dual(cfg, h, P_), P, hpr)
