@@ -141,13 +141,13 @@ def lq_scale_from_sums(m, S, q, floor=0.0):
 
 def lq_scale_vjp(a, m, S, q: int, floor, g):
     """VJP of :func:`lq_scale` for a static integer ``q`` from its sums: ``(dA, dfloor)``. The scalar
-    part is autodiff of :func:`lq_scale_from_sums`; ``dS/dA = q sign(x) |x|^(q-1) / m``, ``x = A/m``:
-    one pass over ``A``, where ``jax.vjp`` of :func:`lq_scale` would take the two sums again."""
+    part is autodiff of :func:`lq_scale_from_sums`, ``dS/dA`` autodiff of :func:`int_pow_sum` (its
+    value unused, so not computed): one pass over ``A``, where ``jax.vjp`` of :func:`lq_scale`
+    would take the two sums again."""
     dS, dfloor = jax.vjp(lambda S_, f: lq_scale_from_sums(m, S_, q, f), S, floor)[1](g)
     mm = jnp.where(m > 0, m, 1.0)
-    x = a / mm
-    xq1 = x ** (q - 1) if q % 2 == 0 else jnp.sign(x) * jnp.abs(x) ** (q - 1)
-    return (dS * q / mm) * xq1, dfloor
+    (dA,) = jax.vjp(lambda a_: int_pow_sum(a_ / mm, q), a)[1](dS)
+    return dA, dfloor
 
 
 def lq_normalize(a, q, floor=0.0):

@@ -313,20 +313,23 @@ def _from_dual(cfg: Config, hpr, z):
     return cfg.memory.leaves(cfg.ret.from_dual(cfg.memory.from_leaves(z), hpr))
 
 
-def _lag_fwd(cfg: Config, hpr, P, E0, X0, lr0, la0, m0):
+def _lag_fwd(cfg: Config, hpr, P, E0, X0, lr0, la0, m0, D=None):
     """Memora's first token: ``W1_l = from_dual(z_l)`` (``retention.step`` on ``project(P)``); the base
-    is ``W1`` (``P`` itself if token 0 is padding). Returns ``(base, W1)``."""
-    W1 = _from_dual(cfg, hpr, _lag_z(_lag_dual(cfg, hpr, P), E0, X0, lr0, la0))
+    is ``W1`` (``P`` itself if token 0 is padding). ``D``: :func:`_lag_dual` if already taken.
+    Returns ``(base, W1)``."""
+    D = _lag_dual(cfg, hpr, P) if D is None else D
+    W1 = _from_dual(cfg, hpr, _lag_z(D, E0, X0, lr0, la0))
     return [jnp.where(m0 > 0, w, p) for w, p in zip(W1, P)], W1
 
 
-def _lag_bwd(cfg: Config, hpr, P, E0, X0, lr0, la0, m0, W1, g):
-    """VJP of :func:`_lag_fwd` for the base's cotangent ``g``: ``(dP, dE0, dX0, dlr0, dla0, dhpr)``.
+def _lag_bwd(cfg: Config, hpr, lag_in, W1, D, dual_vjp, g):
+    """VJP of :func:`_lag_fwd` at ``lag_in = (P, E0, X0, lr0, la0, m0)`` for the base's cotangent
+    ``g``, given ``W1``, ``D`` and ``D``'s VJP: ``(dP, dE0, dX0, dlr0, dla0, dhpr)``.
     ``from_dual``'s VJP is taken in closed form from its output ``W1`` where the retention has one
     (``from_dual_vjp``: Memora's softmax); otherwise by ``jax.vjp`` at ``z``."""
+    P, E0, X0, lr0, la0, m0 = lag_in
     keep = m0 > 0
     g1 = [jnp.where(keep, gi, 0.0) for gi in g]
-    D, dual_vjp = jax.vjp(lambda P_, h: _lag_dual(cfg, h, P_), P, hpr)
     if hasattr(cfg.ret, "from_dual_vjp"):
         dz = [cfg.ret.from_dual_vjp(w, gi) for w, gi in zip(W1, g1)]
         dh_from = jax.tree.map(jnp.zeros_like, hpr)
@@ -423,7 +426,8 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     dhpr = jax.tree.map(jnp.zeros_like, hpr)
     if mode == "lag":
         lag_in = (P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.m0)
-        Bw, W1 = _lag_fwd(cfg, hpr, *lag_in)      # recomputed: as fast as keeping W1 here
+        D_lag, dual_vjp = jax.vjp(lambda P_, h: _lag_dual(cfg, h, P_), P, hpr)
+        Bw, W1 = _lag_fwd(cfg, hpr, *lag_in, D=D_lag)   # recomputed: as fast as keeping W1
     else:
         Bw = A if mode == "scale" else P
     if mode == "scale":
@@ -452,7 +456,7 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     dC = dC.at[-1].add(dC_c)
     dlr0 = dla0 = 0.0
     if mode == "lag":
-        dP, dE0, dX0, dlr0, dla0, dh = _lag_bwd(cfg, hpr, *lag_in, W1, dB)
+        dP, dE0, dX0, dlr0, dla0, dh = _lag_bwd(cfg, hpr, lag_in, W1, D_lag, dual_vjp, dB)
         dE = [e.at[0].add(g) for e, g in zip(dE, dE0)]
         dX = [z.at[0].add(g) for z, g in zip(dX, dX0)]
         dhpr = jax.tree.map(jnp.add, dhpr, dh)
