@@ -182,6 +182,44 @@ def test_batched_entry_point_matches_per_head_calls():
         mj.memorize_batched(spec, params, q, k, v[:, :5], gates)
 
 
+@pytest.mark.parametrize("B", [1, 2])
+def test_batched_entry_point_gradients_and_carried_state(B):
+    """The batch x head rows are one vmap over ``B * H``: the per-head params' gradient is the sum
+    over the batch, and a state carried between two calls lands on the right (b, h) row."""
+    spec = mj.presets.get("moneta")
+    T, H, D, t1 = 21, 3, 8, 12   # t1: a chunk boundary (the mini-batch form depends on them)
+    ks = jax.random.split(jax.random.key(1), 5)
+    q = jax.random.normal(ks[0], (B, T, H, D))
+    k = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    v = jax.random.normal(ks[1], (B, T, H, D))
+    gates = {"lr": jax.random.uniform(ks[3], (B, T, H), minval=0.05, maxval=0.2),
+             "decay": jax.random.uniform(ks[4], (B, T, H), minval=0.8, maxval=1.0)}
+    params = jax.vmap(lambda kk: spec.memory.init(kk, D, D))(jax.random.split(ks[2], H))
+    ct = jax.random.normal(jax.random.key(9), (B, T, H, D))
+    kw = dict(chunk_size=4, implementation="xla")
+
+    def batched(p, q_):
+        return jnp.sum(ct * mj.memorize_batched(spec, p, q_, k, v, gates, **kw)[0])
+
+    def per_row(p, q_):
+        tot = 0.0
+        for b in range(B):
+            for h in range(H):
+                y, _ = mj.memorize(spec, jax.tree.map(lambda x: x[h], p), q_[b, :, h], k[b, :, h],
+                                   v[b, :, h], {n: g[b, :, h] for n, g in gates.items()}, **kw)
+                tot = tot + jnp.sum(ct[b, :, h] * y)
+        return tot
+
+    _close(jax.grad(batched, argnums=(0, 1))(params, q), jax.grad(per_row, argnums=(0, 1))(params, q), grads=True)
+    split = lambda t, s: jax.tree.map(lambda x: x[:, s], t)  # noqa: E731
+    y_all, st_all = mj.memorize_batched(spec, params, q, k, v, gates, **kw)
+    y_a, st_a = mj.memorize_batched(spec, params, *split((q, k, v, gates), slice(0, t1)), **kw)
+    y_b, st_b = mj.memorize_batched(spec, params, *split((q, k, v, gates), slice(t1, T)), initial_state=st_a, **kw)
+    np.testing.assert_allclose(jnp.concatenate([y_a, y_b], axis=1), y_all, **VAL_TOL)
+    _close(st_b.memory, st_all.memory, grads=False)
+    assert all(x.shape[:2] == (B, H) for x in jax.tree.leaves(st_b))
+
+
 def test_pallas_for_an_uncovered_spec_is_a_clear_error_and_auto_runs():
     spec, params, (q, k, v, gates) = _setup("titans", T=8)
     with pytest.raises(NotImplementedError, match="pallas"):

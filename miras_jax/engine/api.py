@@ -172,7 +172,7 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     ``params`` holds one memory per head (leading axis ``H`` on every leaf); gates are
     ``[B, T, H]`` (channel-wise decay ``[B, T, H, k]``; DeltaProduct ``lr`` ``[B, T, H, n]`` and
     ``k, v: [B, T, H, n, d]``). Returns ``y: [B, T, H, v]`` and a ``MemoryState`` whose leaves
-    lead with ``[B, H]`` (pass it back as ``initial_state``). Heads and batch are vmapped
+    lead with ``[B, H]`` (pass it back as ``initial_state``). The ``B * H`` rows are one vmap
     (``"reference"`` / ``"xla"``) or rows of one kernel grid (``"pallas"``). With ``"pallas"`` and a
     ``mesh``, the kernel is entered through ``shard_map``: batch split over ``batch_axes``, heads
     over ``head_axes``.
@@ -198,10 +198,15 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
         return memorize(spec, p, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
                         initial_state=s_, remat_every=remat_every)
 
-    heads = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0 if initial_state is not None else None))
-    y, state = jax.vmap(heads, in_axes=(None, 0, 0, 0, 0, 0 if initial_state is not None else None))(
-        params, qh, kh, vh, gh, initial_state)
-    return jnp.swapaxes(y, 1, 2), state
+    # one vmap over the B*H rows, not a vmap over B of a vmap over H: with B = 1 per device (data
+    # parallel) the nested form has a size-1 leading axis, on which XLA CPU's YNN reductions run
+    # ~10x slower ([1,4,64,256] row sums: 143 us, [4,64,256]: 15 us); MLP presets were ~30% slower
+    rows = lambda t: jax.tree.map(lambda x: x.reshape((B * H,) + x.shape[2:]), t)  # noqa: E731
+    pr = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), params)
+    y, state = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0 if initial_state is not None else None))(
+        *rows((pr, qh, kh, vh, gh)), rows(initial_state))
+    state = jax.tree.map(lambda x: x.reshape((B, H) + x.shape[1:]), state)
+    return jnp.swapaxes(y.reshape((B, H) + y.shape[1:]), 1, 2), state
 
 
 def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mesh, batch_axes, head_axes):
