@@ -175,7 +175,9 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     lead with ``[B, H]`` (pass it back as ``initial_state``). The ``B * H`` rows are one vmap
     (``"reference"`` / ``"xla"``) or rows of one kernel grid (``"pallas"``). With ``"pallas"`` and a
     ``mesh``, the kernel is entered through ``shard_map``: batch split over ``batch_axes``, heads
-    over ``head_axes``.
+    over ``head_axes``. For ``"reference"`` / ``"xla"``, pass ``head_axes`` when the heads are
+    sharded: the rows are then vmapped as ``[B, H]`` (a ``B * H`` reshape across two sharded axes
+    would make XLA all-gather them); the batch alone may be sharded either way.
     """
     if getattr(q, "ndim", None) != 4:
         raise ValueError(f"memorize_batched takes q of shape [B, T, H, d_k], got {getattr(q, 'shape', q)}")
@@ -198,13 +200,18 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
         return memorize(spec, p, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
                         initial_state=s_, remat_every=remat_every)
 
-    # one vmap over the B*H rows, not a vmap over B of a vmap over H: with B = 1 per device (data
-    # parallel) the nested form has a size-1 leading axis, on which XLA CPU's YNN reductions run
-    # ~10x slower ([1,4,64,256] row sums: 143 us, [4,64,256]: 15 us); MLP presets were ~30% slower
+    s_axis = 0 if initial_state is not None else None
+    if head_axes is not None:   # heads sharded: rows stay [B, H], no reshape across two sharded axes
+        heads = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, s_axis))
+        y, state = jax.vmap(heads, in_axes=(None, 0, 0, 0, 0, s_axis))(params, qh, kh, vh, gh, initial_state)
+        return jnp.swapaxes(y, 1, 2), state
+    # otherwise one vmap over the B*H rows (b-major: a batch split over devices stays one block per
+    # device), not vmap(B) of vmap(H): with B = 1 per device the nested form has a size-1 axis, on
+    # which XLA CPU's YNN reductions run ~10x slower ([1,4,64,256] row sums 143 us vs 15 us on
+    # [4,64,256]); the MLP presets' fwd+bwd was ~30% slower
     rows = lambda t: jax.tree.map(lambda x: x.reshape((B * H,) + x.shape[2:]), t)  # noqa: E731
     pr = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), params)
-    y, state = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0 if initial_state is not None else None))(
-        *rows((pr, qh, kh, vh, gh)), rows(initial_state))
+    y, state = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, s_axis))(*rows((pr, qh, kh, vh, gh)), rows(initial_state))
     state = jax.tree.map(lambda x: x.reshape((B, H) + x.shape[1:]), state)
     return jnp.swapaxes(y.reshape((B, H) + y.shape[1:]), 1, 2), state
 

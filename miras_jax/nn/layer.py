@@ -204,6 +204,17 @@ class MirasLayer(nnx.Module):
             out[g] = self.lr_max * jax.nn.sigmoid(z) if g == "lr" else GATE_RANGE[g](z)
         return out
 
+    def _mesh_kw(self, batch: int) -> dict:
+        """``memorize_batched``'s sharding arguments on the active mesh (none without one): the
+        heads' mesh axes, and for ``"pallas"`` the mesh and batch axes of its ``shard_map``."""
+        mesh = sharding.active_mesh()
+        if mesh is None:
+            return {}
+        kw = dict(head_axes=sharding.mesh_axes("heads", self.h))
+        if self.implementation == "pallas":
+            kw.update(mesh=mesh, batch_axes=sharding.mesh_axes("batch", batch))
+        return kw
+
     def _out(self, x, y):
         b, t = x.shape[:2]
         y = self.out_norm(y).reshape(b, t, self.h * self.k)
@@ -215,12 +226,9 @@ class MirasLayer(nnx.Module):
         q, k, v, _ = self._qkv(x, None)
         # heads over the mesh's tensor axis, batch over data/fsdp (no-op without an active mesh)
         q, k, v = (sharding.constrain(a, ("batch", "seq", "heads", "dim")) for a in (q, k, v))
-        mesh = sharding.active_mesh() if self.implementation == "pallas" else None
-        extra = {} if mesh is None else dict(mesh=mesh, batch_axes=sharding.mesh_axes("batch", q.shape[0]),
-                                             head_axes=sharding.mesh_axes("heads", self.h))
         y, _ = memorize_batched(self.spec, self.memory_init(), q, k, v, self._gates(x),
                                 chunk_size=self.chunk_size, implementation=self.implementation,
-                                remat_every=self.remat_every, **extra)
+                                remat_every=self.remat_every, **self._mesh_kw(q.shape[0]))
         y = sharding.constrain(y, ("batch", "seq", "heads", "dim"))
         return self._out(x, y)
 
@@ -236,7 +244,7 @@ class MirasLayer(nnx.Module):
         gates = self._gates(x)
         c, impl = self.chunk_size, self.implementation
         T = x.shape[1]
-        kw = dict(chunk_size=c, implementation=impl, remat_every=self.remat_every)
+        kw = dict(chunk_size=c, implementation=impl, remat_every=self.remat_every, **self._mesh_kw(x.shape[0]))
         if not decode_lib.buffered(self.spec, c, impl):
             y, st = memorize_batched(self.spec, self.memory_init(), q, k, v, gates, **kw)
             ds = self._vmap_bh(lambda s: decode_lib.DecodeState(s, (), jnp.zeros((), jnp.int32)), st)
