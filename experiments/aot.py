@@ -74,7 +74,7 @@ def check(cfg: configs.TrainConfig, mesh_text: str, topology: str = "v5e:4x4") -
     vocab = cfg.mqar_vocab if cfg.task == "mqar" else 256
     model = nnx.eval_shape(lambda: MirasLM(dataclasses.replace(cfg.model, vocab_size=vocab), rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = params.to_pure_dict(), rest.to_pure_dict()
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     tx, _ = train_lib.make_optimizer(cfg)
     opt = jax.eval_shape(tx.init, params)
     p_sh, o_sh = sharding.param_shardings(mesh, params), sharding.param_shardings(mesh, opt)

@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from flax import nnx
 
 from experiments import configs, data, grid
 from experiments import train as train_lib
@@ -43,7 +44,7 @@ def _compile_s(fn, *args) -> float:
 def measure(cfg, K: int, steps: int, run_steps: int) -> dict:
     task = train_lib.make_task(cfg, None)
     graphdef, params, rest, tx, _ = train_lib.build(cfg, task.vocab)
-    rest_d = rest.to_pure_dict()
+    rest_d = nnx.to_pure_dict(rest)
     ps = [1.0 + 3.0 * i / max(K - 1, 1) for i in range(K)]          # p in [1, 4]
     rests = [grid.with_hparams(rest_d, {"p": p}) for p in ps]
     step, _ = grid.make_step(graphdef, tx)

@@ -137,7 +137,7 @@ def _run_grid(cfg, grid, workdir, *, data_path, shard, progress):
         spec.with_hparams(**v).validate()
     task = train_lib.make_task(cfg, data_path)
     graphdef, params, rest, tx, schedule = train_lib.build(cfg, task.vocab)
-    rest_dict = rest.to_pure_dict()
+    rest_dict = nnx.to_pure_dict(rest)
     rests = [with_hparams(rest_dict, v) for v in vs]
     stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
     params_k = stack([params] * K)

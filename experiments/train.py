@@ -116,7 +116,7 @@ def build(cfg: configs.TrainConfig, vocab: int):
     model = MirasLM(dataclasses.replace(cfg.model, vocab_size=vocab), rngs=nnx.Rngs(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, schedule = make_optimizer(cfg)
-    return graphdef, params.to_pure_dict(), rest, tx, schedule
+    return graphdef, nnx.to_pure_dict(params), rest, tx, schedule
 
 
 def make_optimizer(cfg: configs.TrainConfig):

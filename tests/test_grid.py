@@ -45,7 +45,7 @@ def test_grid_equals_separate_runs(tmp_path, ps, trained_alone):
     # every variant directory is a normal run: evaluate reads its checkpoint with its own hparams
     cfg_v, _, _, rest, step = train_lib.load_run(str(tmp_path / "grid" / "variants" / "p3_q3"))
     assert step == 4 and dict(cfg_v.model.hparams) == {"p": 3.0, "q": 3.0}
-    assert float(rest["blocks"][0]["mixer"]["hparams"]["bias/p"].value) == 3.0
+    assert float(rest["blocks"][0]["mixer"]["hparams"]["bias/p"][...]) == 3.0
 
 
 def test_grid_bad_input(tmp_path):
