@@ -3,6 +3,7 @@ onto another mesh shape (end to end through train.py's resume); the AOT check fo
 Runs on 8 virtual CPU devices (conftest.py)."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import miras_jax as mj
 from experiments import configs, data
 from experiments import train as train_lib
 from experiments.checkpoint import Checkpointer
@@ -137,7 +139,6 @@ def test_aot_check_lowers_for_a_tpu_slice():
 
 
 def _collectives(compiled_text: str) -> list[str]:
-    import re
     return re.findall(r"= \S+ (all-gather|all-to-all|collective-permute|reduce-scatter)\(", compiled_text)
 
 
@@ -146,7 +147,6 @@ def test_batched_rows_need_no_communication(heads_sharded):
     """``memorize_batched``'s rows (one ``B * H`` vmap, or ``[B, H]`` when ``head_axes`` is given)
     keep every device on its own block: fwd+bwd compiles with no gather / permute between devices
     (the parameters' gradient all-reduce over the batch is the only collective) and equals one device."""
-    import miras_jax as mj
     mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     spec = mj.presets.get("moneta")
     B, T, H, d = 4, 32, 8, 8
