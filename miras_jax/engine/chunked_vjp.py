@@ -359,18 +359,25 @@ def _sums_path(cfg: Config) -> bool:
     return cfg.static_q is not None and isinstance(cfg.ret, retention_lib.LqRetention)
 
 
-def _scales_sums(cfg: Config, hpr, Z):
-    """``(s, sums)`` per matrix (:func:`_sums_path` only)."""
+def _scales_from_sums(cfg: Config, hpr, sums):
+    return [retention_lib.lq_scale_from_sums(m, S, cfg.static_q, hpr["norm_floor"]) for m, S in sums]
+
+
+def _scales_fwd(cfg: Config, hpr, Z):
+    """``(s, sums)`` per matrix: on :func:`_sums_path` the two sums are kept (a residual), else
+    ``sums = None`` and the backward takes ``jax.vjp`` of :func:`_scales`."""
+    if not _sums_path(cfg):
+        return _scales(cfg, hpr, Z), None
     sums = [retention_lib.lq_sums(z, cfg.static_q) for z in Z]
-    return [retention_lib.lq_scale_from_sums(m, S, cfg.static_q, hpr["norm_floor"]) for m, S in sums], sums
+    return _scales_from_sums(cfg, hpr, sums), sums
 
 
 def _scales_with_vjp(cfg: Config, hpr, Z, sums):
-    """``(s, vjp)`` for the scales of ``Z``; ``vjp(ds) -> (dZ, dhpr)``."""
+    """``(s, vjp)`` for the scales of ``Z`` (``sums`` from :func:`_scales_fwd`); ``vjp(ds) -> (dZ, dhpr)``."""
     if sums is None:
         return jax.vjp(lambda z, h: _scales(cfg, h, z), Z, hpr)
     q, floor = cfg.static_q, hpr["norm_floor"]
-    s = [retention_lib.lq_scale_from_sums(m, S, q, floor) for m, S in sums]
+    s = _scales_from_sums(cfg, hpr, sums)
 
     def vjp(ds):
         parts = [retention_lib.lq_scale_vjp(z, m, S, q, floor, d) for z, (m, S), d in zip(Z, sums, ds)]
@@ -400,10 +407,7 @@ def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
         Bw, _ = _lag_fwd(cfg, hp["retention"], P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.m0)
     Z_end = _end_state(Bw, beta[-1], C[-1], X, E)
     if mode == "scale":
-        if _sums_path(cfg):
-            s_end, sums = _scales_sums(cfg, hp["retention"], Z_end)
-        else:
-            s_end, sums = _scales(cfg, hp["retention"], Z_end), None
+        s_end, sums = _scales_fwd(cfg, hp["retention"], Z_end)
         S = _token_scales(s_end, s_prev, c)
         P_end, A_end = [s * z for s, z in zip(s_end, Z_end)], Z_end
     else:
