@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from miras_jax.engine import dispatch
+from miras_jax.engine import horizon as horizon_lib
 from miras_jax.engine import pallas as pallas_path
 from miras_jax.engine.reference import MemoryState, init_state
 
@@ -108,7 +109,7 @@ def resolve(spec, implementation: str) -> str:
 
 def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
              implementation: str = "reference", initial_state: MemoryState | None = None,
-             remat_every: int = 0):
+             remat_every: int = 0, grad_horizon: int | None = None):
     """Run the memory of ``spec`` over one sequence: write ``(k_t, v_t)``, read ``q_t``.
 
     Args:
@@ -128,6 +129,10 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
         covers the spec, else ``"xla"``).
       initial_state: a ``MemoryState`` to continue from (segments); default ``init_state(params)``.
       remat_every: with ``"xla"`` mini-batch forms, ``jax.checkpoint`` groups of this many chunks.
+      grad_horizon: ``None`` / 0: exact gradients. ``H`` (a multiple of ``chunk_size``): truncated
+        backpropagation through the memory state: same forward, but gradients do not flow through
+        the state across segments of ``H`` tokens (``engine/horizon.py``; what MLP memories need at
+        long context, where the exact gradient grows exponentially in ``T``).
 
     Returns:
       ``(y, final_state)``: ``y: [T, v]`` with ``y_t = M_{W_t}(q_t)`` read after the write of
@@ -140,6 +145,7 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(remat_every, int) or remat_every < 0:
         raise ValueError(f"remat_every must be a non-negative int, got {remat_every!r}")
+    horizon_lib.check_horizon(grad_horizon, chunk_size)
     gates = check_inputs(spec, params, q, k, v, gates)
     implementation = resolve(spec, implementation)
 
@@ -150,15 +156,18 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)  # noqa: E731
     state = init_state(spec, cast(params)) if initial_state is None else cast(initial_state)
     spec = spec.replace(hparams=cast(spec.hparams))
-    if implementation == "pallas":
-        one = lambda x: x[None, :, None]  # noqa: E731   [T, ...] -> [1, T, 1, ...]
-        state1 = jax.tree.map(lambda x: x[None, None], state)
-        y, final = pallas_path.run_batched(spec, state1, one(cast(q)), one(cast(k)), one(cast(v)),
-                                           {n: one(g) for n, g in cast(gates).items()}, chunk_size=chunk_size)
-        y, final = y[0, :, 0], jax.tree.map(lambda x: x[0, 0], final)
-    else:
-        y, final = dispatch.run(spec, state, cast(q), cast(k), cast(v), cast(gates), chunk_size=chunk_size,
-                                implementation=implementation, remat_every=remat_every)
+
+    def run(st, xs):
+        q_, k_, v_, g_ = xs
+        if implementation == "pallas":
+            one = lambda x: x[None, :, None]  # noqa: E731   [T, ...] -> [1, T, 1, ...]
+            y_, fin = pallas_path.run_batched(spec, jax.tree.map(lambda x: x[None, None], st), one(q_), one(k_),
+                                              one(v_), {n: one(g) for n, g in g_.items()}, chunk_size=chunk_size)
+            return y_[0, :, 0], jax.tree.map(lambda x: x[0, 0], fin)
+        return dispatch.run(spec, st, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
+                            remat_every=remat_every)
+
+    y, final = horizon_lib.truncated(run, state, cast((q, k, v, gates)), q.shape[0], grad_horizon, axis=0)
     param_dtypes = jax.tree.map(lambda x: jnp.result_type(x), params)
     final = final._replace(memory=jax.tree.map(lambda x, d: x.astype(d), final.memory, param_dtypes))
     return y.astype(v.dtype), final
@@ -166,7 +175,8 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
 
 def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
                      implementation: str = "reference", initial_state: MemoryState | None = None,
-                     remat_every: int = 0, mesh=None, batch_axes="data", head_axes=None):
+                     remat_every: int = 0, mesh=None, batch_axes="data", head_axes=None,
+                     grad_horizon: int | None = None):
     """Canonical batched entry point: ``q, k: [B, T, H, k]``, ``v: [B, T, H, v]``.
 
     ``params`` holds one memory per head (leading axis ``H`` on every leaf); gates are
@@ -177,7 +187,8 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     ``mesh``, the kernel is entered through ``shard_map``: batch split over ``batch_axes``, heads
     over ``head_axes``. For ``"reference"`` / ``"xla"``, pass ``head_axes`` when the heads are
     sharded: the rows are then vmapped as ``[B, H]`` (a ``B * H`` reshape across two sharded axes
-    would make XLA all-gather them); the batch alone may be sharded either way.
+    would make XLA all-gather them); the batch alone may be sharded either way. ``grad_horizon``:
+    as in :func:`memorize` (truncated backpropagation through the state, segments of that many tokens).
     """
     if getattr(q, "ndim", None) != 4:
         raise ValueError(f"memorize_batched takes q of shape [B, T, H, d_k], got {getattr(q, 'shape', q)}")
@@ -192,13 +203,13 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     implementation = resolve(spec, implementation) if implementation in ("pallas", "auto") else implementation
     if implementation == "pallas":
         return _pallas_batched(spec, params, q, k, v, gates or {}, chunk_size, initial_state, mesh,
-                               batch_axes, head_axes)
+                               batch_axes, head_axes, grad_horizon)
     to_bh = lambda t: jax.tree.map(lambda x: jnp.swapaxes(x, 1, 2), t)  # noqa: E731
     qh, kh, vh, gh = to_bh((q, k, v, gates or {}))
 
     def one(p, q_, k_, v_, g_, s_):
         return memorize(spec, p, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
-                        initial_state=s_, remat_every=remat_every)
+                        initial_state=s_, remat_every=remat_every, grad_horizon=grad_horizon)
 
     s_axis = 0 if initial_state is not None else None
     if head_axes is not None:   # heads sharded: rows stay [B, H], no reshape across two sharded axes
@@ -216,10 +227,12 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     return jnp.swapaxes(y.reshape((B, H) + y.shape[1:]), 1, 2), state
 
 
-def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mesh, batch_axes, head_axes):
+def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mesh, batch_axes, head_axes,
+                    grad_horizon=None):
     """``memorize_batched`` on the Pallas kernels (one grid over all batch x head rows)."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    horizon_lib.check_horizon(grad_horizon, chunk_size)
     B = q.shape[0]
     head0 = lambda t: jax.tree.map(lambda x: x[0, :, 0], t)  # noqa: E731
     check_inputs(spec, jax.tree.map(lambda x: x[0], params), head0(q), head0(k), head0(v), head0(gates))
@@ -234,8 +247,12 @@ def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mes
         state = f32(initial_state)
     spec = spec.replace(hparams=f32(spec.hparams))
     g = {n: f32(gates[n]) for n in spec.required_gates}
-    y, final = pallas_path.run_batched(spec, state, f32(q), f32(k), f32(v), g, chunk_size=chunk_size,
-                                       mesh=mesh, batch_axes=batch_axes, head_axes=head_axes)
+
+    def run(st, xs):
+        return pallas_path.run_batched(spec, st, *xs, chunk_size=chunk_size, mesh=mesh, batch_axes=batch_axes,
+                                       head_axes=head_axes)
+
+    y, final = horizon_lib.truncated(run, state, (f32(q), f32(k), f32(v), g), q.shape[1], grad_horizon, axis=1)
     param_dtypes = jax.tree.map(lambda x: jnp.result_type(x), params)
     final = final._replace(memory=jax.tree.map(lambda x, d: x.astype(d), final.memory, param_dtypes))
     return y.astype(v.dtype), final

@@ -33,6 +33,7 @@ from flax import nnx
 from miras_jax import presets, sharding
 from miras_jax.engine import decode as decode_lib
 from miras_jax.engine.api import memorize_batched
+from miras_jax.engine.horizon import check_horizon
 from miras_jax.engine.reference import init_state
 from miras_jax.spec import MirasSpec
 
@@ -111,13 +112,15 @@ class MirasLayer(nnx.Module):
       channel_decay: ``decay`` per key channel (``[k]`` per head); default: True for "gla".
       decay_init: ``(lo, hi)`` initial decays spread over the heads. lr_max: the inner step size's
         ceiling (``lr = lr_max sigmoid(z)``); default ``default_lr_max(spec)``.
+      grad_horizon: truncated backpropagation through the memory state every this many tokens
+        (``engine/horizon.py``; a multiple of ``chunk_size``); 0 (default): exact gradients.
     """
 
     def __init__(self, d_model: int, num_heads: int, spec, *, head_dim: int | None = None,
                  preset_kwargs: dict | None = None, chunk_size: int = 64, implementation: str = "xla",
                  remat_every: int = 0, gate_rank: int = 32, conv_kernel: int = 4,
                  channel_decay: bool | None = None, decay_init: tuple[float, float] | None = None,
-                 lr_max: float | None = None, rngs: nnx.Rngs):
+                 lr_max: float | None = None, grad_horizon: int = 0, rngs: nnx.Rngs):
         if isinstance(spec, str):
             spec = presets.get(spec, **(preset_kwargs or {}))
         if spec.num_steps != 1:
@@ -140,6 +143,8 @@ class MirasLayer(nnx.Module):
                                  for c, d in spec.hparams.items() for n, x in d.items()})
         self.h, self.k = num_heads, head_dim
         self.chunk_size, self.implementation, self.remat_every = chunk_size, implementation, remat_every
+        check_horizon(grad_horizon, chunk_size)
+        self.grad_horizon = int(grad_horizon)
         self.channel_decay = (spec.name == "gla") if channel_decay is None else channel_decay
         if self.channel_decay and spec.memory.kind != "linear":
             raise ValueError("channel-wise decay needs a matrix (linear) memory")
@@ -228,7 +233,8 @@ class MirasLayer(nnx.Module):
         q, k, v = (sharding.constrain(a, ("batch", "seq", "heads", "dim")) for a in (q, k, v))
         y, _ = memorize_batched(self.spec, self.memory_init(), q, k, v, self._gates(x),
                                 chunk_size=self.chunk_size, implementation=self.implementation,
-                                remat_every=self.remat_every, **self._mesh_kw(q.shape[0]))
+                                remat_every=self.remat_every, grad_horizon=self.grad_horizon,
+                                **self._mesh_kw(q.shape[0]))
         y = sharding.constrain(y, ("batch", "seq", "heads", "dim"))
         return self._out(x, y)
 

@@ -43,6 +43,7 @@ class LMConfig:
     conv_kernel: int = 4
     decay_init: tuple = ()                # (lo, hi): initial decay spread over heads (MirasLayer)
     lr_max: float | None = None           # inner step size ceiling; None: nn.layer.default_lr_max(spec)
+    grad_horizon: int = 0                 # truncated BPTT through the memory every N tokens; 0: exact
     mlp_hidden: int | None = None
     tie_embeddings: bool = True
 
@@ -97,7 +98,7 @@ class MirasBlock(nnx.Module):
                                     implementation=cfg.implementation, remat_every=cfg.remat_every,
                                     gate_rank=cfg.gate_rank, conv_kernel=cfg.conv_kernel,
                                     decay_init=tuple(cfg.decay_init) or None, lr_max=cfg.lr_max,
-                                    rngs=rngs)
+                                    grad_horizon=cfg.grad_horizon, rngs=rngs)
         else:
             self.mixer = Attention(cfg.d_model, cfg.num_heads, window=cfg.window if kind == "S" else None,
                                    rngs=rngs)
