@@ -448,8 +448,16 @@ def config_from_dict(d: dict) -> configs.TrainConfig:
 def _saved_model(saved: dict) -> dict:
     """A checkpoint's model config: a field it predates is its default, and an unresolved ``lr_max``
     (None or absent: written before runs saved the resolved value) is ``LR_MAX[memory kind]``,
-    what the layers used then (since then Moneta's MLP memory defaults to 3e-3, Memora's to 3)."""
+    what the layers used then (since then Moneta's MLP memory defaults to 3e-3, Memora's to 3). A
+    preset with the ``anchor`` option saved without it predates anchored retention: ``anchor=False``
+    (and Yaad's surrogate slope ``a = 10``), the map it trained with."""
     d = {**dataclasses.asdict(LMConfig()), **{k: _tuples(v) for k, v in saved.items()}}
+    kw = dict(d["preset_kwargs"])
+    if "M" in d["pattern"] and presets.takes(d["preset"], "anchor") and "anchor" not in kw:
+        kw["anchor"] = False
+        if d["preset"] == "yaad":
+            kw.setdefault("a", 10.0)
+        d["preset_kwargs"] = tuple(sorted(kw.items()))
     if d["lr_max"] is None and "M" in d["pattern"]:
         d["lr_max"] = LR_MAX[LMConfig(**d).spec().memory.kind]
     return d

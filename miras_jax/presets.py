@@ -31,6 +31,11 @@ def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def takes(name: str, option: str) -> bool:
+    """Whether preset ``name``'s factory has the structural option ``option`` (e.g. ``"anchor"``)."""
+    return name in _REGISTRY and option in inspect.signature(_REGISTRY[name]).parameters
+
+
 def get(name: str, **kwargs) -> MirasSpec:
     """Build preset ``name``; structural keywords go to the factory, the rest set hyper-parameters."""
     if name not in _REGISTRY:
@@ -137,38 +142,57 @@ def ttt_mlp(expansion: int = 4) -> MirasSpec:
 
 
 # --- Titans and the three Miras models ------------------------------------------------------
+# ``anchor`` (default: on for an MLP memory): the global retention pulls toward the initial memory
+# ``W_0`` (an outer parameter) instead of toward 0, ``z_t = a_t z_{t-1} + (1 - a_t) z_0 + u_t``.
+# For a matrix memory initialised at 0 that is the paper's equation; an MLP memory behind its
+# LayerNorm decayed toward 0 is chaotic (its exact gradients grow like exp(lambda T), NaN by 8k
+# tokens; experiments/README.md "Long context"). ``anchor=False`` is the paper's map exactly.
+
+
+def _anchor(anchor, memory):
+    return memory == "mlp" if anchor is None else bool(anchor)
+
 
 @register
-def titans(memory: str = "mlp", expansion: int = 4, depth: int = 2) -> MirasSpec:
-    """Titans-LMM: ``S_t = m_t S_{t-1} - b_t grad l2(W_{t-1})``; ``W_t = a_t W_{t-1} + S_t``."""
+def titans(memory: str = "mlp", expansion: int = 4, depth: int = 2, anchor: bool | None = None) -> MirasSpec:
+    """Titans-LMM: ``S_t = m_t S_{t-1} - b_t grad l2(W_{t-1})``; ``W_t = a_t W_{t-1} + S_t``
+    (anchored: ``W_t = a_t W_{t-1} + (1 - a_t) W_0 + S_t``)."""
     mem = _memory(memory, expansion=expansion, depth=depth)
-    return _spec("titans", mem, B.l2_bias(), R.decay_retention(), O.momentum_gd())
+    return _spec("titans", mem, B.l2_bias(), R.decay_retention(anchor=_anchor(anchor, memory)),
+                 O.momentum_gd())
 
 
 @register
 def moneta(memory: str = "mlp", smooth: bool | None = True, expansion: int = 4,
-           depth: int = 2) -> MirasSpec:
+           depth: int = 2, anchor: bool | None = None) -> MirasSpec:
     """Moneta (Eq. 24-25), defaults ``p = 3``, ``q = 4``:
     ``A_t = a_t A_{t-1} - b_t grad l_p(W_{t-1})``, ``W_t = A_t / ||A_t||_q^(q-2)`` per weight
     matrix, ``A_0 = W_0``; for matrix memory ``grad l_p = p sign(r)|r|^(p-1) k^T``. The norm is
     floored (hparam ``norm_floor``, default ``retention.LQ_NORM_FLOOR``; 0 = the paper's map): at
-    ``q = 4``, ``||W||_q = 1 / ||A||_q`` would grow without bound as strong decays empty ``A``."""
+    ``q = 4``, ``||W||_q = 1 / ||A||_q`` would grow without bound as strong decays empty ``A``.
+    Anchored: ``A_t = a_t A_{t-1} + (1 - a_t) A_0 - b_t grad``."""
     mem = _memory(memory, expansion=expansion, depth=depth)
-    return _spec("moneta", mem, B.lp_bias(smooth), R.lq_retention(), O.gd())
+    return _spec("moneta", mem, B.lp_bias(smooth), R.lq_retention(anchor=_anchor(anchor, memory)), O.gd())
 
 
 @register
 def yaad(memory: str = "mlp", smooth: bool | None = True, expansion: int = 4,
-         depth: int = 2) -> MirasSpec:
+         depth: int = 2, anchor: bool | None = None) -> MirasSpec:
     """Yaad (Eq. 26): ``W_t = a_t W_{t-1} - b_t g_t`` with ``g_t = grad l2`` if
-    ``||r_t|| <= delta_t`` else ``delta_t grad l1`` (gate ``delta``, times hparam ``delta_scale``)."""
+    ``||r_t|| <= delta_t`` else ``delta_t grad l1`` (gate ``delta``, times hparam ``delta_scale``);
+    anchored: ``+ (1 - a_t) W_0``."""
     mem = _memory(memory, expansion=expansion, depth=depth)
-    return _spec("yaad", mem, B.yaad_bias(smooth), R.decay_retention(), O.gd())
+    spec = _spec("yaad", mem, B.yaad_bias(smooth), R.decay_retention(anchor=_anchor(anchor, memory)), O.gd())
+    # the smooth l1 branch writes delta tanh(a r): at the generic a = 10 its slope (10 delta near
+    # r = 0) made the MLP memory's recurrence chaotic (+0.012 per token at lr 0.1, decay 0.95, C = 64);
+    # at a = 1, -0.0005 (experiments/README.md "Long context"). A hyper-parameter: set a=... to override.
+    return spec.with_hparams(a=1.0) if memory == "mlp" and smooth else spec
 
 
 @register
-def memora(memory: str = "mlp", expansion: int = 4, depth: int = 2) -> MirasSpec:
+def memora(memory: str = "mlp", expansion: int = 4, depth: int = 2, anchor: bool | None = None) -> MirasSpec:
     """Memora (Eq. 27): ``W_t = c Softmax(a_t log W_{t-1} - b_t grad l2(W_{t-1}))`` over each row,
-    ``c`` = row length; the memory must stay positive (initialised with ``init='simplex'``)."""
+    ``c`` = row length; the memory must stay positive (initialised with ``init='simplex'``).
+    Anchored: ``+ (1 - a_t) log W_0`` inside the softmax."""
     mem = _memory(memory, init_linear="simplex", init_mlp="simplex", expansion=expansion, depth=depth)
-    return _spec("memora", mem, B.l2_bias(), R.kl_retention(), O.gd())
+    return _spec("memora", mem, B.l2_bias(), R.kl_retention(anchor=_anchor(anchor, memory)), O.gd())

@@ -6,7 +6,16 @@ Every retention gate here updates the memory in a *dual* space::
     z_t     = a_t * z_{t-1} + u_t      (a_t: decay / alpha_t; u_t: the optimizer's update)
     W_t     = from_dual(z_t)
 
-where ``u_t = -eta_t grad l(W_{t-1})`` for plain GD. The choice of ``(to_dual, from_dual)`` gives:
+where ``u_t = -eta_t grad l(W_{t-1})`` for plain GD. With ``anchor=True`` the global retention pulls
+toward the initial memory instead of toward zero (``||W - W_0||`` in place of ``||W||``)::
+
+    z_t     = a_t z_{t-1} + (1 - a_t) z_* + u_t,   z_* = to_dual(W_0)  (A_0 = W_0 if ``accumulate``)
+
+For a zero-initialised matrix memory that is the same equation. For an MLP memory behind a
+LayerNorm it is what keeps the recurrence non-chaotic: decaying toward zero shrinks ``W`` while
+the LayerNorm keeps the output scale, so the effective step ``~ eta / ||W||^2`` grows without bound
+(a positive Lyapunov exponent; ``experiments/lyapunov.py``, experiments/README.md "Long context").
+The choice of ``(to_dual, from_dual)`` gives:
 
 | gate                | dual       | primal                      | equation                          |
 |---------------------|------------|-----------------------------|-----------------------------------|
@@ -174,12 +183,15 @@ class Retention:
 
     Subclasses set ``to_dual`` / ``from_dual``; ``accumulate=True`` keeps ``z`` (the accumulator
     ``A_t``, with ``A_0 = W_0``) in the retention state instead of recomputing it from ``W``.
+    ``anchor=True``: ``z_t = a_t z_{t-1} + (1 - a_t) z_* + u_t`` with ``z_* = to_dual(W_0)`` held in
+    the retention state (module docstring); the state is then ``{"acc": A or (), "anchor": z_*}``.
     """
 
     decay_source: str = "gate"
     name: str = "decay"
     accumulate: bool = False
     domain: str = "real"  # "real" | "positive" | "unit_interval": where W must live
+    anchor: bool = False
 
     def __post_init__(self):
         if self.decay_source not in DECAY_SOURCES:
@@ -237,17 +249,41 @@ class Retention:
         return None
 
     def init(self, params, hp) -> Any:
-        """Retention state: the accumulator ``A_0 = W_0`` if ``accumulate``, else ``()``."""
-        return params if self.accumulate else ()
+        """Retention state: the accumulator ``A_0 = W_0`` if ``accumulate``, else ``()``; with
+        ``anchor``, ``{"acc": that, "anchor": z_* = to_dual(W_0)}`` (``A_0`` itself if ``accumulate``)."""
+        acc = params if self.accumulate else ()
+        if not self.anchor:
+            return acc
+        return {"acc": acc, "anchor": params if self.accumulate else self.to_dual(params, hp)}
+
+    def acc(self, state):
+        """The accumulator ``A`` held in a retention ``state`` (``()`` if none)."""
+        return state["acc"] if self.anchor else state
+
+    def anchor_of(self, state):
+        """The dual anchor ``z_*`` held in a retention ``state`` (``None`` without ``anchor``)."""
+        return state["anchor"] if self.anchor else None
+
+    def with_acc(self, state, acc):
+        """``state`` with its accumulator replaced by ``acc``."""
+        return {"acc": acc, "anchor": state["anchor"]} if self.anchor else acc
+
+    def retain(self, z, decay, z_anchor):
+        """``a z + (1 - a) z_*`` leafwise (``a z`` without an anchor; ``z`` without a decay)."""
+        if decay is None:
+            return z
+        if z_anchor is None:
+            return _tree_decay(z, decay)
+        return jax.tree.map(lambda x, x0: x0 + decay * (x - x0), z, z_anchor)
 
     def step(self, params, state, updates, decay, hp):
         """``(W_{t-1}, state, u_t, a_t) -> (W_t, state_t)``; ``updates=None`` means ``u = 0``."""
-        z = state if self.accumulate else self.to_dual(params, hp)
-        z = _tree_decay(z, decay)
+        z = self.acc(state) if self.accumulate else self.to_dual(params, hp)
+        z = self.retain(z, decay, self.anchor_of(state))
         if updates is not None:
             z = jax.tree.map(jnp.add, z, updates)
         new = self.from_dual(z, hp)
-        return new, (z if self.accumulate else ())
+        return new, (self.with_acc(state, z) if self.accumulate else state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,17 +389,21 @@ def no_retention() -> Retention:
     return Retention(decay_source="none", name="none")
 
 
-def decay_retention(source: str = "gate") -> Retention:
-    """l2 local + global retention: ``W_t = a_t W_{t-1} + u`` (scalar or channel-wise ``a_t``)."""
-    return Retention(decay_source=source, name="decay")
+def decay_retention(source: str = "gate", anchor: bool = False) -> Retention:
+    """l2 local + global retention: ``W_t = a_t W_{t-1} + u`` (scalar or channel-wise ``a_t``);
+    ``anchor``: ``W_t = a_t W_{t-1} + (1 - a_t) W_0 + u``."""
+    return Retention(decay_source=source, name="decay", anchor=anchor)
 
 
-def lq_retention(decay: str = "gate") -> LqRetention:
-    return LqRetention(decay_source=decay)
+def lq_retention(decay: str = "gate", anchor: bool = False) -> LqRetention:
+    """Moneta's l_q retention; ``anchor``: ``A_t = a_t A_{t-1} + (1 - a_t) A_0 + u``."""
+    return LqRetention(decay_source=decay, anchor=anchor)
 
 
-def kl_retention(decay: str = "gate", c: float | None = None) -> KLRetention:
-    return KLRetention(decay_source=decay, c=c)
+def kl_retention(decay: str = "gate", c: float | None = None, anchor: bool = False) -> KLRetention:
+    """Memora's KL retention; ``anchor``: ``log W_t = a_t log W_{t-1} + (1 - a_t) log W_0 + u``
+    (before the row softmax)."""
+    return KLRetention(decay_source=decay, c=c, anchor=anchor)
 
 
 def elastic_net_retention(decay: str = "gate") -> ElasticNetRetention:

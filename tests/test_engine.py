@@ -54,9 +54,12 @@ def test_mlp_memory_depth_and_no_residual():
 
 
 def _oracle_mlp(name, spec, params, q, k, v, gates):
-    """Token loop with ``jax.grad`` of the exact inner loss; retention written out by hand."""
+    """Token loop with ``jax.grad`` of the exact inner loss; retention written out by hand (anchored
+    presets pull toward ``W_0`` / ``A_0`` / ``log W_0`` instead of toward 0)."""
     mem = spec.memory
     hp = spec.hparams
+    W0 = params
+    anchored = spec.retention.anchor
     W = params
     A = params
     S = jax.tree.map(jnp.zeros_like, params)
@@ -75,28 +78,34 @@ def _oracle_mlp(name, spec, params, q, k, v, gates):
             return 0.5 * jnp.sum(r * r)
 
         g = jax.grad(loss)(W)
+        # retain(x, x0) = a x + (1 - a) x0 when anchored, else a x
+        retain = lambda x, x0: a * x + (1 - a) * x0 if anchored else a * x  # noqa: B023,E731
         if name in ("ttt_linear", "ttt_mlp"):
             W = jax.tree.map(lambda w, g: w - b * g, W, g)
         elif name == "titans":
             S = jax.tree.map(lambda s, g: gates["momentum"][t] * s - b * g, S, g)
-            W = jax.tree.map(lambda w, s: a * w + s, W, S)
+            W = jax.tree.map(lambda w, w0, s: retain(w, w0) + s, W, W0, S)
         elif name == "yaad":
-            W = jax.tree.map(lambda w, g: a * w - b * g, W, g)
+            W = jax.tree.map(lambda w, w0, g: retain(w, w0) - b * g, W, W0, g)
         elif name == "moneta":
             qq = hp["retention"]["q"]
-            A = jax.tree.map(lambda x, g: a * x - b * g, A, g)
+            A = jax.tree.map(lambda x, x0, g: retain(x, x0) - b * g, A, W0, g)
             W = jax.tree.map(lambda x: x / jnp.sum(jnp.abs(x) ** qq) ** ((qq - 2) / qq), A)
         elif name == "memora":
-            W = jax.tree.map(lambda w, g: w.shape[-1] * jax.nn.softmax(a * jnp.log(w) - b * g, axis=-1),
-                             W, g)
+            W = jax.tree.map(lambda w, w0, g: w.shape[-1] * jax.nn.softmax(
+                retain(jnp.log(w), jnp.log(w0)) - b * g, axis=-1), W, W0, g)
         ys.append(mem.apply(W, q[t]))
     return jnp.stack(ys), W
 
 
-@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp", "titans", "moneta", "yaad", "memora"])
+@pytest.mark.parametrize("name,anchor", [("ttt_linear", None), ("ttt_mlp", None)] + [
+    (n, a) for n in ("titans", "moneta", "yaad", "memora") for a in (None, False)])
 @pytest.mark.parametrize("T,d", [(1, 4), (9, 8)])
-def test_mlp_presets_match_grad_oracle(name, T, d):
+def test_mlp_presets_match_grad_oracle(name, anchor, T, d):
+    """``anchor=None``: the preset's default (anchored for an MLP memory); ``False``: the paper's map."""
     kw = {"smooth": None} if name in ("moneta", "yaad") else {}
+    if anchor is not None:
+        kw["anchor"] = anchor
     spec, params, (q, k, v, gates) = _run(name, T=T, d=d, **kw)
     y, state = mj.memorize(spec, params, q, k, v, gates)
     y_ref, w_ref = _oracle_mlp(name, spec, params, q, k, v, gates)

@@ -130,9 +130,10 @@ def test_a_run_saves_its_resolved_step_ceiling_and_an_unresolved_one_reads_as_it
 
     full = train_lib._config_dict
 
-    def unresolved(c):  # what a run saved before it resolved lr_max
+    def unresolved(c):  # what a run saved before it resolved lr_max (and before anchored retention)
         d = full(c)
         d["model"]["lr_max"] = None
+        d["model"]["preset_kwargs"] = [kv for kv in d["model"]["preset_kwargs"] if kv[0] != "anchor"]
         return d
 
     monkeypatch.setattr(train_lib, "_config_dict", unresolved)
@@ -144,8 +145,12 @@ def test_a_run_saves_its_resolved_step_ceiling_and_an_unresolved_one_reads_as_it
     got, graphdef, params, rest, _ = train_lib.load_run(str(tmp_path / "old"))
     assert got.model.lr_max == LR_MAX["mlp"]
     assert train_lib.merge(graphdef, params, rest).blocks[0].mixer.lr_max == LR_MAX["mlp"]
-    summary = train_lib.train(configs.override(cfg, ["model.lr_max=0.1"]), str(tmp_path / "old"), resume="auto",
-                              progress=False)
+    assert not got.model.spec().retention.anchor     # saved before anchors: the paper's map
+    old = configs.override(cfg, ["model.lr_max=0.1"])
+    with pytest.raises(train_lib.TrainingError, match="cannot resume"):   # anchored now: a different model
+        train_lib.train(old, str(tmp_path / "old"), resume="auto", progress=False)
+    old = dataclasses.replace(old, model=dataclasses.replace(old.model, preset_kwargs=(("anchor", False),)))
+    summary = train_lib.train(old, str(tmp_path / "old"), resume="auto", progress=False)
     assert summary["finished"] and summary["steps_done"] == 4
 
 

@@ -16,6 +16,8 @@ Retention ``chunk_mode``: "linear" as above; "scale" (Moneta) multiplies the rea
 ``l`` by ``s(A_0)`` (the token that ends a full chunk by ``s(A_end)``); "lag" (Memora) takes the exact
 step for token 0 and runs the above from that state for the rest of the chunk.
 Channel-wise decay (``a: [k]``) is supported for matrix memory with GD.
+An anchored retention (``z_i = a_i z_{i-1} + (1 - a_i) z_* + u_i``) runs the same algebra on the
+deviation ``z - z_*``: ``base`` becomes ``z_0 - z_*`` and every read / end state adds ``z_*``.
 """
 
 from __future__ import annotations
@@ -106,20 +108,28 @@ def chunk_step(spec, mode: str, momentum: bool, channel: bool, carry, xs):
 
     _, deltas, inputs = jax.vmap(factors)(k, v, gates)
 
+    z_anchor = ret.anchor_of(st.retention)
     if mode == "lag":
         # token 0 takes the exact step from P; the rest of the chunk is linear from there.
         u0 = [-lr[0] * jnp.outer(d[0], x[0]) for d, x in zip(deltas, inputs)]
         a0 = jnp.exp(log_a[0])
-        W1, _ = ret.step(ret.project(P), (), mem.from_leaves(u0), a0, hp["retention"])
+        W1, _ = ret.step(ret.project(P), st.retention, mem.from_leaves(u0), a0, hp["retention"])
         W1 = jax.tree.map(lambda new, old: jnp.where(mask[0], new, old), W1, P)
         base = mem.leaves(W1)
         log_a = log_a.at[0].set(0.0)
         lr = lr.at[0].set(0.0)
+        if z_anchor is not None:   # the linear form runs in the primal: its anchor is from_dual(z_*)
+            z_anchor = ret.from_dual(z_anchor, hp["retention"])
     elif mode == "scale":
-        base = mem.leaves(st.retention)                      # the accumulator A_0
+        base = mem.leaves(ret.acc(st.retention))             # the accumulator A_0
     else:
         base = mem.leaves(P)
     S0 = mem.leaves(st.optimizer) if momentum else None
+    if z_anchor is not None:   # the algebra below runs on the deviation z - z_*
+        anc = mem.leaves(z_anchor)
+        base = [b - a for b, a in zip(base, anc)]
+    else:
+        anc = None
 
     if channel:  # matrix memory, GD, channel-wise decay: R [c, c, k], beta [c, k]
         R = decay_matrix(log_a)
@@ -128,11 +138,15 @@ def chunk_step(spec, mode: str, momentum: bool, channel: bool, carry, xs):
         scores = jnp.einsum("jk,ijk,ik->ij", k, R, q) * (-lr)[None, :]
         y = (q * beta) @ W0.T + scores @ delta
         W_end = W0 * beta[-1][None, :] + jnp.einsum("jv,j,jk->vk", delta, -lr, k * R[-1])
-        return (MemoryState(mem.from_leaves([W_end]), (), ()), ()), y
+        if anc is not None:
+            y, W_end = y + q @ anc[0].T, W_end + anc[0]
+        return (MemoryState(mem.from_leaves([W_end]), st.retention, ()), ()), y
 
     beta, C, gamma, mom_end = _coefficients(log_a, lr, mask, log_m if momentum else None)
 
     z_end = [beta[-1] * b + _outer_sum(d, x, C[-1]) for b, d, x in zip(base, deltas, inputs)]
+    if anc is not None:
+        z_end = [z + a for z, a in zip(z_end, anc)]
     if mode == "scale":
         s_end = [ret.scale(a, hp["retention"]) for a in z_end]          # z_end = A_end
         scales = [jnp.where(last, se, s) for s, se in zip(s_prev, s_end)]   # [c] per weight
@@ -142,6 +156,8 @@ def chunk_step(spec, mode: str, momentum: bool, channel: bool, carry, xs):
     def read(q_i, beta_i, C_i, gamma_i, scale_i):
         def mm(l, h):
             out = beta_i * (base[l] @ h) + ((inputs[l] @ h) * C_i) @ deltas[l]
+            if anc is not None:
+                out = out + anc[l] @ h
             if momentum:
                 out = out + gamma_i * (S0[l] @ h)
             return out if scale_i is None else scale_i[l] * out
@@ -158,7 +174,7 @@ def chunk_step(spec, mode: str, momentum: bool, channel: bool, carry, xs):
         S_end = st.optimizer
     if mode == "scale":
         return (MemoryState(mem.from_leaves([a * s for a, s in zip(z_end, s_end)]),
-                            mem.from_leaves(z_end), S_end), s_end), y
+                            ret.with_acc(st.retention, mem.from_leaves(z_end)), S_end), s_end), y
     return (MemoryState(mem.from_leaves(z_end), st.retention, S_end), ()), y
 
 
@@ -219,7 +235,8 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
 
     s0 = ()
     if mode == "scale":
-        s0 = [spec.retention.scale(a, hp["retention"]) for a in spec.memory.leaves(state.retention)]
+        s0 = [spec.retention.scale(a, hp["retention"])
+              for a in spec.memory.leaves(spec.retention.acc(state.retention))]
     if remat_every:
         xs = jax.tree.map(lambda x: x.reshape((n // group, group, c) + x.shape[1:]), xs)
         group_step = jax.checkpoint(lambda carry, xg: jax.lax.scan(step, carry, xg))

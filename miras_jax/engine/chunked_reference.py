@@ -6,12 +6,14 @@ Chunks of ``c`` tokens; inside a chunk every gradient is taken at the chunk-star
 
     g_i = grad l(P; k_i, v_i);  u_i, S = optimizer.update(g_i, S)
     "linear" maps (none, decay):  W_i = retention.step(W_{i-1}, u_i, a_i)          (exact map)
+                                  (with an anchor: a_i W_{i-1} + (1 - a_i) W_* + u_i)
     "scale"  (l_q, Moneta):       A_i = a_i A_{i-1} + u_i;  reads use W_i = s(A_0) A_i, except
                                   the token that ends a full chunk (position c - 1), which
                                   reads W_end = s(A_end) A_end (a final partial chunk reads
                                   s(A_0) throughout, so a read never depends on later tokens)
     "lag"    (KL/Memora, ...):    i = 0: W_0' = retention.step(project(P), u_0, a_0) (exact);
                                   i > 0: W_i = a_i W_{i-1} + u_i                   (linear form)
+                                  (with an anchor: + (1 - a_i) from_dual(z_*) in the linear form)
     y_i = M_{W_i}(q_i)
 
 With ``c = 1`` all three reduce to the token-level engine. Padded tokens (``mask = 0``) leave
@@ -53,7 +55,9 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
     def chunk(st: MemoryState, xs_c):
         qc, kc, vc, gc, mc = xs_c
         P = st.memory
-        A0 = st.retention
+        R0 = st.retention
+        A0 = ret.acc(R0)
+        z_anchor = ret.anchor_of(R0)
 
         def token(carry, xs_i):
             W, A, S = carry
@@ -63,18 +67,19 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
             u, S_new = opt.update(grad, S, P, gates=g_i, hparams=hp["optimizer"], key=k_i)
             a = ret.decay_value(g_i, hp["retention"])
             if mode == "linear":
-                W_new, _ = ret.step(W, (), u, a, hp["retention"])
+                W_new, _ = ret.step(W, R0, u, a, hp["retention"])
                 A_new, W_read = A, W_new
             elif mode == "scale":
-                W_new, A_new = ret.step(None, A, u, a, hp["retention"])   # W_new = s(A_new) A_new
+                W_new, R_new = ret.step(None, ret.with_acc(R0, A), u, a, hp["retention"])
+                A_new = ret.acc(R_new)                                    # W_new = s(A_new) A_new
                 last = i == c - 1
                 s0 = jax.tree.map(lambda x: ret.scale(x, hp["retention"]), A0)
                 W_lin = jax.tree.map(lambda x, s: s * x, A_new, s0)
                 W_read = _where(last, W_new, W_lin)
             else:  # lag
-                W_exact, _ = ret.step(ret.project(W), (), u, a, hp["retention"])
-                aa = 1.0 if a is None else a
-                W_lin = jax.tree.map(lambda w, du: aa * w + du, W, u)
+                W_exact, _ = ret.step(ret.project(W), R0, u, a, hp["retention"])
+                anchor_primal = None if z_anchor is None else ret.from_dual(z_anchor, hp["retention"])
+                W_lin = jax.tree.map(jnp.add, ret.retain(W, a, anchor_primal), u)
                 W_new = _where(i == 0, W_exact, W_lin)
                 A_new, W_read = A, W_new
             y = mem.apply(W_read, q_i)
@@ -83,7 +88,7 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
 
         (W, A, S), y = jax.lax.scan(token, (P, A0, st.optimizer),
                                     (jnp.arange(c), qc, kc, vc, gc, mc))
-        return MemoryState(W, A, S), y
+        return MemoryState(W, ret.with_acc(R0, A), S), y
 
     final, y = jax.lax.scan(chunk, state, xs)
     return y.reshape((n * c,) + y.shape[2:])[:T], final

@@ -59,7 +59,7 @@ def supports(spec, momentum: bool, channel: bool) -> bool:
     """Whether this engine covers ``spec`` (the rest runs ``chunked.chunk_step`` under autodiff)."""
     return (not momentum and not channel and spec.memory.kind in ("linear", "mlp")
             and type(spec.optimizer) in (inner_opt.GD, inner_opt.ImplicitGD)
-            and spec.retention.chunk_mode in ("linear", "scale", "lag"))
+            and spec.retention.chunk_mode in ("linear", "scale", "lag") and not spec.retention.anchor)
 
 
 # --- elementwise pieces ---------------------------------------------------------------------

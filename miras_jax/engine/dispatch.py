@@ -30,7 +30,8 @@ def exact_family(spec) -> str | None:
     Delta: matrix memory, l2 bias, identity retention, GD / implicit GD / n-step GD, and the step
     taken at the retained state (or no decay, where that is the same thing).
     """
-    if getattr(spec.memory, "kind", None) != "linear" or type(spec.retention) is not ret_lib.Retention:
+    if (getattr(spec.memory, "kind", None) != "linear" or type(spec.retention) is not ret_lib.Retention
+            or spec.retention.anchor):
         return None
     opt = type(spec.optimizer)
     if isinstance(spec.bias, bias_lib.DotBias) and opt is inner_opt.GD and spec.num_steps == 1:

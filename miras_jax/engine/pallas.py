@@ -41,6 +41,8 @@ def _residual(spec) -> tuple[str, bool]:
 def kernel_config(spec, chunk_size: int, channel: bool = False):
     """``MatrixChunkConfig`` / ``MLPChunkConfig`` for ``spec`` (``channel``: the decay gate is
     channel-wise ``[T, k]``), or ``NotImplementedError(reason)``."""
+    if spec.retention.anchor:
+        raise NotImplementedError("an anchored retention (decay toward W_0) has no Pallas kernel yet")
     family = dispatch.exact_family(spec)
     mem = spec.memory
     if channel:

@@ -10,9 +10,9 @@ Axis letters: ``b`` batch, ``t`` tokens, ``d`` model width, ``h`` heads, ``k`` k
     out     = W_o (RMSNorm_head(y_mem) * SiLU(W_g x))
 
 Gate ranges and initialisations (``GATE_INIT``): ``lr = lr_max sigmoid(z)`` (``lr_max`` = 1 for
-matrix memories, 0.1 for MLP memories, 3e-3 for an MLP memory under the l_q retention (Moneta; see
-``LR_MAX_LQ_MLP``), 3 under the KL retention (Memora; ``LR_MAX_KL_MLP``); initial ``lr`` ~
-``lr_max / 2``), ``decay = sigmoid(z)``
+matrix memories, 0.1 for MLP memories, 0.03 for an MLP memory under the decay retention (Titans,
+Yaad; ``LR_MAX_DECAY_MLP``), 3e-3 under the l_q retention (Moneta; ``LR_MAX_LQ_MLP``), 0.3 under
+the KL retention (Memora; ``LR_MAX_KL_MLP``); initial ``lr`` ~ ``lr_max / 2``), ``decay = sigmoid(z)``
 (initial ~0.95, channel-wise ``[k]`` per head for GLA), ``momentum = sigmoid(z)`` (~0.9),
 ``delta = softplus(z)`` (~1). ``z = x W_down W_up + bias`` with ``W_up`` initialised small, so
 gates start near their bias values and the bias sets the initial range. ``decay_init=(lo, hi)``
@@ -50,8 +50,16 @@ LR_MAX_LQ_MLP = 3e-3
 # Memora on an MLP memory: its multiplicative step (``W = c softmax(a log W - lr g)``) needs a far
 # larger ceiling than an additive one: MQAR (``mqar_small``) 5.3% at 0.1, 70.1% at 1, 98.2% at 3, and
 # the issue-size run reached 99% at 3; char-LM is the same at 0.1 and 3 (WORKSPACE.md).
-LR_MAX_KL_MLP = 3.0
-LR_MAX_BY_RETENTION = {("mlp", "lq"): LR_MAX_LQ_MLP, ("mlp", "kl"): LR_MAX_KL_MLP}
+# Long context (issue 31) caps both by the stability of the inner recurrence: an MLP memory's
+# chunked recurrence (C = 64) must not amplify perturbations at any decay in [0.5, 0.9999]
+# (``experiments/lyapunov.py --measures=chunk``, float64, anchored presets; experiments/README.md
+# "Long context"). Growth per token at decay 0.95 / 0.9999: Memora +0.0014 / +0.0117 at lr 3,
+# -0.0007 / +0.0075 at 1, -0.0007 / +0.0005 at 0.3; Titans +0.0025 / 0.0000 at 0.1, -0.0004 /
+# +0.0003 at 0.03. (Memora's MQAR scores above were measured at 3, before this cap.)
+LR_MAX_KL_MLP = 0.3
+LR_MAX_DECAY_MLP = 0.03
+LR_MAX_BY_RETENTION = {("mlp", "lq"): LR_MAX_LQ_MLP, ("mlp", "kl"): LR_MAX_KL_MLP,
+                       ("mlp", "decay"): LR_MAX_DECAY_MLP}
 GATE_RANGE = {"decay": jax.nn.sigmoid, "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}  # lr: below
 
 

@@ -72,10 +72,18 @@ class LMConfig:
 
     def resolved(self) -> LMConfig:
         """This config with ``lr_max`` the number the Miras layers use (``default_lr_max(spec)``
-        when None), so what is saved records the step ceiling a model trained with."""
-        if self.lr_max is not None or "M" not in self.pattern:
+        when None) and, for a preset with the ``anchor`` option, its value in ``preset_kwargs``, so
+        what is saved records the step ceiling and retention map a model trained with."""
+        if "M" not in self.pattern:
             return self
-        return dataclasses.replace(self, lr_max=default_lr_max(self.spec()))
+        out = self
+        kw = dict(self.preset_kwargs)
+        if presets.takes(self.preset, "anchor") and "anchor" not in kw:
+            kw["anchor"] = self.spec().retention.anchor
+            out = dataclasses.replace(out, preset_kwargs=tuple(sorted(kw.items())))
+        if out.lr_max is None:
+            out = dataclasses.replace(out, lr_max=default_lr_max(out.spec()))
+        return out
 
 
 class SwiGLU(nnx.Module):
