@@ -34,7 +34,7 @@ from experiments import configs, data
 from experiments.checkpoint import Checkpointer, resolve_resume
 from miras_jax import presets, sharding
 from miras_jax.nn import LMConfig, MirasLM, count_params
-from miras_jax.nn.layer import LR_MAX
+from miras_jax.nn.layer import LR_MAX_UNRESOLVED
 
 
 def define_flags():
@@ -447,7 +447,7 @@ def config_from_dict(d: dict) -> configs.TrainConfig:
 
 def _saved_model(saved: dict) -> dict:
     """A checkpoint's model config: a field it predates is its default, and an unresolved ``lr_max``
-    (None or absent: written before runs saved the resolved value) is ``LR_MAX[memory kind]``,
+    (None or absent: written before runs saved the resolved value) is ``LR_MAX_UNRESOLVED[memory kind]``,
     what the layers used then (since then Moneta's MLP memory defaults to 3e-3, Memora's to 3). A
     preset with the ``anchor`` option saved without it predates anchored retention: ``anchor=False``
     (and Yaad's surrogate slope ``a = 10``), the map it trained with."""
@@ -459,7 +459,7 @@ def _saved_model(saved: dict) -> dict:
             kw.setdefault("a", 10.0)
         d["preset_kwargs"] = tuple(sorted(kw.items()))
     if d["lr_max"] is None and "M" in d["pattern"]:
-        d["lr_max"] = LR_MAX[LMConfig(**d).spec().memory.kind]
+        d["lr_max"] = LR_MAX_UNRESOLVED[LMConfig(**d).spec().memory.kind]
     return d
 
 

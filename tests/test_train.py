@@ -117,8 +117,9 @@ def test_a_run_saves_its_resolved_step_ceiling_and_an_unresolved_one_reads_as_it
                                                                                               monkeypatch):
     """Checkpoints record the ``lr_max`` the layers used, so a later change of the per-spec default
     cannot silently change a resumed run; one saved as None (before this) trained at
-    ``LR_MAX[memory kind]`` (0.1 for Moneta's MLP memory, now 3e-3) and resumes or loads only as that."""
-    from miras_jax.nn.layer import LR_MAX, default_lr_max
+    ``LR_MAX[memory kind]`` (0.1 for an MLP memory; now 1e-3 for Moneta) and resumes or loads only as that."""
+    from miras_jax.nn.layer import LR_MAX_UNRESOLVED as LR_MAX
+    from miras_jax.nn.layer import default_lr_max
 
     cfg = configs.override(TINY, ["model.preset=moneta", "steps=4"])
     new = default_lr_max(cfg.model.spec())

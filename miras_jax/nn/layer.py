@@ -10,9 +10,9 @@ Axis letters: ``b`` batch, ``t`` tokens, ``d`` model width, ``h`` heads, ``k`` k
     out     = W_o (RMSNorm_head(y_mem) * SiLU(W_g x))
 
 Gate ranges and initialisations (``GATE_INIT``): ``lr = lr_max sigmoid(z)`` (``lr_max`` = 1 for
-matrix memories, 0.1 for MLP memories, 0.03 for an MLP memory under the decay retention (Titans,
-Yaad; ``LR_MAX_DECAY_MLP``), 3e-3 under the l_q retention (Moneta; ``LR_MAX_LQ_MLP``), 0.3 under
-the KL retention (Memora; ``LR_MAX_KL_MLP``); initial ``lr`` ~ ``lr_max / 2``), ``decay = sigmoid(z)``
+matrix memories, 0.01 for MLP memories (TTT-MLP, Yaad), 5e-3 for an MLP memory with momentum
+(Titans; ``LR_MAX_MOMENTUM_MLP``), 1e-3 under the l_q retention (Moneta; ``LR_MAX_LQ_MLP``), 0.3
+under the KL retention (Memora; ``LR_MAX_KL_MLP``); initial ``lr`` ~ ``lr_max / 2``), ``decay = sigmoid(z)``
 (initial ~0.95, channel-wise ``[k]`` per head for GLA), ``momentum = sigmoid(z)`` (~0.9),
 ``delta = softplus(z)`` (~1). ``z = x W_down W_up + bias`` with ``W_up`` initialised small, so
 gates start near their bias values and the bias sets the initial range. ``decay_init=(lo, hi)``
@@ -38,7 +38,17 @@ from miras_jax.engine.reference import init_state
 from miras_jax.spec import MirasSpec
 
 GATE_INIT = {"lr": 0.0, "decay": 2.944, "momentum": 2.197, "delta": 0.541}  # logit(.95), logit(.9)
-LR_MAX = {"linear": 1.0, "mlp": 0.1}
+# The step ceiling per memory kind. An MLP memory's is set by long context (issue 31): a charlm model
+# (4 layers, 4 heads of 32, C = 64) must keep a step-1 gradient norm O(1) at seq_len 16384 with the
+# gates at the ceiling (measured as a run whose lr_max is twice the ceiling: its initial lr is
+# lr_max / 2). Real keys are correlated, so a chunk's 64 writes add up: the random-key scans of
+# experiments/lyapunov.py allow ~3x larger steps than a language model does. Measured grad norms at
+# 16384 (experiments/README.md "Long context"): TTT-MLP 2.9 at lr 0.01; Yaad 2.2 at 0.01;
+# Titans 2.5 at 0.005 and 3e6 at 0.01 (momentum 0.9 multiplies its step); Moneta 2.1 at 5e-4,
+# 18 at 1e-3 (17 at 8192: bounded); Memora 1.5 at 0.3.
+LR_MAX = {"linear": 1.0, "mlp": 0.01}
+# What a run saved before ``lr_max`` was resolved into its config trained with (train._saved_model).
+LR_MAX_UNRESOLVED = {"linear": 1.0, "mlp": 0.1}
 # Moneta on an MLP memory: ``W = A / ||A||_q^(q-2)`` is homogeneous of degree 3 - q in ``A``, and the
 # memory's LayerNorm makes the inner gradient scale as ``1 / |W| ~ |A|`` (q = 4), so every write
 # grows ``A`` in proportion to ``A``: ``|A_t| ~ sqrt(a^2 + (lr c)^2) |A_{t-1}|`` with ``c`` ~ 10 at
@@ -46,7 +56,7 @@ LR_MAX = {"linear": 1.0, "mlp": 0.1}
 # the LayerNorm's eps swamps its pre-activations: at lr_max 0.1 the accumulators grew 10-20x in 16
 # tokens and the memory read returned only its residual ``q`` (MQAR stalled at 5%). At 3e-3 they
 # stay near ``A_0`` at the initial decays (WORKSPACE.md, "MQAR diagnostics").
-LR_MAX_LQ_MLP = 3e-3
+LR_MAX_LQ_MLP = 1e-3   # was 3e-3 (MQAR above); 1e-3 for long context
 # Memora on an MLP memory: its multiplicative step (``W = c softmax(a log W - lr g)``) needs a far
 # larger ceiling than an additive one: MQAR (``mqar_small``) 5.3% at 0.1, 70.1% at 1, 98.2% at 3, and
 # the issue-size run reached 99% at 3; char-LM is the same at 0.1 and 3 (WORKSPACE.md).
@@ -57,16 +67,18 @@ LR_MAX_LQ_MLP = 3e-3
 # -0.0007 / +0.0075 at 1, -0.0007 / +0.0005 at 0.3; Titans +0.0025 / 0.0000 at 0.1, -0.0004 /
 # +0.0003 at 0.03. (Memora's MQAR scores above were measured at 3, before this cap.)
 LR_MAX_KL_MLP = 0.3
-LR_MAX_DECAY_MLP = 0.03
-LR_MAX_BY_RETENTION = {("mlp", "lq"): LR_MAX_LQ_MLP, ("mlp", "kl"): LR_MAX_KL_MLP,
-                       ("mlp", "decay"): LR_MAX_DECAY_MLP}
+LR_MAX_MOMENTUM_MLP = 5e-3   # Titans
+LR_MAX_BY_RETENTION = {("mlp", "lq"): LR_MAX_LQ_MLP, ("mlp", "kl"): LR_MAX_KL_MLP}
 GATE_RANGE = {"decay": jax.nn.sigmoid, "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}  # lr: below
 
 
 def default_lr_max(spec: MirasSpec) -> float:
-    """The inner step ceiling a layer gets when ``lr_max`` is not given: ``LR_MAX_BY_RETENTION`` for
-    (memory kind, retention name) if listed, else ``LR_MAX[memory kind]``."""
+    """The inner step ceiling a layer gets when ``lr_max`` is not given: ``LR_MAX_MOMENTUM_MLP`` for an
+    MLP memory with momentum, ``LR_MAX_BY_RETENTION`` for (memory kind, retention name) if listed,
+    else ``LR_MAX[memory kind]``."""
     kind = spec.memory.kind
+    if kind == "mlp" and spec.optimizer.name == "momentum_gd":
+        return LR_MAX_MOMENTUM_MLP
     return LR_MAX_BY_RETENTION.get((kind, spec.retention.name), LR_MAX[kind])
 
 
