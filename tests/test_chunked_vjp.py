@@ -31,6 +31,9 @@ CASES = [
     pytest.param("memora", {"memory": "linear"}, marks=pytest.mark.slow),
     pytest.param("memora", {"depth": 1}, marks=pytest.mark.slow),
     pytest.param("ttt_mlp", {}, marks=pytest.mark.slow),
+    # anchored retention ("linear" and "scale"; the presets' default for an MLP memory)
+    ("moneta", {"anchor": True}), ("yaad", {"anchor": True}),
+    pytest.param("moneta", {"anchor": True, "memory": "linear"}, marks=pytest.mark.slow),
 ]
 
 
@@ -147,9 +150,11 @@ def test_strong_decay_gradients_stay_finite_and_agree():
     _assert_close(got, _outputs_and_vjp(spec, state, (q, k, v, gates), 16, "autodiff"))
 
 
-def test_anchored_specs_take_autodiff():
-    assert not chunked_vjp.supports(mj.presets.get("moneta"), momentum=False, channel=False)
-    assert mj.presets.get("moneta").retention.anchor
+def test_anchored_lag_mode_takes_autodiff():
+    """Memora's anchored "lag" mode has no hand VJP (yet); Moneta's / Yaad's anchored modes do."""
+    assert not chunked_vjp.supports(mj.presets.get("memora"), momentum=False, channel=False)
+    assert mj.presets.get("memora").retention.anchor
+    assert chunked_vjp.supports(mj.presets.get("moneta"), momentum=False, channel=False)
 
 
 def test_memorize_uses_the_hand_vjp_for_gd_specs_only():

@@ -223,9 +223,10 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
         chunks = lambda x: x.reshape((n, c) + x.shape[1:])  # noqa: E731
         xs = chunked_vjp.ChunkIn(*jax.tree.map(chunks, (q, k, v, gates, lr, log_a)), mask[::c])
         y, P_end, A_end = chunked_vjp.memorize(spec, state, xs, remat_every)
-        final = MemoryState(spec.memory.from_leaves(P_end),
-                            spec.memory.from_leaves(A_end) if mode == "scale" else state.retention,
-                            state.optimizer)
+        ret_state = state.retention
+        if mode == "scale":
+            ret_state = spec.retention.with_acc(ret_state, spec.memory.from_leaves(A_end))
+        final = MemoryState(spec.memory.from_leaves(P_end), ret_state, state.optimizer)
         return y.reshape((n * c,) + y.shape[2:])[:T], final
 
     xs = (q, k, v, gates, lr, log_a, log_m, mask, last)

@@ -59,7 +59,8 @@ def supports(spec, momentum: bool, channel: bool) -> bool:
     """Whether this engine covers ``spec`` (the rest runs ``chunked.chunk_step`` under autodiff)."""
     return (not momentum and not channel and spec.memory.kind in ("linear", "mlp")
             and type(spec.optimizer) in (inner_opt.GD, inner_opt.ImplicitGD)
-            and spec.retention.chunk_mode in ("linear", "scale", "lag") and not spec.retention.anchor)
+            and spec.retention.chunk_mode in ("linear", "scale", "lag")
+            and not (spec.retention.anchor and spec.retention.chunk_mode == "lag"))
 
 
 # --- elementwise pieces ---------------------------------------------------------------------
@@ -137,18 +138,23 @@ def _factors(lay: Layout, bias, hpb, P, K, V, G):
     return X, Z, E, M
 
 
-def _end_state(Bw, beta_c, C_c, X, E):
-    """``Z_end,l = beta_c B_l + (C_c * E_l)^T X_l``: ``[n_{l+1}, n_l]`` per layer."""
-    return [beta_c * b + (C_c[:, None] * e).T @ x for b, e, x in zip(Bw, E, X)]
+def _end_state(Bw, beta_c, C_c, X, E, N=()):
+    """``Z_end,l = beta_c B_l + (C_c * E_l)^T X_l [+ N_l]``: ``[n_{l+1}, n_l]`` per layer (``N``: the
+    anchor of an anchored retention, ``B`` then the deviation ``B - N``)."""
+    out = [beta_c * b + (C_c[:, None] * e).T @ x for b, e, x in zip(Bw, E, X)]
+    return [z + n for z, n in zip(out, N)] if N else out
 
 
-def _reads(lay: Layout, Bw, beta, C, S, Q, X, E):
-    """Dual-form reads. ``S``: per-layer token scales ``[c]`` or ``None``. Returns ``(y, Ys, YX, R)``
-    with ``R_l`` the unscaled pre-activations (``U_l = S_l * R_l``)."""
+def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=()):
+    """Dual-form reads. ``S``: per-layer token scales ``[c]`` or ``None``; ``N``: anchors (each read
+    adds ``Y_l N_l^T``). Returns ``(y, Ys, YX, R)`` with ``R_l`` the unscaled pre-activations
+    (``U_l = S_l * R_l``)."""
     Y, YX, R = [Q], [], []
     for l in range(lay.depth):
         yx = Y[l] @ X[l].T                                               # [c, c]
         r = beta[:, None] * (Y[l] @ _centred(lay, Bw[l], l).T) + (C * yx) @ E[l]   # [c, n_{l+1}]
+        if N:
+            r = r + Y[l] @ _centred(lay, N[l], l).T
         YX.append(yx)
         R.append(r)
         u = r if S is None else S[l][:, None] * r
@@ -160,14 +166,14 @@ def _reads(lay: Layout, Bw, beta, C, S, Q, X, E):
 
 # --- one chunk, one head: backward pieces -----------------------------------------------------
 
-def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy):
+def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy, N=()):
     """VJP of :func:`_reads` (``A1U_l = act'(U_l)`` for the hidden layers):
-    ``(dQ, dB, dbeta, dC, dS, dX, dE)``."""
+    ``(dQ, dB, dbeta, dC, dS, dX, dE, dN)``."""
     L = lay.depth
     dQ = dy if lay.res else jnp.zeros_like(dy)
     u_top = R[-1] if S is None else S[-1][:, None] * R[-1]
     du = _ln_vjp(u_top, dy) if lay.ln else dy
-    dB, dX, dE, dS = [None] * L, [None] * L, [None] * L, [None] * L
+    dB, dX, dE, dS, dN = [None] * L, [None] * L, [None] * L, [None] * L, [None] * L
     dbeta, dC = jnp.zeros_like(beta), jnp.zeros_like(C)
     for l in range(L - 1, -1, -1):
         if S is None:
@@ -183,12 +189,15 @@ def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy):
         dC = dC + dscore * YX[l]
         dyx = dscore * C
         dY = beta[:, None] * drB + dyx @ X[l]
+        if N:   # dr is mean-free over the LayerNorm's rows, so _centred's VJP is the identity
+            dN[l] = dr.T @ Y[l]
+            dY = dY + dr @ N[l]
         dX[l] = dyx.T @ Y[l]
         if l > 0:
             du = dY * A1U[l - 1]
         else:
             dQ = dQ + dY
-    return dQ, dB, dbeta, dC, dS, dX, dE
+    return dQ, dB, dbeta, dC, dS, dX, dE, (dN if N else [])
 
 
 def _end_bwd(Bw, beta_c, C_c, X, E, dZ):
@@ -399,20 +408,23 @@ def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
     c = x.q.shape[0]
     C, beta, D = _coeffs(mode, x.lr, x.log_a)
     X, Z, E, M = _factors(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g)
+    N = hp["anchor"]
     if mode == "linear":
         Bw = P
     elif mode == "scale":
         Bw = A
     else:
         Bw, _ = _lag_fwd(cfg, hp["retention"], P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.m0)
-    Z_end = _end_state(Bw, beta[-1], C[-1], X, E)
+    if N:   # anchored retention: the algebra runs on the deviation B - N
+        Bw = [b - n for b, n in zip(Bw, N)]
+    Z_end = _end_state(Bw, beta[-1], C[-1], X, E, N)
     if mode == "scale":
         s_end, sums = _scales_fwd(cfg, hp["retention"], Z_end)
         S = _token_scales(s_end, s_prev, c)
         P_end, A_end = [s * z for s, z in zip(s_end, Z_end)], Z_end
     else:
         s_end, S, P_end, A_end, sums = [], None, Z_end, A, None
-    y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E)
+    y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E, N)
     return P_end, A_end, s_end, y, (Z, M[1:], YX, R, D, sums)
 
 
@@ -434,6 +446,9 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
         Bw, W1 = _lag_fwd(cfg, hpr, *lag_in, D=D_lag)   # recomputed: as fast as keeping W1
     else:
         Bw = A if mode == "scale" else P
+    N = hp["anchor"]
+    if N:
+        Bw = [b - n for b, n in zip(Bw, N)]
     if mode == "scale":
         s_end, scale_vjp = _scales_with_vjp(cfg, hpr, A_next, sums)
         S = _token_scales(s_end, s_prev, c)
@@ -443,7 +458,8 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
         S, dZ_end = None, list(dP_end)
     AU = [_acts(act, r if S is None else S[l][:, None] * r, 2) for l, r in enumerate(R[:-1])]
     Y = [x.q] + [a[0] for a in AU]
-    dq, dB, dbeta, dC, dS, dX, dE = _reads_bwd(lay, Bw, beta, C, S, X, E, Y, [a[1] for a in AU], YX, R, dy)
+    dq, dB, dbeta, dC, dS, dX, dE, dN = _reads_bwd(lay, Bw, beta, C, S, X, E, Y, [a[1] for a in AU], YX, R,
+                                                   dy, N)
     ds_prev = []
     if mode == "scale":
         last = jnp.arange(c) == c - 1
@@ -454,6 +470,8 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
         dhpr = jax.tree.map(jnp.add, dhpr, dh)
     dB_e, dbeta_c, dC_c, dX_e, dE_e = _end_bwd(Bw, beta[-1], C[-1], X, E, dZ_end)
     dB = [a + b for a, b in zip(dB, dB_e)]
+    if N:   # Z_end = ... + N directly, and B - N everywhere B entered
+        dN = [r + z - b for r, z, b in zip(dN, dZ_end, dB)]
     dX = [a + b for a, b in zip(dX, dX_e)]
     dE = [a + b for a, b in zip(dE, dE_e)]
     dbeta = dbeta.at[-1].add(dbeta_c)
@@ -474,7 +492,7 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     dlr, dla = _coeffs_bwd(mode, C, beta, D, dC, dbeta)
     dlr, dla = dlr.at[0].add(dlr0), dla.at[0].add(dla0)
     dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.m0))
-    return dP, dA, ds_prev, {"bias": dhpb, "retention": dhpr}, dx
+    return dP, dA, ds_prev, {"bias": dhpb, "retention": dhpr, "anchor": dN}, dx
 
 
 # --- the sequence: forward scan, reverse scan -----------------------------------------------------
@@ -586,6 +604,10 @@ def memorize(spec, state, xs: ChunkIn, group: int = 0):
     mode = spec.retention.chunk_mode
     cfg = Config(mem, layout(mem), spec.bias, spec.retention, mode,
                  static_q(spec) if mode == "scale" else None)
-    hp = {"bias": spec.hparams["bias"], "retention": spec.hparams["retention"]}
-    A0 = mem.leaves(state.retention) if cfg.mode == "scale" else []
+    ret = spec.retention
+    anchor = ret.anchor_of(state.retention)
+    hp = {"bias": spec.hparams["bias"], "retention": spec.hparams["retention"],
+          "anchor": [] if anchor is None else mem.leaves(anchor)}   # constant over chunks: its
+    # cotangent accumulates over the reverse scan like a hyper-parameter's
+    A0 = mem.leaves(ret.acc(state.retention)) if cfg.mode == "scale" else []
     return _engine(cfg, group)(hp, mem.leaves(state.memory), A0, xs)
