@@ -3,8 +3,6 @@ path — values and VJPs (q, k, v, gates, initial memory, final state), float32 
 a multiple of the chunk, several head counts and dims; both kernel bodies (Mosaic TPU, Triton)
 interpreted; their TPU and CUDA lowerings produced on this CPU; dispatch and shard_map."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,14 +21,14 @@ LAG_TOL = 3e-3        # Memora (softmax of log-weights amplifies rounding)
 BF16_TOL = 2e-2       # bfloat16 inputs (same rounded inputs on both sides; float32 inside)
 
 def _get(name, **kw):
-    """The preset as the kernels cover it: the paper's retention map (``anchor=False``) where the
-    preset has the anchored option (an anchored retention has no kernel yet; see the test below)."""
-    if "anchor" in inspect.signature(mj.presets._REGISTRY[name]).parameters:
-        kw.setdefault("anchor", False)
+    """The preset (``name`` ending in ``-paper``: with the paper's retention map, ``anchor=False``)."""
+    if name.endswith("-paper"):
+        name, kw = name[:-len("-paper")], {**kw, "anchor": False}
     return mj.presets.get(name, **kw)
 
 
 PALLAS = [n for n in mj.presets.names() if pallas_path.supports(_get(n)) is None]
+PAPER = [f"{n}-paper" for n in ("moneta", "yaad", "memora")]   # the unanchored maps (anchor=False)
 UNSUPPORTED = [n for n in mj.presets.names() if pallas_path.supports(_get(n)) is not None]
 
 
@@ -68,13 +66,14 @@ def _vjp(spec, params, args, **kw):
 
 
 # retnet, deltanet and longhorn run the kernels of linear_attention and gated_deltanet with other gates
-@pytest.mark.parametrize("name", some_slow(PALLAS, slow=("retnet", "deltanet", "longhorn")))
+@pytest.mark.parametrize("name", some_slow(PALLAS + PAPER, slow=("retnet", "deltanet", "longhorn",
+                                                                 "yaad-paper", "memora-paper")))
 @pytest.mark.parametrize("T,chunk", [(45, 16), pytest.param(64, 32, marks=pytest.mark.slow)])
 def test_pallas_equals_xla(name, T, chunk):
     spec, params, args = _setup(name, T, d=8)
     out_x, g_x = _vjp(spec, params, args, chunk_size=chunk, implementation="xla")
     out_p, g_p = _vjp(spec, params, args, chunk_size=chunk, implementation="pallas")
-    lag = name == "memora"
+    lag = name.startswith("memora")
     _close(out_p, out_x, LAG_TOL if lag else VAL_TOL)
     _close(g_p, g_x, LAG_TOL if lag else GRAD_TOL)
 
@@ -155,16 +154,14 @@ def test_pallas_raises_for_uncovered_specs(name):
         mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="pallas")
 
 
-@pytest.mark.parametrize("name", ["titans", "yaad"])
-def test_anchored_retention_has_no_kernel_yet_and_auto_runs_xla(name):
-    spec = mj.presets.get(name)          # MLP memory: anchored by default
-    assert spec.retention.anchor and pallas_path.supports(spec) is not None
+def test_anchored_retention_runs_on_the_mlp_kernel_only():
+    assert {"moneta", "yaad", "memora"} <= set(PALLAS)   # anchored by default (MLP memory)
+    spec = mj.presets.get("yaad", memory="linear", anchor=True)
     q, k, v, gates = random_inputs(0, 8, 8, 8)
     gates = {n: gates[n] for n in spec.required_gates}
     params = spec.memory.init(jax.random.key(0), 8, 8)
     with pytest.raises(NotImplementedError, match="anchored"):
         mj.memorize(spec, params, q, k, v, gates, chunk_size=4, implementation="pallas")
-    assert resolve(spec, "auto") == "xla"
 
 
 def test_channel_wise_decay_strong_and_weak(x=None):
@@ -225,6 +222,9 @@ MLP_CONFIGS = [
     MLPChunkConfig(residual="huber_switch", chunk_size=16),
     MLPChunkConfig(residual="lp", retention="scale", chunk_size=16),
     MLPChunkConfig(residual="l2", retention="lag", chunk_size=16),
+    MLPChunkConfig(residual="huber_switch", chunk_size=16, anchor=True),
+    MLPChunkConfig(residual="lp", retention="scale", chunk_size=16, anchor=True),
+    MLPChunkConfig(residual="l2", retention="lag", chunk_size=16, anchor=True),
 ]
 
 
@@ -244,7 +244,9 @@ def _run_mlp(cfg, args, **kw):
     q, k, v, lr, la, m0, gate = args
 
     def f(q, k, v, lr, la, m0):
-        y, st = mlp_chunk(q, k, v, lr, m0, la, None, gate, {"p": 3.0, "q": 3.0}, config=cfg, **kw)
+        # anchors derived from m0 (so their gradient path is checked too): the dual of 0.8 m0
+        anchor = tuple((jnp.log(0.8 * w) if cfg.retention == "lag" else 0.8 * w) for w in m0) if cfg.anchor else None
+        y, st = mlp_chunk(q, k, v, lr, m0, la, None, gate, {"p": 3.0, "q": 3.0}, anchor, config=cfg, **kw)
         return y, st.memory
     return f
 
@@ -272,7 +274,7 @@ def test_matrix_kernel_equals_reference(cfg, backend):
 
 
 @pytest.mark.parametrize("cfg,backend", rotate(MLP_CONFIGS, ["tpu", "triton"],
-                                               name_id=lambda c: f"{c.residual}-{c.retention}"))
+                                               name_id=lambda c: f"{c.residual}-{c.retention}" + "-anchor" * c.anchor))
 def test_mlp_kernel_equals_reference(cfg, backend):
     args = _kernel_inputs(1, 2, 40, 16, f=32, positive=cfg.retention == "lag")
     lag = cfg.retention == "lag"

@@ -41,8 +41,9 @@ def _residual(spec) -> tuple[str, bool]:
 def kernel_config(spec, chunk_size: int, channel: bool = False):
     """``MatrixChunkConfig`` / ``MLPChunkConfig`` for ``spec`` (``channel``: the decay gate is
     channel-wise ``[T, k]``), or ``NotImplementedError(reason)``."""
-    if spec.retention.anchor:
-        raise NotImplementedError("an anchored retention (decay toward W_0) has no Pallas kernel yet")
+    if spec.retention.anchor and spec.memory.kind != "mlp":
+        raise NotImplementedError("an anchored retention (decay toward W_0) has a Pallas kernel for the "
+                                  "MLP memory only")
     family = dispatch.exact_family(spec)
     mem = spec.memory
     if channel:
@@ -75,7 +76,8 @@ def kernel_config(spec, chunk_size: int, channel: bool = False):
     if not (mem.depth == 2 and mem.residual and mem.layer_norm and mem.activation == "gelu"):
         raise NotImplementedError("the Pallas MLP kernel covers the Miras memory x + LN(W_1 gelu(W_0 x)) "
                                   f"only, got {mem}")
-    return MLPChunkConfig(residual=residual, smooth=smooth, retention=mode, simplex_c=c, chunk_size=chunk_size)
+    return MLPChunkConfig(residual=residual, smooth=smooth, retention=mode, simplex_c=c, chunk_size=chunk_size,
+                          anchor=spec.retention.anchor)
 
 
 def supports(spec) -> str | None:
@@ -111,21 +113,25 @@ def run_batched(spec, state: MemoryState, q, k, v, gates: dict, *, chunk_size: i
     gate = g.get("delta")
     hps = _hparams(spec)
     mode = getattr(cfg, "retention", "linear")
+    ret = spec.retention
     mem = spec.memory.leaves(state.memory)
-    acc = spec.memory.leaves(state.retention) if mode == "scale" else None
+    acc = spec.memory.leaves(ret.acc(state.retention)) if mode == "scale" else None
+    anc = None if ret.anchor_of(state.retention) is None else spec.memory.leaves(ret.anchor_of(state.retention))
 
-    def kernel(qh, kh, vh, lr, log_decay, mem, acc, gate, hps):
+    def kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, hps):
         if isinstance(cfg, MatrixChunkConfig):
             y, st = matrix_chunk(qh, kh, vh, lr, log_decay, mem[0], None if acc is None else acc[0], gate, hps,
                                  config=cfg, interpret=interpret)
             return y, [st.memory], None if st.accumulator is None else [st.accumulator]
         y, st = mlp_chunk(qh, kh, vh, lr, tuple(mem), log_decay, None if acc is None else tuple(acc), gate, hps,
-                          config=cfg, interpret=interpret)
+                          None if anc is None else tuple(anc), config=cfg, interpret=interpret)
         return y, list(st.memory), None if st.accumulator is None else list(st.accumulator)
 
     if mesh is not None:
         kernel = sharded(kernel, mesh, batch_axes, head_axes, replicated=("hps",))
-    y, new_mem, new_acc = kernel(qh, kh, vh, lr, log_decay, mem, acc, gate, hps)
+    y, new_mem, new_acc = kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, hps)
     memory = spec.memory.from_leaves(new_mem)
-    ret_state = spec.memory.from_leaves(new_acc) if mode == "scale" else state.retention
+    ret_state = state.retention
+    if mode == "scale":
+        ret_state = ret.with_acc(ret_state, spec.memory.from_leaves(new_acc))
     return bh(y), MemoryState(memory, ret_state, state.optimizer)

@@ -22,9 +22,13 @@ X_NAMES = ("q", "k", "v", "lr_col", "lr_row", "l_col", "l_row", "l_end", "gate",
 CHANNEL_X_NAMES = X_NAMES + ("l_mat", "l_end_row")
 
 
-def lag_step(W, u0, log_a0, c):
-    """Memora's exact first-token step: ``c softmax(a_0 log W + u_0)`` per row."""
-    return km.simplex_softmax(jnp.exp(log_a0) * jnp.log(jnp.maximum(W, 1e-30)) + u0, c)
+def lag_step(W, u0, log_a0, c, anchor=None):
+    """Memora's exact first-token step: ``c softmax(a_0 log W + u_0)`` per row; with a dual
+    ``anchor`` ``N``: ``c softmax(a_0 log W + (1 - a_0) N + u_0)``."""
+    z = jnp.log(jnp.maximum(W, 1e-30))
+    a0 = jnp.exp(log_a0)
+    z = a0 * z if anchor is None else anchor + a0 * (z - anchor)
+    return km.simplex_softmax(z + u0, c)
 
 
 def channel_scores(q, k, l):

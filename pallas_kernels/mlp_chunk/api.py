@@ -21,7 +21,7 @@ class MLPChunkState(NamedTuple):
     accumulator: tuple | None
 
 
-def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None, *,
+def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None, anchor=None, *,
               config: MLPChunkConfig, implementation: str = "pallas",
               backend: str | None = None, interpret: bool | None = None):
     """Sweep the MLP-memory recurrence over ``T`` tokens, every (batch, head) row in parallel.
@@ -30,7 +30,8 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
       q, k, v: ``[B, H, T, d]``; lr: ``[B, H, T]``; m0: ``(W_0 [B, H, f, d], W_1 [B, H, d, f])``
         initial weights; log_decay: ``[B, H, T]`` (``None``: no decay); a0: initial l_q
         accumulators (``"scale"``; ``None``: ``m0``); gate: ``[B, H, T]`` Huber threshold gate;
-        hparams: dict of scalars ``p, a, eps, delta_scale, q`` (traced).
+        hparams: dict of scalars ``p, a, eps, delta_scale, q`` (traced); anchor: the dual anchors
+        ``(N_0 [B, H, f, d], N_1 [B, H, d, f])`` of an anchored retention (``config.anchor``).
       config: static ``MLPChunkConfig``; implementation ``"pallas"`` | ``"reference"``;
       backend / interpret: as in ``matrix_chunk``.
 
@@ -53,10 +54,18 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
         a0 = tuple(m0) if a0 is None else a0
         layout.check("a0[0]", a0[0], (B, H, f, d))
         layout.check("a0[1]", a0[1], (B, H, d, f))
+    if config.anchor:
+        if not (isinstance(anchor, (tuple, list)) and len(anchor) == 2):
+            raise TypeError("config.anchor needs anchor=(N_0 [B, H, f, d], N_1 [B, H, d, f])")
+        layout.check("anchor[0]", anchor[0], (B, H, f, d))
+        layout.check("anchor[1]", anchor[1], (B, H, d, f))
+    elif anchor is not None:
+        raise ValueError("anchor given but config.anchor is False")
     if config.residual.startswith("huber") and gate is None:
         raise ValueError(f"residual {config.residual!r} needs the threshold gate (gate=[B, H, T])")
     if implementation == "reference":
-        return reference.mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, config=config)
+        return reference.mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor,
+                                             config=config)
     if backend is not None:
         config.validate(backend, d, f)
     xs, n = layout.chunk_inputs(q, k, v, lr, log_decay, gate, config.chunk_size)
@@ -64,10 +73,12 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
     state0 = tuple(layout.rows(w) for w in m0)
     if config.retention == "scale":
         state0 += tuple(layout.rows(a) for a in a0)
+    if config.anchor:
+        state0 += tuple(layout.rows(a) for a in anchor)
     fn = chunk.make_chunk_fn(config)
     (y,), final = chunk_sweep(fn, ((config.chunk_size, d),), config.flops(d, f), backend, interpret,
                               state0, xs, ks)
     final = tuple(layout.unrows(x, B, H) for x in final)
-    acc = final[2:] if config.retention == "scale" else None
+    acc = final[2:4] if config.retention == "scale" else None
     return layout.outputs(y, B, H, T, v.dtype), MLPChunkState(final[:2], acc)
 

@@ -9,7 +9,10 @@ Per-token gradients at the chunk-start weights ``P``, by hand (closed-form backp
 ``D_1 = LN'(phi)``, ``D_0 = gelu'(z) * (D_1 P_1)``; token ``j``'s gradient of ``W_l`` is
 ``D_l[j] in_l[j]^T`` with ``in_0 = K``, ``in_1 = h``. With ``C_ij = -exp(L_i - L_j) lr_j``
 (``j <= i``) every matmul ``W_l x_i`` of a read becomes
-``exp(L_i) base_l x_i + sum_j C_ij D_l[j] (in_l[j] . x_i)``.
+``exp(L_i) base_l x_i + sum_j C_ij D_l[j] (in_l[j] . x_i)``. Anchored (``cfg.anchor``; the anchors
+``N_l`` are the last two state entries, passed through unchanged): ``base_l`` becomes ``base_l - N_l``
+and every read / end state adds ``N_l x_i`` / ``N_l`` (``"lag"``: the linear part's anchor is
+``c softmax(N_l)``, the first token's exact step ``c softmax(a log P + (1 - a) N + u)``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def make_chunk_fn(cfg):
         hp = dict(zip(HPARAMS, consts))
         c = q.shape[0]
         P0, P1 = state[0], state[1]
+        N = tuple(state[-2:]) if cfg.anchor else None
         # per-token factors at the chunk-start weights
         z = km.dot_t(k, P0)                                   # [c, f]
         h = km.gelu(z)
@@ -51,34 +55,47 @@ def make_chunk_fn(cfg):
         if cfg.retention == "lag":
             e0, e0_row = km.first_row(c), km.first_col(c)
             la0 = km.total(e0 * l_c)
-            base = tuple(lag_step(P, -km.t_dot(dl, e0 * lr_c * il), la0, float(cfg.simplex_c or P.shape[1]))
-                         for P, dl, il in zip((P0, P1), deltas, ins))
+            cs = tuple(float(cfg.simplex_c or P.shape[1]) for P in (P0, P1))
+            base = tuple(lag_step(P, -km.t_dot(dl, e0 * lr_c * il), la0, cc, None if N is None else n)
+                         for P, dl, il, cc, n in zip((P0, P1), deltas, ins, cs, N or (None, None)))
+            if N is not None:   # the linear part runs in the primal: its anchor is c softmax(N)
+                N = tuple(km.simplex_softmax(n, cc) for n, cc in zip(N, cs))
             l_c, l_r, l_end = l_c - la0, l_r - la0, l_end - la0
             lr_c, lr_r = lr_c * (1.0 - e0), lr_r * (1.0 - e0_row)
         elif cfg.retention == "scale":
             base = (state[2], state[3])
         else:
             base = (P0, P1)
+        start = base                                          # the chunk-start dual state
+        if N is not None:   # the algebra below runs on the deviation from the anchor
+            base = tuple(b - n for b, n in zip(base, N))
 
         cm = -km.decay_matrix(l_c, l_r, km.tri(c)) * lr_r     # [c, c]
         beta = jnp.exp(l_c)                                   # [c, 1]
         c_end = -jnp.exp(l_end - l_c) * lr_c                  # [c, 1]
         z_end = tuple(jnp.exp(l_end) * b + km.t_dot(dl, c_end * il) for b, dl, il in zip(base, deltas, ins))
+        if N is not None:
+            z_end = tuple(z + n for z, n in zip(z_end, N))
         if cfg.retention == "scale":
             lq = lambda a: km.lq_scale(a, hp["q"], hp["norm_floor"])  # noqa: E731
             s_end = tuple(lq(a) for a in z_end)
-            scales = tuple(jnp.where(last > 0, se, lq(a)) for se, a in zip(s_end, base))
+            scales = tuple(jnp.where(last > 0, se, lq(a)) for se, a in zip(s_end, start))
         else:
             scales = (1.0, 1.0)
 
         bases = (base[0], _centred(base[1]))
+        anchors = None if N is None else (N[0], _centred(N[1]))
 
         def mm(l, x):                                         # W_l(i) x_i, for every token i
-            return scales[l] * (beta * km.dot_t(x, bases[l]) + km.dot(cm * km.dot_t(x, ins[l]), deltas[l]))
+            out = beta * km.dot_t(x, bases[l]) + km.dot(cm * km.dot_t(x, ins[l]), deltas[l])
+            if anchors is not None:
+                out = out + km.dot_t(x, anchors[l])
+            return scales[l] * out
 
         y = q + km.layer_norm(mm(1, km.gelu(mm(0, q))))[0]
+        keep = tuple(state[-2:]) if cfg.anchor else ()
         if cfg.retention == "scale":
-            return (s_end[0] * z_end[0], s_end[1] * z_end[1]) + z_end, (y,)
-        return z_end, (y,)
+            return (s_end[0] * z_end[0], s_end[1] * z_end[1]) + z_end + keep, (y,)
+        return z_end + keep, (y,)
 
     return fn

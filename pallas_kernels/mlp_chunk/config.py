@@ -21,6 +21,9 @@ class MLPChunkConfig:
       the chunk's first token, linear after it).
     simplex_c: ``c`` of ``c softmax`` for ``"lag"`` (``None``: each matrix's row length).
     chunk_size: tokens per chunk ``c``.
+    anchor: anchored retention, ``z_t = a z_{t-1} + (1 - a) N + u`` with the dual anchors
+      ``N = (N_0, N_1)`` (for ``"lag"``: ``log W_0``; the linear part then uses ``c softmax(N)``)
+      carried as two more (constant) state entries.
     """
 
     residual: str = "l2"
@@ -28,6 +31,7 @@ class MLPChunkConfig:
     retention: str = "linear"
     simplex_c: float | None = None
     chunk_size: int = 64
+    anchor: bool = False
 
     def __post_init__(self):
         if self.residual not in residuals.KINDS:

@@ -18,7 +18,7 @@ def memory(W, x):
     return x + o * jax.lax.rsqrt(jnp.mean(o * o) + km.LN_EPS)
 
 
-def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
+def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0, n0):
     T, c = q.shape[0], cfg.chunk_size
     n = -(-T // c)
     pad = lambda x: jnp.pad(x, ((0, n * c - T),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])  # noqa: E731
@@ -34,9 +34,13 @@ def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
         W, A = carry
         (qc, kc, vc, lrc, lac, gc), is_full = x
         grads = jax.vmap(lambda k_i, v_i, g_i: grad(W, k_i, v_i, g_i))(kc, vc, gc)   # per weight [c, ...]
+        N = n0 if cfg.anchor else (None, None)
         if cfg.retention == "lag":
-            Z = tuple(chunk_lib.lag_step(P, -lrc[0] * gl[0], lac[0], float(cfg.simplex_c or P.shape[1]))
-                      for P, gl in zip(W, grads))
+            cs = tuple(float(cfg.simplex_c or P.shape[1]) for P in W)
+            Z = tuple(chunk_lib.lag_step(P, -lrc[0] * gl[0], lac[0], cc, n)
+                      for P, gl, cc, n in zip(W, grads, cs, N))
+            if cfg.anchor:
+                N = tuple(km.simplex_softmax(n, cc) for n, cc in zip(N, cs))
             lrc, lac = lrc.at[0].set(0.0), lac.at[0].set(0.0)
         else:
             Z = A if cfg.retention == "scale" else W
@@ -45,6 +49,8 @@ def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
 
         def tok(Z, t):
             lr_i, la_i, g_i = t
+            if cfg.anchor:   # a (z - N) + N - lr g
+                return tuple(n + jnp.exp(la_i) * (z - n) - lr_i * gl for z, gl, n in zip(Z, g_i, N)), Z
             return tuple(jnp.exp(la_i) * z - lr_i * gl for z, gl in zip(Z, g_i)), Z
 
         Z_end, _ = jax.lax.scan(tok, Z, (lrc, lac, grads))
@@ -58,11 +64,11 @@ def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
         y = jax.vmap(lambda z0, z1, q_i: memory((z0, z1), q_i))(*Zs, qc)
         return (Z_end, A), y
 
-    (W, A), y = jax.lax.scan(chunk, (m0, a0), (xs, full))
+    (W, A), y = jax.lax.scan(chunk, (m0, a0), (xs, full))   # n0: closed over (constant)
     return y.reshape(n * c, -1)[:T], W, A
 
 
-def mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, *, config):
+def mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor=None, *, config):
     """Same arguments and results as ``mlp_chunk`` (inputs already checked there)."""
     hp = dict(zip(chunk_lib.HPARAMS, layout.consts(hparams, chunk_lib.HPARAMS)))
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
@@ -70,7 +76,8 @@ def mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, *, config
     g = jnp.zeros_like(f32(lr)) if gate is None else f32(gate)
     m0 = tuple(f32(w) for w in m0)
     a0 = m0 if a0 is None else tuple(f32(a) for a in a0)
+    n0 = m0 if anchor is None else tuple(f32(a) for a in anchor)   # unused unless config.anchor
     fn = jax.vmap(jax.vmap(lambda *a: _one_row(config, hp, *a)))
-    y, W, A = fn(f32(q), f32(k), f32(v), f32(lr), la, g, m0, a0)
+    y, W, A = fn(f32(q), f32(k), f32(v), f32(lr), la, g, m0, a0, n0)
     from pallas_kernels.mlp_chunk.api import MLPChunkState
     return y.astype(v.dtype), MLPChunkState(W, A if config.retention == "scale" else None)
