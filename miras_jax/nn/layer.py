@@ -143,9 +143,6 @@ class MirasLayer(nnx.Module):
                  lr_max: float | None = None, grad_horizon: int = 0, rngs: nnx.Rngs):
         if isinstance(spec, str):
             spec = presets.get(spec, **(preset_kwargs or {}))
-        if spec.num_steps != 1:
-            raise ValueError(f"MirasLayer takes one key/value per token; spec {spec.name!r} has "
-                             f"num_steps={spec.num_steps}")
         if num_heads < 1 or (head_dim is None and d_model % num_heads):
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} "
                              "(or pass head_dim)")
@@ -169,16 +166,18 @@ class MirasLayer(nnx.Module):
         if self.channel_decay and spec.memory.kind != "linear":
             raise ValueError("channel-wise decay needs a matrix (linear) memory")
         hk = num_heads * head_dim
+        self.n = n = spec.num_steps     # keys / values per token (DeltaProduct: n > 1)
         lin = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)
-        self.wq, self.wk, self.wv, self.wg, self.wo = lin(d_model, hk), lin(d_model, hk), \
-            lin(d_model, hk), lin(d_model, hk), lin(hk, d_model)
-        conv_init = jax.random.normal(rngs.params(), (3, conv_kernel, hk)) / conv_kernel ** 0.5
+        self.wq, self.wk, self.wv, self.wg, self.wo = lin(d_model, hk), lin(d_model, n * hk), \
+            lin(d_model, n * hk), lin(d_model, hk), lin(hk, d_model)
+        # one depthwise kernel per stream: q, then the n keys, then the n values
+        conv_init = jax.random.normal(rngs.params(), (1 + 2 * n, conv_kernel, hk)) / conv_kernel ** 0.5
         self.conv = nnx.Param(conv_init.at[:, -1].add(1.0))  # starts near identity
         self.gates = tuple(spec.required_gates)
         self.gate_down = nnx.Linear(d_model, gate_rank, use_bias=False, rngs=rngs)
         ups = {}
         for g in self.gates:
-            width = num_heads * (head_dim if (g == "decay" and self.channel_decay) else 1)
+            width = num_heads * (head_dim if (g == "decay" and self.channel_decay) else n if g == "lr" else 1)
             w = 0.01 * jax.random.normal(rngs.params(), (gate_rank, width)) / gate_rank ** 0.5
             bias = jnp.full((width,), GATE_INIT[g], jnp.float32)  # strong dtype: a weak-typed
             # leaf would come back strong from the first optimizer step and recompile train_step
@@ -207,13 +206,21 @@ class MirasLayer(nnx.Module):
         return self.spec.memory.from_leaves([w[...] for w in self.memory_w0])
 
     def _qkv(self, x, conv_bufs):
+        """``q [b, t, h, k]``, ``k, v [b, t, h, k]`` (``[b, t, h, n, k]`` for ``n > 1`` keys per
+        token), conv buffers (one per stream: q, the n keys, the n values)."""
         b, t, _ = x.shape
+        hk = self.h * self.k
+        streams = [self.wq(x)]
+        for proj in (self.wk, self.wv):
+            y = proj(x)
+            streams += [y[..., j * hk:(j + 1) * hk] for j in range(self.n)]
         outs, bufs = [], []
-        for i, proj in enumerate((self.wq, self.wk, self.wv)):
-            y, nb = causal_conv(proj(x), self.conv[...][i], None if conv_bufs is None else conv_bufs[i])
+        for i, y in enumerate(streams):
+            y, nb = causal_conv(y, self.conv[...][i], None if conv_bufs is None else conv_bufs[i])
             outs.append(jax.nn.silu(y).reshape(b, t, self.h, self.k))
             bufs.append(nb)
-        q, k, v = outs
+        q, ks, vs = outs[0], outs[1:1 + self.n], outs[1 + self.n:]
+        k, v = (ks[0], vs[0]) if self.n == 1 else (jnp.stack(ks, axis=3), jnp.stack(vs, axis=3))
         return l2_normalize(q), l2_normalize(k), v, tuple(bufs)
 
     def _gates(self, x):
@@ -225,7 +232,8 @@ class MirasLayer(nnx.Module):
             w, bias = self.gate_up[g]
             z = z0 @ w[...] + bias[...]
             z = z.reshape(b, t, self.h, -1)
-            z = z if (g == "decay" and self.channel_decay) else z[..., 0]
+            keep = (g == "decay" and self.channel_decay) or (g == "lr" and self.n > 1)
+            z = z if keep else z[..., 0]
             out[g] = self.lr_max * jax.nn.sigmoid(z) if g == "lr" else GATE_RANGE[g](z)
         return out
 
@@ -259,7 +267,8 @@ class MirasLayer(nnx.Module):
         return self._out(x, y)
 
     def _gate_shapes(self):
-        return {g: ((self.k,) if (g == "decay" and self.channel_decay) else ()) for g in self.gates}
+        return {g: ((self.k,) if (g == "decay" and self.channel_decay) else (self.n,) if (g == "lr" and self.n > 1)
+                    else ()) for g in self.gates}
 
     def _vmap_bh(self, fn, *args):
         return jax.vmap(jax.vmap(fn))(*args)
