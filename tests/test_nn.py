@@ -147,7 +147,7 @@ def test_lr_max_sets_the_inner_step_size_ceiling():
     np.testing.assert_allclose(lr["default"], 0.005, atol=2e-4)  # Yaad: LR_MAX["mlp"] sigmoid(~0)
     np.testing.assert_allclose(lr["one"], lr["default"] / 0.01, rtol=1e-5)
     np.testing.assert_allclose(lr["moneta"], 0.1 * lr["default"], rtol=1e-5)  # LR_MAX_LQ_MLP
-    np.testing.assert_allclose(lr["memora"], 30 * lr["default"], rtol=1e-5)   # LR_MAX_KL_MLP
+    np.testing.assert_allclose(lr["memora"], 10 * lr["default"], rtol=1e-5)   # LR_MAX_KL_MLP
     titans = MirasLM(dataclasses.replace(base, preset="titans"), rngs=nnx.Rngs(0)).blocks[0].mixer
     assert titans.lr_max == 5e-3                                               # LR_MAX_MOMENTUM_MLP
     for bad in (0.0, -1.0, float("inf"), "1"):
