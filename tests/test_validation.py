@@ -115,3 +115,41 @@ def test_deltaproduct_substep_mismatch():
     q, k, v, gates = random_inputs(0, 5, 4, 4, num_steps=2)
     with pytest.raises(ValueError, match="num_steps=3"):
         mj.memorize(spec, spec.memory.init(jax.random.key(0), 4, 4), q, k, v, gates)
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("lr", -0.1, r"gate 'lr' must lie in >= 0.0"),
+    ("lr", float("nan"), "gate 'lr' has non-finite values"),
+    ("decay", 1.5, r"gate 'decay' must lie in \[0.0, 1.0\]"),
+    ("decay", -0.2, r"gate 'decay' must lie in \[0.0, 1.0\]"),
+    ("decay", float("inf"), "gate 'decay' has non-finite values"),
+])
+def test_gate_values_are_checked_when_concrete(name, value, match):
+    spec, params, q, k, v, gates = _inputs("gated_deltanet")
+    bad = dict(gates, **{name: gates[name].at[2].set(value)})
+    with pytest.raises(ValueError, match=match):
+        mj.memorize(spec, params, q, k, v, bad)
+    bq = lambda x: x[None, :, None]  # noqa: E731   [T, ...] -> [B=1, T, H=1, ...]
+    with pytest.raises(ValueError, match=match):   # before the batched entry point's per-row vmap
+        mj.memorize_batched(spec, jax.tree.map(lambda w: w[None], params), bq(q), bq(k), bq(v),
+                            {g: bq(x) for g, x in bad.items()})
+    # under jit the values are unknown at trace time: not checked (documented), no error
+    y, _ = jax.jit(lambda g: mj.memorize(spec, params, q, k, v, g))(bad)
+    assert y.shape == v.shape
+
+
+def test_momentum_and_delta_ranges():
+    spec, params, q, k, v, gates = _inputs("titans")
+    with pytest.raises(ValueError, match=r"gate 'momentum' must lie in \[0.0, 1.0\]"):
+        mj.memorize(spec, params, q, k, v, dict(gates, momentum=gates["momentum"] + 1.0))
+    spec, params, q, k, v, gates = _inputs("yaad")
+    with pytest.raises(ValueError, match=r"gate 'delta' must lie in >= 0.0"):
+        mj.memorize(spec, params, q, k, v, dict(gates, delta=-gates["delta"]))
+
+
+def test_unknown_gate_names_are_rejected_known_unused_ones_allowed():
+    spec, params, q, k, v, gates = _inputs("deltanet")          # reads lr only
+    with pytest.raises(ValueError, match=r"unknown gate name\(s\) \['lrr'\]"):
+        mj.memorize(spec, params, q, k, v, dict(gates, lrr=gates["lr"]))
+    y, _ = mj.memorize(spec, params, q, k, v, dict(gates, momentum=jnp.full((6,), 0.9, jnp.float32)))
+    assert y.shape == v.shape

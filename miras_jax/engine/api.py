@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from miras_jax._checks import concrete
 from miras_jax.engine import dispatch
 from miras_jax.engine import horizon as horizon_lib
 from miras_jax.engine import pallas as pallas_path
@@ -18,6 +20,41 @@ GATE_DOCS = {
     "momentum": "momentum m_t, shape [T]",
     "delta": "Huber threshold delta_t, shape [T]",
 }
+
+
+# where each known gate must lie (checked on concrete values; ``None``: unbounded on that side)
+GATE_RANGES = {"lr": (0.0, None), "decay": (0.0, 1.0), "momentum": (0.0, 1.0), "delta": (0.0, None)}
+
+
+def check_gates(spec, gates) -> None:
+    """Reject gate names that no spec reads (a misspelt ``lrr`` would otherwise be ignored while
+    the spec fails for the missing ``lr``, or silently if the gate were optional) and concrete gate
+    values that are NaN / inf or outside ``GATE_RANGES`` (``lr, delta >= 0``; ``decay, momentum`` in
+    ``[0, 1]``). Under ``jit`` / ``vmap`` / ``grad`` the gates are tracers: only names and shapes are
+    checked then (values cannot be known at trace time); a layer produces them in range by
+    construction (``MirasLayer``: ``lr_max sigmoid``, ``sigmoid``, ``softplus``)."""
+    if gates is None:
+        return
+    if not isinstance(gates, dict):
+        raise TypeError(f"gates must be a dict of per-token arrays, got {type(gates).__name__}")
+    unknown = sorted(set(gates) - set(GATE_DOCS))
+    if unknown:
+        raise ValueError(f"unknown gate name(s) {unknown}; known gates: {sorted(GATE_DOCS)} "
+                         f"(spec {spec.name!r} reads {list(spec.required_gates)})")
+    for name in spec.required_gates:
+        if name not in gates:
+            continue
+        val = concrete(gates[name])
+        if val is None or val.size == 0:
+            continue
+        val = np.asarray(val, np.float32)
+        lo, hi = GATE_RANGES[name]
+        if not np.all(np.isfinite(val)):
+            raise ValueError(f"gate {name!r} has non-finite values ({int(np.sum(~np.isfinite(val)))} of {val.size})")
+        if (lo is not None and val.min() < lo) or (hi is not None and val.max() > hi):
+            rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise ValueError(f"gate {name!r} must lie in {rng} ({GATE_DOCS[name]}); "
+                             f"got values in [{val.min():.4g}, {val.max():.4g}]")
 
 
 def _is_float(x) -> bool:
@@ -67,8 +104,7 @@ def check_inputs(spec, params, q, k, v, gates):
     spec.validate()
 
     gates = {} if gates is None else gates
-    if not isinstance(gates, dict):
-        raise TypeError(f"gates must be a dict of per-token arrays, got {type(gates).__name__}")
+    check_gates(spec, gates)
     out = {}
     for name in spec.required_gates:
         if name not in gates:
@@ -117,7 +153,9 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
       params: initial memory parameters ``W_0`` (``spec.memory.init(key, d_k, d_v)``).
       q: ``[T, k]`` queries; k: ``[T, k]`` keys (``[T, n, k]`` for ``num_steps = n``);
       v: ``[T, v]`` values (``[T, n, v]``).
-      gates: dict of per-token arrays, see ``GATE_DOCS``; unused gates are ignored.
+      gates: dict of per-token arrays, see ``GATE_DOCS``; known gates the spec does not read are
+        ignored, unknown names raise. Concrete values are checked (``check_gates``: finite, ``lr`` and
+        ``delta >= 0``, ``decay`` and ``momentum`` in ``[0, 1]``); traced ones (under ``jit``) are not.
       chunk_size: tokens per chunk. Exact families (Hebbian: linear attention, RetNet, Mamba2, GLA;
         delta: DeltaNet, Gated DeltaNet, Longhorn, DeltaProduct) equal the token recurrence for
         any chunk size; every other spec uses the mini-batch form (gradients at the chunk-start
@@ -131,8 +169,8 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
       remat_every: with ``"xla"`` mini-batch forms, ``jax.checkpoint`` groups of this many chunks.
       grad_horizon: ``None`` / 0: exact gradients. ``H`` (a multiple of ``chunk_size``): truncated
         backpropagation through the memory state: same forward, but gradients do not flow through
-        the state across segments of ``H`` tokens (``engine/horizon.py``; what MLP memories need at
-        long context, where the exact gradient grows exponentially in ``T``).
+        the state across segments of ``H`` tokens (``engine/horizon.py``; optional: with the
+        anchored MLP presets and gates in range the exact gradient stays bounded, README "Numerics").
 
     Returns:
       ``(y, final_state)``: ``y: [T, v]`` with ``y_t = M_{W_t}(q_t)`` read after the write of
@@ -192,6 +230,7 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     """
     if getattr(q, "ndim", None) != 4:
         raise ValueError(f"memorize_batched takes q of shape [B, T, H, d_k], got {getattr(q, 'shape', q)}")
+    check_gates(spec, gates)   # values here: inside the per-row vmap below they are tracers
     B, T, H, _ = q.shape
     for name, x in jax.tree_util.tree_flatten_with_path((k, v, gates or {}))[0]:
         if x.shape[:3] != (B, T, H):
