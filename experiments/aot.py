@@ -27,7 +27,7 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
-from experiments import configs
+from experiments import cli, configs
 from experiments import train as train_lib
 from miras_jax import sharding
 from miras_jax.nn import MirasLM
@@ -134,4 +134,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -34,6 +34,8 @@ import time
 
 from absl import app, flags
 
+from experiments import cli
+
 # name -> (pattern, preset); the preset of "A" is unused
 MODELS = {
     "gdn": ("M", "gated_deltanet"),
@@ -316,4 +318,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

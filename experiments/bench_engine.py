@@ -24,6 +24,8 @@ import time
 
 from absl import app, flags
 
+from experiments import cli
+
 flags.DEFINE_list("presets", ["gated_deltanet", "deltanet", "mamba2", "titans", "moneta", "yaad", "memora"],
                   "presets to measure")
 flags.DEFINE_list("impls", ["xla", "reference"], "implementations")
@@ -158,4 +160,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from experiments import configs, data, grid
+from experiments import cli, configs, data, grid
 from experiments import train as train_lib
 
 
@@ -95,4 +95,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

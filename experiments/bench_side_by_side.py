@@ -22,6 +22,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
+
 flags.DEFINE_string("peer_python", "/work/peers/venv/bin/python", "python of the peer venv (torch)")
 flags.DEFINE_list("presets", ["gated_deltanet", "moneta", "yaad", "memora"], "our presets")
 flags.DEFINE_integer("rounds", 3, "alternating rounds")
@@ -84,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -22,7 +22,7 @@ import os
 
 from absl import app, flags
 
-from experiments import configs
+from experiments import cli, configs
 from experiments import train as train_lib
 
 NANOGPT_CPU = {"2min": 1.91, "5min": 1.64, "14.5min": 1.53}  # nats/char, measured on this machine
@@ -91,4 +91,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

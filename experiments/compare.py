@@ -21,7 +21,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from experiments import configs
+from experiments import cli, configs
 from experiments import train as train_lib
 from miras_jax import presets
 from miras_jax.nn import MirasLM, count_params
@@ -129,4 +129,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

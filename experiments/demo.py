@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments import cli
+
 import miras_jax as mj
 
 FLAGS = flags.DEFINE_integer("pairs", 16, "number of key/value pairs (< dim)")
@@ -66,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -11,7 +11,7 @@ import json
 
 from absl import app, flags
 
-from experiments import configs
+from experiments import cli, configs
 from experiments import train as train_lib
 
 
@@ -46,4 +46,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments import data
+from experiments import cli, data
 from experiments import train as train_lib
 from miras_jax.nn import generate
 
@@ -50,4 +50,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

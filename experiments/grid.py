@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import configs, data
+from experiments import cli, configs, data
 from experiments import train as train_lib
 from experiments.checkpoint import Checkpointer
 from miras_jax import presets
@@ -263,4 +263,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

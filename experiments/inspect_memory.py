@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import train as train_lib
+from experiments import cli, train as train_lib
 from miras_jax.engine.api import memorize_batched
 
 
@@ -115,4 +115,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

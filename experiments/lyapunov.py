@@ -20,6 +20,8 @@ import json
 
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["yaad", "titans", "moneta", "memora", "gated_deltanet"], "presets")
 flags.DEFINE_list("lrs", ["0.05"], "inner step sizes (gate lr)")
@@ -105,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -30,7 +30,7 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 
-from experiments import configs, data
+from experiments import cli, configs, data
 from experiments.checkpoint import Checkpointer, resolve_resume
 from miras_jax import presets, sharding
 from miras_jax.nn import LMConfig, MirasLM, count_params
@@ -526,7 +526,7 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
 
 
 __all__ = ["LMConfig", "Task", "TrainingError", "build", "evaluate", "make_task", "masked_loss", "resolved", "train"]

@@ -1,0 +1,51 @@
+"""``run(main)``: ``absl.app.run`` with command-line mistakes reported as one line, exit status 2.
+
+absl prints the module docstring and the key flags (~40 lines) before a ``UsageError``'s message;
+here a mistake (a bad flag value, an unknown preset / config / field, a missing data file: what
+``main`` raises as ``app.UsageError``) is one line on stderr plus a pointer to ``--helpshort``::
+
+    train: error: unknown preset 'mambo'; valid presets: ...
+    (python -m experiments.train --helpshort lists the flags)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+USAGE_EXIT = 2
+
+
+def _prog() -> str:
+    return os.path.splitext(os.path.basename(sys.argv[0]))[0]
+
+
+def _hint() -> str:
+    return f"(python -m experiments.{_prog()} --helpshort lists the flags)"
+
+
+def fail(message: str) -> None:
+    """Print ``<prog>: error: <message>`` and the flags hint to stderr; exit with status 2."""
+    sys.stderr.write(f"{_prog()}: error: {message}\n{_hint()}\n")
+    sys.exit(USAGE_EXIT)
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(" ".join(str(e).split()))
+
+
+def run(main) -> None:
+    """``app.run(main)`` whose ``UsageError`` and flag-parsing errors are :func:`fail` lines."""
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            fail(" ".join(str(e).split()))
+
+    app.run(wrapped, flags_parser=_parse_flags)
