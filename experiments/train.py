@@ -345,8 +345,9 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
                 with Checkpointer(resume_dir) as src:
                     state, meta, _ = src.restore(template)
             if not _same_model(meta.get("config", {}).get("model"), cfg_dict["model"]):
-                raise TrainingError(f"cannot resume: the checkpoint's model config {meta.get('config', {}).get('model')}"
-                                    f" differs from this run's {cfg_dict['model']}")
+                diff = "; ".join(_model_diff(meta.get("config", {}).get("model"), cfg_dict["model"]))
+                raise TrainingError(f"cannot resume from {resume_dir}: its model differs from this run's in "
+                                    f"{diff}. Pass the checkpoint's settings, or train into a new --workdir")
             params, opt_state = state["params"], state["opt_state"]
             start = int(state["step"])
             logging.info("resumed from %s at step %d", resume_dir, start)
@@ -484,6 +485,15 @@ def _same_model(saved: dict | None, current: dict) -> bool:
     if saved is None:
         return False
     return _json(_saved_model(saved)) == current
+
+
+def _model_diff(saved: dict | None, current: dict) -> list[str]:
+    """``["field (checkpoint X, this run Y)", ...]`` for the model fields that differ."""
+    if saved is None:
+        return ["everything (the checkpoint records no model config)"]
+    old = _json(_saved_model(saved))
+    return [f"model.{k} (checkpoint {old.get(k)!r}, this run {current.get(k)!r})"
+            for k in sorted(set(old) | set(current)) if old.get(k) != current.get(k)]
 
 
 def _json(d):

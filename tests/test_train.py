@@ -148,8 +148,11 @@ def test_a_run_saves_its_resolved_step_ceiling_and_an_unresolved_one_reads_as_it
     assert train_lib.merge(graphdef, params, rest).blocks[0].mixer.lr_max == LR_MAX["mlp"]
     assert not got.model.spec().retention.anchor     # saved before anchors: the paper's map
     old = configs.override(cfg, ["model.lr_max=0.1"])
-    with pytest.raises(train_lib.TrainingError, match="cannot resume"):   # anchored now: a different model
+    with pytest.raises(train_lib.TrainingError, match="cannot resume") as err:   # anchored now: a different model
         train_lib.train(old, str(tmp_path / "old"), resume="auto", progress=False)
+    # one line that names the field (issue 29, item 4)
+    assert "model.preset_kwargs (checkpoint [['anchor', False]], this run [['anchor', True]])" in str(err.value)
+    assert "\n" not in str(err.value) and "model.lr_max" not in str(err.value)
     old = dataclasses.replace(old, model=dataclasses.replace(old.model, preset_kwargs=(("anchor", False),)))
     summary = train_lib.train(old, str(tmp_path / "old"), resume="auto", progress=False)
     assert summary["finished"] and summary["steps_done"] == 4
