@@ -3,7 +3,7 @@
     python -m experiments.train --config=smoke --workdir=runs/smoke
     python -m experiments.train --config=mqar --preset=gated_deltanet --workdir=runs/mqar_gdn
     python -m experiments.train --config=charlm --data=path/to/text.txt --workdir=runs/lm
-    python -m experiments.train ... --resume            # continue the run in --workdir exactly
+    python -m experiments.train ... --resume=auto       # continue the run in --workdir exactly
 
 Everything a run writes is under ``--workdir``: ``checkpoints/`` (orbax, atomic: params, optimizer
 state, step, data-iterator state, config), ``metrics.jsonl`` (one JSON object per logged step, with
@@ -375,8 +375,10 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
             seen += tokens_per_step
             done = step
             if not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                                    f"(step {ckpt.latest_step()}) in {ckpt_dir} is kept; lower --set=lr=... "
+                last = ckpt.latest_step()
+                kept = (f"The last good checkpoint (step {last}) in {ckpt_dir} is kept" if last is not None
+                        else "No checkpoint was saved before it (set checkpoint_every lower to keep one)")
+                raise TrainingError(f"loss is {loss} at step {step}; stopping. {kept}; lower --set=lr=... "
                                     "or --set=clip=...")
             now = time.perf_counter()
             elapsed = t_offset + now - t_run

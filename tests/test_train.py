@@ -174,6 +174,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert train_lib.load_run(str(tmp_path))[4] == 4
 
 
+def test_nan_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch):
+    """Not "the last good checkpoint (step None)" (issue 29, item 7)."""
+    good = train_lib.masked_loss
+    monkeypatch.setattr(train_lib, "masked_loss", lambda logits, batch: tuple(x * jnp.nan for x in good(logits, batch)))
+    with pytest.raises(train_lib.TrainingError, match="loss is nan at step 1; stopping. No checkpoint was saved") as err:
+        train_lib.train(TINY, str(tmp_path), progress=False)
+    assert "None" not in str(err.value)
+
+
 def test_bad_input_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="unknown config 'nope'"):
         configs.get("nope")
