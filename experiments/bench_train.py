@@ -54,7 +54,7 @@ def run(suite: str, names: list[str], budget_s: float, workdir: str, data_path=N
     for name in names:
         over = [f"time_budget_s={budget_s}", *sets]
         over += ["model.pattern=A"] if name == "transformer" else [f"model.preset={name}"]
-        if suite == "mqar":  # the config's cosine schedule (annealing matters: WORKSPACE.md), stop at 99%
+        if suite == "mqar":  # the config's cosine schedule (annealing matters: experiments/README.md), stop at 99%
             over = ["stop_at_target=true", "log_every=50", *over]
         cfg = configs.override(configs.get(suite), over)
         if suite == "charlm" and not any(x.startswith("steps=") for x in sets):

@@ -37,7 +37,7 @@ def test_rows_per_miras_head_and_the_initial_read_matches_a_direct_computation()
 
 
 def test_a_larger_step_ceiling_grows_moneta_s_accumulators_more():
-    """The quantity that showed Moneta's runaway (WORKSPACE.md, "MQAR diagnostics")."""
+    """The quantity that showed Moneta's runaway (experiments/README.md, "MQAR diagnostics")."""
     small = inspect_memory.inspect(_model("moneta"), TOKENS)
     large = inspect_memory.inspect(_model("moneta", lr_max=0.3), TOKENS)
     for s, g in zip(small, large):

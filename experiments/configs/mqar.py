@@ -14,7 +14,7 @@ not an A/B).
 The layer's inner step ceiling ``lr_max`` defaults per spec (``nn.layer.default_lr_max``): 3e-3 for
 Moneta's MLP memory (at the generic MLP ceiling 0.1 its l_q accumulators run away and the memory
 reads only its residual: 5.2% against 99.3% on ``mqar_small``) and 3 for Memora's (98.2% against
-5.3%); WORKSPACE.md, "MQAR diagnostics". At this size Moneta reached 99% with ``model.lr_max=0.001``
+5.3%); experiments/README.md, "MQAR diagnostics". At this size Moneta reached 99% with ``model.lr_max=0.001``
 (at 3e-3 it went unstable at ~2900) and ``--steps=9000`` (step 1300-1500 with ``stop_at_target``; one
 run of three crawled to 98.7% in 7000 steps); experiments/README.md has the command."""
 

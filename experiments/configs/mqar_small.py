@@ -2,7 +2,7 @@
 64, width 64, 2 layers of 2 heads, chunk 16, batch 32, AdamW 3e-3 with cosine over 1500 steps,
 Zoology's default data (power-law query positions, zero filler). One preset takes 5-10 minutes on
 one core of the 2-core CPU, so it tells within minutes whether a variant leaves the loss plateau
-that the issue-size ``mqar`` config needs hours to show (WORKSPACE.md, "MQAR diagnostics")."""
+that the issue-size ``mqar`` config needs hours to show (experiments/README.md, "MQAR diagnostics")."""
 
 from experiments.configs import TrainConfig
 from miras_jax.nn import LMConfig

@@ -55,11 +55,11 @@ LR_MAX_UNRESOLVED = {"linear": 1.0, "mlp": 0.1}
 # init. Above a step of about ``sqrt(1 - a^2) / c`` the accumulator runs away and ``W`` shrinks until
 # the LayerNorm's eps swamps its pre-activations: at lr_max 0.1 the accumulators grew 10-20x in 16
 # tokens and the memory read returned only its residual ``q`` (MQAR stalled at 5%). At 3e-3 they
-# stay near ``A_0`` at the initial decays (WORKSPACE.md, "MQAR diagnostics").
+# stay near ``A_0`` at the initial decays (experiments/README.md, "MQAR diagnostics").
 LR_MAX_LQ_MLP = 1e-3   # was 3e-3 (MQAR above); 1e-3 for long context
 # Memora on an MLP memory: its multiplicative step (``W = c softmax(a log W - lr g)``) needs a far
 # larger ceiling than an additive one: MQAR (``mqar_small``) 5.3% at 0.1, 70.1% at 1, 98.2% at 3, and
-# the issue-size run reached 99% at 3; char-LM is the same at 0.1 and 3 (WORKSPACE.md).
+# the issue-size run reached 99% at 3; char-LM is the same at 0.1 and 3 (experiments/README.md).
 # Long context (issue 31) caps both by the stability of the inner recurrence: an MLP memory's
 # chunked recurrence (C = 64) must not amplify perturbations at any decay in [0.5, 0.9999]
 # (``experiments/lyapunov.py --measures=chunk``, float64, anchored presets; experiments/README.md
