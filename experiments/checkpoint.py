@@ -7,7 +7,12 @@ Layout: ``<directory>/<step>/state`` (the array pytree, :class:`ocp.args.Standar
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import sys
+import tempfile
+import time
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -21,7 +26,12 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class CheckpointError(RuntimeError):
-    """No checkpoint could be restored (none there, all corrupt, or not matching the template)."""
+    """No checkpoint could be restored (none there, all corrupt, or not matching the template);
+    ``failures``: ``[(step, one-line reason), ...]`` for the checkpoints that were tried."""
+
+    def __init__(self, message: str, failures: list[tuple[int, str]] | None = None):
+        super().__init__(message)
+        self.failures = failures or []
 
 
 def _is_key(leaf: Any) -> bool:
@@ -52,6 +62,48 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
 
 def _has_checkpoint(directory: str | os.PathLike) -> bool:
     return os.path.isdir(directory) and any(ocp.path.step.standard_name_format().find_all(directory))
+
+
+def _one_line(e: BaseException) -> str:
+    """``Type: first line`` of the innermost cause of ``e`` (tensorstore's message names the file)."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:240]}"
+
+
+@contextlib.contextmanager
+def _held_stderr(grace_s: float = 1.0):
+    """Hold back what is printed to stderr inside the block; yields a list: append to it to mark
+    that a read failed, and what was printed is dropped instead of replayed.
+
+    A failed read of a corrupt checkpoint makes orbax close its worker event loop while other reads
+    are in flight; each of them then prints a traceback ("Event loop is closed", "Task exception
+    was never retrieved", "Exception ignored in <coroutine>": thousands of lines) from background
+    threads and the garbage collector. Inside the block fd 2 and ``sys.stderr`` go to a temporary
+    file and unraisable exceptions are dropped; after a failure the workers get ``grace_s`` to finish
+    (and the failed coroutines are collected) before stderr is given back."""
+    sys.stderr.flush()
+    saved_fd, saved_stderr, saved_hook = os.dup(2), sys.stderr, sys.unraisablehook
+    failed: list = []
+    with tempfile.TemporaryFile(mode="w+") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        sys.stderr, sys.unraisablehook = tmp, (lambda _: None)
+        try:
+            yield failed
+        finally:
+            if failed:
+                deadline = time.monotonic() + grace_s
+                while time.monotonic() < deadline:
+                    gc.collect()
+                    time.sleep(0.05)
+            tmp.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            sys.stderr, sys.unraisablehook = saved_stderr, saved_hook
+            if not failed:
+                tmp.seek(0)
+                sys.stderr.write(tmp.read())
 
 
 class Checkpointer:
@@ -117,35 +169,48 @@ class Checkpointer:
         leaves, treedef = jax.tree_util.tree_flatten(state_template)
         is_key = [_is_key(x) for x in leaves]
         target = treedef.unflatten([_key_data_template(x) if k else x for x, k in zip(leaves, is_key)])
-        failures = []
-        for s in [step] if step is not None else steps[::-1]:
-            try:
-                state, meta = self._restore_step(s, target)
-            except CheckpointError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any other failure means a corrupt checkpoint
-                failures.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
-                self._corrupt.add(s)
-                logging.warning("checkpoint %s/%d could not be restored (%s)%s", self.directory, s,
-                                failures[-1], "" if step is not None else "; trying an older one")
-                continue
+        failures, found = [], None
+        with _held_stderr() as failed:
+            for s in [step] if step is not None else steps[::-1]:
+                try:
+                    found = (*self._restore_step(s, target), s)
+                    break
+                except CheckpointError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any other failure means a corrupt checkpoint
+                    failures.append((s, _one_line(e)))
+                    failed.append(s)
+                    self._corrupt.add(s)
+        for s, why in failures:  # one line each, after the held-back noise is dropped
+            logging.warning("checkpoint %s/%d could not be restored (%s)%s", self.directory, s, why,
+                            "" if step is not None or found is None else "; fell back to an older one")
+        if found is not None:
+            state, meta, s = found
             out = [jax.random.wrap_key_data(x, impl=_key_impl(t)) if k else x
                    for x, t, k in zip(treedef.flatten_up_to(state), leaves, is_key)]
             return treedef.unflatten(out), meta, s
-        tried = "\n".join(failures)
-        raise CheckpointError(f"no checkpoint in {self.directory} could be restored; tried:\n{tried}")
+        tried = ", ".join(str(s) for s, _ in failures)
+        raise CheckpointError(f"no checkpoint in {self.directory} could be restored (tried steps {tried}, "
+                              f"each warned above; step {failures[0][0]}: {failures[0][1]})", failures)
 
     def restore_meta(self, step: int | None = None) -> dict:
         """Only the JSON metadata (e.g. the config needed to build a template); newest readable by default."""
         steps = self.all_steps()
         candidates = steps[::-1] if step is None else [s for s in steps if s == step]
-        failures = []
-        for s in candidates:
-            try:
-                return self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            except Exception as e:  # noqa: BLE001 - unreadable metadata: a corrupt checkpoint
-                failures.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
-                logging.warning("metadata of checkpoint %s/%d could not be read (%s)", self.directory, s, e)
+        failures, meta = [], None
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        with _held_stderr() as failed:
+            for s in candidates:
+                try:
+                    meta = self._manager.restore(s, args=args)["meta"]
+                    break
+                except Exception as e:  # noqa: BLE001 - unreadable metadata: a corrupt checkpoint
+                    failures.append(f"step {s}: {_one_line(e)}")
+                    failed.append(s)
+        for why in failures:
+            logging.warning("metadata of checkpoint %s could not be read (%s)", self.directory, why)
+        if meta is not None:
+            return meta
         which = "" if step is None else f" for step {step}"
         raise CheckpointError(f"no checkpoint{which} in {self.directory} with readable metadata "
                               f"(has {steps}); tried: {failures}")
