@@ -1,4 +1,5 @@
-"""``run(main)``: ``absl.app.run`` with command-line mistakes reported as one line, exit status 2.
+"""``run(main)``: ``absl.app.run`` with command-line mistakes reported as one line, exit status 2,
+and a quiet log (warnings and errors; ``--verbosity=0`` brings back INFO).
 
 absl prints the module docstring and the key flags (~40 lines) before a ``UsageError``'s message;
 here a mistake (a bad flag value, an unknown preset / config / field, a missing data file: what
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 USAGE_EXIT = 2
 
@@ -40,9 +41,13 @@ def _parse_flags(argv):
 
 
 def run(main) -> None:
-    """``app.run(main)`` whose ``UsageError`` and flag-parsing errors are :func:`fail` lines."""
+    """``app.run(main)`` whose ``UsageError`` and flag-parsing errors are :func:`fail` lines; the
+    log shows warnings and errors only (orbax and the JAX backends log dozens of INFO lines per
+    run) unless ``--verbosity`` is given."""
 
     def wrapped(argv):
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
         except app.UsageError as e:

@@ -7,12 +7,12 @@ MQAR: query accuracy; charlm: validation loss and bits per byte; niah: accuracy 
 
 from __future__ import annotations
 
-import json
 
 from absl import app, flags
 
 from experiments import cli, configs
 from experiments import train as train_lib
+from experiments.checkpoint import CheckpointError
 
 
 def define_flags():
@@ -39,9 +39,9 @@ def main(argv):
     del argv
     try:
         out = evaluate_run(flags.FLAGS.workdir, data_path=flags.FLAGS.data, step=flags.FLAGS.step, eval_batches=flags.FLAGS.eval_batches)
-    except (ValueError, FileNotFoundError, train_lib.TrainingError) as e:
+    except (ValueError, FileNotFoundError, train_lib.TrainingError, CheckpointError) as e:
         raise app.UsageError(str(e)) from None
-    print(json.dumps(out))
+    print(train_lib.dumps(out))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import time
@@ -49,6 +48,7 @@ def define_flags():
     flags.DEFINE_list("set", [], "config overrides field=value")
     flags.DEFINE_bool("shard_grid", False, "split the variant axis over the devices")
     flags.DEFINE_bool("progress", True, "progress bar")
+    flags.DEFINE_bool("overwrite", False, "delete the grid already in --workdir and start afresh")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[float]]:
@@ -121,15 +121,24 @@ def grid_configs(cfg, vs):
     return [dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hparams=tuple(v.items()))) for v in vs]
 
 
+GRID_FILES = ("metrics.jsonl", "variants", "results.md", "heatmap.png")
+
+
 def run_grid(cfg: configs.TrainConfig, grid: dict, workdir: str, *, data_path=None, shard: bool = False,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, overwrite: bool = False) -> list[dict]:
+    """Train the grid's variants as one vmapped program into ``workdir``; a ``workdir`` that already
+    holds a grid is refused unless ``overwrite`` (which deletes ``GRID_FILES`` first)."""
+    held = [n for n in GRID_FILES[:2] if os.path.exists(os.path.join(workdir, n))]
+    if held and not overwrite:
+        raise train_lib.TrainingError(f"{workdir} already holds a grid ({', '.join(held)}); train into a new "
+                                      "--workdir, or pass --overwrite to delete it and start afresh")
     with jax.numpy_dtype_promotion("standard"):
-        return _run_grid(cfg, grid, workdir, data_path=data_path, shard=shard, progress=progress)
+        return _run_grid(cfg, grid, workdir, data_path=data_path, shard=shard, progress=progress,
+                         overwrite=overwrite)
 
 
-def _run_grid(cfg, grid, workdir, *, data_path, shard, progress):
+def _run_grid(cfg, grid, workdir, *, data_path, shard, progress, overwrite):
     cfg = train_lib.resolved(cfg)
-    os.makedirs(workdir, exist_ok=True)
     vs = variants(grid)
     K = len(vs)
     spec = presets.get(cfg.model.preset, **dict(cfg.model.preset_kwargs))
@@ -137,6 +146,9 @@ def _run_grid(cfg, grid, workdir, *, data_path, shard, progress):
         spec.with_hparams(**v).validate()
     task = train_lib.make_task(cfg, data_path)
     graphdef, params, rest, tx, schedule = train_lib.build(cfg, task.vocab)
+    if overwrite:
+        train_lib.clear_run(workdir, GRID_FILES)
+    os.makedirs(workdir, exist_ok=True)  # only now: a grid that fails validation leaves no directory
     rest_dict = nnx.to_pure_dict(rest)
     rests = [with_hparams(rest_dict, v) for v in vs]
     stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
@@ -182,7 +194,7 @@ def _run_grid(cfg, grid, workdir, *, data_path, shard, progress):
             row = {**(row or {"step": s, "loss": float(np.nanmean(losses))}), **evals}
         if row is not None:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(train_lib.dumps(row) + "\n")
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{np.nanmean(losses):.4f}")
@@ -201,7 +213,7 @@ def _run_grid(cfg, grid, workdir, *, data_path, shard, progress):
         row = {"variant": variant_name(v), **v, "final_loss": float(losses[i]),
                **{k: float(x[i]) for k, x in evals.items()}}
         with open(os.path.join(vdir, "summary.json"), "w") as f:
-            json.dump({**row, "config": train_lib._config_dict(vcfg)}, f, indent=1)
+            f.write(train_lib.dumps({**row, "config": train_lib._config_dict(vcfg)}, indent=1))
         results.append(row)
     write_report(results, grid, cfg, workdir, wall)
     return results
@@ -247,18 +259,17 @@ def write_report(results, grid, cfg, workdir, wall):
 def main(argv):
     del argv
     f = flags.FLAGS
-    logging.set_verbosity(logging.WARNING)
     try:
         cfg = configs.get(f.config)
         sets = list(f.set) + ([f"steps={f.steps}"] if f.steps else []) + (
             [f"model.preset={f.preset}"] if f.preset else [])
         cfg = configs.override(cfg, sets)
         results = run_grid(cfg, parse_grid(f.grid), f.workdir, data_path=f.data, shard=f.shard_grid,
-                           progress=f.progress)
-    except (ValueError, FileNotFoundError) as e:
+                           progress=f.progress, overwrite=f.overwrite)
+    except (ValueError, FileNotFoundError, train_lib.TrainingError) as e:
         raise app.UsageError(str(e)) from None
     for r in results:
-        print(json.dumps(r))
+        print(train_lib.dumps(r))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
     python -m experiments.train --config=mqar --preset=gated_deltanet --workdir=runs/mqar_gdn
     python -m experiments.train --config=charlm --data=path/to/text.txt --workdir=runs/lm
     python -m experiments.train ... --resume=auto       # continue the run in --workdir exactly
+    python -m experiments.train ... --overwrite         # delete the run in --workdir, start afresh
+
+A run directory holds one run: training into a directory that already holds one (checkpoints or
+metrics) without ``--resume=auto`` or ``--overwrite`` is refused.
 
 Everything a run writes is under ``--workdir``: ``checkpoints/`` (orbax, atomic: params, optimizer
 state, step, data-iterator state, config), ``metrics.jsonl`` (one JSON object per logged step, with
@@ -20,6 +24,8 @@ import functools
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -27,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
 from experiments import cli, configs, data
-from experiments.checkpoint import Checkpointer, resolve_resume
+from experiments.checkpoint import CheckpointError, Checkpointer, resolve_resume
 from miras_jax import presets, sharding
 from miras_jax.nn import LMConfig, MirasLM, count_params
 from miras_jax.nn.layer import LR_MAX_UNRESOLVED
@@ -45,6 +51,8 @@ def define_flags():
     flags.DEFINE_string("preset", None, f"override the Miras preset: {presets.names()}")
     flags.DEFINE_string("data", None, "text file for the charlm task (and the niah 'text' haystack)")
     flags.DEFINE_string("resume", None, "'auto' (continue --workdir's run) or a checkpoint directory")
+    flags.DEFINE_bool("overwrite", False, "delete the run already in --workdir (its checkpoints, metrics, "
+                      "summary, plot, tensorboard) and start afresh")
     flags.DEFINE_list("set", [], "config overrides field=value (model.field=value for the model)")
     flags.DEFINE_integer("stop_after", None, "stop after this many steps of the run (as if interrupted)")
     flags.DEFINE_bool("progress", True, "show a progress bar")
@@ -234,6 +242,23 @@ def lm_summary(evals: dict) -> dict:
     return {"val_bits_per_byte": loss / math.log(2), "val_perplexity": math.exp(loss)}
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) as None: what ``metrics.jsonl`` and
+    ``summary.json`` hold is standard JSON (``null``), which every reader accepts."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw) -> str:
+    """``json.dumps`` of :func:`strict_json` (non-finite floats as ``null``; never a bare ``NaN``)."""
+    return json.dumps(strict_json(obj), allow_nan=False, **kw)
+
+
 def _read_metrics(path: str, upto: int | None) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -245,7 +270,7 @@ def _read_metrics(path: str, upto: int | None) -> list[dict]:
 def _write_metrics(path: str, rows: list[dict]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.writelines(dumps(r) + "\n" for r in rows)
     os.replace(tmp, path)
 
 
@@ -294,8 +319,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     if tr:
         ax.plot(*zip(*tr), label="train loss")
     for key in sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_loss")}):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), "o-", label=key)
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title)
@@ -305,25 +331,73 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "tensorboard")
+
+
+def existing_run(workdir: str) -> str | None:
+    """What of a run ``workdir`` already holds (``"checkpoints up to step 300, metrics.jsonl"``), or None."""
+    found = []
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+    if steps:
+        found.append(f"checkpoints up to step {steps[-1]}")
+    found += [name for name in ("metrics.jsonl", "summary.json") if os.path.exists(os.path.join(workdir, name))]
+    return ", ".join(found) or None
+
+
+def clear_run(workdir: str, names: tuple[str, ...] = RUN_FILES) -> None:
+    """Delete a run's files (``names``) from ``workdir``; anything else there is kept."""
+    for name in names:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def check_workdir(workdir: str, resume: str | None, overwrite: bool) -> None:
+    """A run directory holds one run: refuse to start a second one in it (TrainingError) unless
+    ``resume`` continues it (``"auto"`` or its own checkpoints) or ``overwrite`` deletes it first."""
+    if overwrite and resume:
+        raise ValueError("--overwrite deletes the run in --workdir and --resume continues it: pass one")
+    if overwrite or not os.path.isdir(workdir):
+        return
+    own = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if resume in ("auto", "latest", True) or (resume and own in (os.path.abspath(resume), os.path.abspath(
+            os.path.join(resume, "checkpoints")))):
+        return
+    held = existing_run(workdir)
+    if held:
+        raise TrainingError(f"{workdir} already holds a run ({held}); continue it with --resume=auto, train "
+                            "into a new --workdir, or pass --overwrite to delete it and start afresh")
+
+
 def train(cfg: configs.TrainConfig, workdir: str, *, data_path: str | None = None, resume: str | None = None,
-          stop_after: int | None = None, progress: bool = True, mesh: str | None = None) -> dict:
+          stop_after: int | None = None, progress: bool = True, mesh: str | None = None,
+          overwrite: bool = False) -> dict:
     """Run (or continue) a training run; returns the summary dict (also in ``summary.json``).
 
+    ``resume``: ``"auto"`` continues the run in ``workdir`` (or starts one if it holds none), a path
+    continues from that checkpoint directory. ``overwrite``: delete the run in ``workdir`` first.
+    Without either, a ``workdir`` that already holds a run is refused (:func:`check_workdir`).
     ``mesh`` ("data:2,fsdp:4"): shard the run over a device mesh (``miras_jax.sharding``); the
     checkpoints are saved sharded and restore onto any other mesh shape."""
     # optax's AdamW mixes its int32 step count with floats: trace under standard promotion even
     # if the caller (e.g. the test suite) runs with strict promotion.
     with jax.numpy_dtype_promotion("standard"):
         return _train(cfg, workdir, data_path=data_path, resume=resume, stop_after=stop_after,
-                      progress=progress, mesh=mesh)
+                      progress=progress, mesh=mesh, overwrite=overwrite)
 
 
-def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) -> dict:
+def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, overwrite=False) -> dict:
     cfg = resolved(cfg)
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir, resume, overwrite)
     task = make_task(cfg, data_path)
     resume_dir = resolve_resume(workdir, resume) if resume else None  # fail before building the model
     graphdef, params, rest, tx, schedule = build(cfg, task.vocab)
+    if overwrite:
+        clear_run(workdir)
+    os.makedirs(workdir, exist_ok=True)  # only now: a run that fails validation leaves no directory
     placement = None
     if mesh:
         placement, params, opt_state = place(mesh, params, tx, cfg.batch)
@@ -339,18 +413,22 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
           _TensorBoard(os.path.join(workdir, "tensorboard"), enabled=cfg.tensorboard) as tb):
         if resume_dir is not None:
             template = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
-            if os.path.abspath(resume_dir) == os.path.abspath(ckpt_dir):
-                state, meta, _ = ckpt.restore(template)
-            else:
-                with Checkpointer(resume_dir) as src:
-                    state, meta, _ = src.restore(template)
+            try:
+                if os.path.abspath(resume_dir) == os.path.abspath(ckpt_dir):
+                    state, meta, _ = ckpt.restore(template)
+                else:
+                    with Checkpointer(resume_dir) as src:
+                        state, meta, _ = src.restore(template)
+            except CheckpointError as e:
+                raise TrainingError(f"cannot resume: {e}. Start afresh with --overwrite, or resume from "
+                                    "another checkpoint directory") from None
             if not _same_model(meta.get("config", {}).get("model"), cfg_dict["model"]):
                 diff = "; ".join(_model_diff(meta.get("config", {}).get("model"), cfg_dict["model"]))
                 raise TrainingError(f"cannot resume from {resume_dir}: its model differs from this run's in "
                                     f"{diff}. Pass the checkpoint's settings, or train into a new --workdir")
             params, opt_state = state["params"], state["opt_state"]
             start = int(state["step"])
-            logging.info("resumed from %s at step %d", resume_dir, start)
+            print(f"resumed from {resume_dir} at step {start} of {cfg.steps}", file=sys.stderr, flush=True)
             tb.resume_at(start)
         rows = _read_metrics(metrics_path, start) if resume_dir is not None else []
         _write_metrics(metrics_path, rows)  # once: drops rows past the restored step; then append
@@ -365,7 +443,9 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
             bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.task}/{cfg.model.preset}", unit="step")
         t_run, t_last, seen = time.perf_counter(), time.perf_counter(), 0
         reached = next((r for r in rows if r.get("reached_target")), None)
-        last_eval = {}
+        # a resumed (possibly finished) run starts from its last evaluation
+        last_eval = next(({k: v for k, v in r.items() if k.startswith("eval_")} for r in reversed(rows)
+                          if any(k.startswith("eval_") for k in r)), {})
         t_offset = rows[-1].get("elapsed_s", 0.0) if rows else 0.0  # training time before a resume
         done, bar_tps = start, 0.0  # the bar shows the last logged tokens/s between log steps
         for step in range(start + 1, end + 1):
@@ -401,7 +481,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
             if row is not None:
                 rows.append(row)
                 with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(dumps(row) + "\n")
                 tb.write(row)
             ckpt.save(step, {"params": params, "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)},
                       {"data": it.get_state(), "config": cfg_dict}, force=step == cfg.steps or final)
@@ -425,7 +505,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None) 
         summary["reached_target_at_step"] = reached["step"]
         summary["reached_target_after_s"] = reached.get("elapsed_s")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        f.write(dumps(summary, indent=1))
     if rows:
         plot(rows, os.path.join(workdir, "loss.png"), f"{cfg.task} / {cfg.model.preset} / {cfg.model.pattern}")
     return summary
@@ -522,18 +602,16 @@ def config_from_flags() -> configs.TrainConfig:
 def main(argv):
     del argv
     f = flags.FLAGS
-    if not f.is_parsed() or f["verbosity"].present == 0:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if f.distributed:
         jax.distributed.initialize()
     try:
         cfg = config_from_flags()
         workdir = f.workdir or os.path.join("runs", f.config)
         summary = train(cfg, workdir, data_path=f.data, resume=f.resume, stop_after=f.stop_after,
-                        progress=f.progress, mesh=f.mesh)
-    except (ValueError, FileNotFoundError, IsADirectoryError, TrainingError) as e:
+                        progress=f.progress, mesh=f.mesh, overwrite=f.overwrite)
+    except (ValueError, FileNotFoundError, IsADirectoryError, TrainingError, CheckpointError) as e:
         raise app.UsageError(str(e)) from None
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    print(dumps({k: v for k, v in summary.items() if k != "config"}))
 
 
 if __name__ == "__main__":

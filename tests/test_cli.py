@@ -24,3 +24,61 @@ def test_train_usage_errors_are_one_line_exit_2(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 2 and lines[0].startswith(message), proc.stderr[-2000:]
     assert lines[1] == "(python -m experiments.train --helpshort lists the flags)"
+
+
+def _train_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "experiments.train", "--config=smoke", "--noprogress", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _truncate_newest_file(step_dir):
+    """Cut the largest array file of a checkpoint to 1000 bytes (a crash mid-copy, a full disk)."""
+    files = [os.path.join(d, n) for d, _, ns in os.walk(os.path.join(step_dir, "state")) for n in ns]
+    os.truncate(max(files, key=os.path.getsize), 1000)
+
+
+def test_corrupt_checkpoint_recovery_is_quiet(tmp_path):
+    """Issue 29, item 2: a corrupt newest checkpoint costs one warning line on resume (orbax's
+    worker tracebacks, thousands of lines before, are held back); all corrupt: one warning per
+    checkpoint and the one-line error, exit 2."""
+    wd = tmp_path / "run"
+    first = _train_cli(f"--workdir={wd}", "--steps=30", "--set=checkpoint_every=10")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stderr == ""                                    # no orbax / backend INFO lines
+    ckpts = wd / "checkpoints"
+    _truncate_newest_file(ckpts / "30")
+    resumed = _train_cli(f"--workdir={wd}", "--steps=40", "--set=checkpoint_every=10", "--resume=auto")
+    lines = resumed.stderr.strip().splitlines()
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(lines) == 2, resumed.stderr[-3000:]
+    assert "checkpoint" in lines[0] and "/30 could not be restored" in lines[0] and "fell back" in lines[0]
+    assert lines[1].startswith("resumed from") and "at step 20 of 40" in lines[1]
+    for step in ("20", "30", "40"):                              # 30 saved afresh, then 40
+        _truncate_newest_file(ckpts / step)
+    failed = _train_cli(f"--workdir={wd}", "--steps=50", "--resume=auto")
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert len(lines) == 5, failed.stderr[-3000:]                # 3 warnings, the error, the hint
+    assert all("could not be restored" in ln for ln in lines[:3])
+    assert lines[3].startswith("train: error: cannot resume: no checkpoint") and "--overwrite" in lines[3]
+
+
+def test_a_second_run_into_a_workdir_is_refused_in_one_line(tmp_path):
+    wd = tmp_path / "run"
+    assert _train_cli(f"--workdir={wd}", "--steps=2").returncode == 0
+    again = _train_cli(f"--workdir={wd}", "--steps=2", "--preset=deltanet")
+    lines = again.stderr.strip().splitlines()
+    assert again.returncode == 2 and len(lines) == 2, again.stderr[-2000:]
+    assert "already holds a run" in lines[0] and "--overwrite" in lines[0]
+    bad = _train_cli(f"--workdir={tmp_path / 'new'}", "--steps=-3")
+    assert bad.returncode == 2 and not os.path.exists(tmp_path / "new")
+
+
+def test_evaluate_prints_its_json_line_and_nothing_else(tmp_path):
+    wd = tmp_path / "run"
+    assert _train_cli(f"--workdir={wd}", "--steps=2").returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={wd}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert len(proc.stdout.strip().splitlines()) == 1

@@ -46,6 +46,9 @@ def test_grid_equals_separate_runs(tmp_path, ps, trained_alone):
     cfg_v, _, _, rest, step = train_lib.load_run(str(tmp_path / "grid" / "variants" / "p3_q3"))
     assert step == 4 and dict(cfg_v.model.hparams) == {"p": 3.0, "q": 3.0}
     assert float(rest["blocks"][0]["mixer"]["hparams"]["bias/p"][...]) == 3.0
+    # a directory holds one grid: a second one is refused, never mixed with the saved variants
+    with pytest.raises(train_lib.TrainingError, match="already holds a grid.*--overwrite"):
+        grid.run_grid(cfg, {"p": [2.0], "q": [3.0]}, str(tmp_path / "grid"), progress=False)
 
 
 def test_grid_bad_input(tmp_path):

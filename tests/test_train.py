@@ -280,3 +280,58 @@ def test_bench_fit_steps_fills_the_budget_from_a_probe(tmp_path):
     probe = json.loads((tmp_path / "summary.json").read_text())
     rate = probe["train_tokens_per_s"] / (TINY.batch * TINY.seq_len)
     assert probe["steps_done"] == 6 and steps == max(int(0.5 * 30.0 * rate), TINY.warmup + 1)
+
+
+# ------------------------------------------------------------------ one run per directory (issue 29)
+
+
+def test_a_workdir_holds_one_run(tmp_path):
+    """A second run into a directory that holds one is refused (the way out named); --resume=auto
+    continues it; --overwrite deletes it first; nothing mixes."""
+    wd = str(tmp_path / "run")
+    train_lib.train(TINY, wd, stop_after=4, progress=False)
+    other = configs.override(TINY, ["model.preset=deltanet"])
+    with pytest.raises(train_lib.TrainingError, match="already holds a run \\(checkpoints up to step 4, "
+                       "metrics.jsonl.*--resume=auto.*new --workdir.*--overwrite"):
+        train_lib.train(other, wd, progress=False)
+    assert [r["step"] for r in _rows(wd)] == [1, 2, 3, 4]           # untouched
+    with pytest.raises(ValueError, match="pass one"):
+        train_lib.train(other, wd, resume="auto", overwrite=True, progress=False)
+    train_lib.train(other, wd, overwrite=True, stop_after=2, progress=False)
+    with Checkpointer(os.path.join(wd, "checkpoints")) as ckpt:
+        assert ckpt.all_steps() == [2]                               # the first run's 4 is gone
+    assert train_lib.load_run(wd)[0].model.preset == "deltanet"
+    summary = train_lib.train(other, wd, resume="auto", progress=False)   # continues: allowed
+    assert summary["steps_done"] == 8 and summary["config"]["model"]["preset"] == "deltanet"
+
+
+def test_a_run_that_fails_validation_leaves_no_directory(tmp_path):
+    with pytest.raises(ValueError):
+        train_lib.train(configs.override(TINY, ["model.preset=nope"]), str(tmp_path / "x"), progress=False)
+    with pytest.raises(ValueError):
+        train_lib.train(dataclasses.replace(TINY, task="charlm"), str(tmp_path / "y"), progress=False)
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+def test_resuming_a_finished_run_keeps_its_evaluation_in_the_summary(tmp_path):
+    first = train_lib.train(TINY, str(tmp_path), progress=False)
+    again = train_lib.train(TINY, str(tmp_path), resume="auto", progress=False)
+    evals = {k: v for k, v in first.items() if k.startswith("eval_")}
+    assert evals and {k: again[k] for k in evals} == evals
+    with open(tmp_path / "summary.json") as f:
+        saved = json.load(f)
+    assert {k: saved[k] for k in evals} == evals
+
+
+def test_metrics_and_summary_are_strict_json():
+    """A non-finite number is written as null, never as a bare NaN (not JSON)."""
+    row = {"step": 3, "loss": 1.5, "grad_norm": float("inf"), "eval": [float("nan"), 2.0], "ok": True}
+    text = train_lib.dumps(row)
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"step": 3, "loss": 1.5, "grad_norm": None, "eval": [None, 2.0], "ok": True}
+
+
+def test_generate_refuses_an_mqar_run(tmp_path):
+    train_lib.train(TINY, str(tmp_path), stop_after=2, progress=False)
+    with pytest.raises(ValueError, match="MQAR run .*byte-level runs"):
+        generate.sample(str(tmp_path), "ROMEO:", 4)
