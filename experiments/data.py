@@ -20,6 +20,7 @@ Tasks:
 from __future__ import annotations
 
 import codecs
+import gzip
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -237,7 +238,8 @@ class ByteCorpus:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, val_fraction: float = 0.1) -> ByteCorpus:
-        """Read a text file's bytes and split them (see :meth:`from_bytes`)."""
+        """Read a text file's bytes (gzip-compressed files, e.g. the shipped ``data/tinyshakespeare.txt.gz``,
+        are decompressed) and split them (see :meth:`from_bytes`)."""
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
         path = os.fspath(path)
@@ -247,6 +249,11 @@ class ByteCorpus:
             raise FileNotFoundError(f"corpus file not found: {path}")
         with open(path, "rb") as f:
             data = f.read()
+        if data[:2] == b"\x1f\x8b":  # the gzip magic number
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as e:
+                raise ValueError(f"corpus {path} is a corrupt gzip file ({e})") from None
         return cls.from_bytes(data, val_fraction, name=path)
 
     def split(self, split: str) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Data tasks (experiments/data.py): MQAR, the byte corpus, needle-in-a-haystack, resumable iterators."""
 
 import functools
+import gzip
 import os
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from experiments import data as D
 
-SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
+SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "data", "tinyshakespeare.txt.gz")  # shipped
 MQAR = {"batch": 8, "seq_len": 64, "vocab": 40, "num_pairs": 8}
 
 
@@ -246,11 +247,10 @@ def test_encode_decode_round_trip():
         D.decode([300])
 
 
-def test_tinyshakespeare_if_present():
-    if not os.path.exists(SHAKESPEARE):
-        pytest.skip("../shared/data/tinyshakespeare.txt not available")
+def test_shipped_tinyshakespeare_reads_through_gzip():
     c = D.ByteCorpus.from_file(SHAKESPEARE)
-    n = os.path.getsize(SHAKESPEARE)
+    n = len(gzip.decompress(open(SHAKESPEARE, "rb").read()))
+    assert n == 1115394  # the tinyshakespeare collection, bytes
     assert len(c.train) == int(n * 0.9) and len(c.train) + len(c.val) == n
     assert D.decode(c.train[:14]) == "First Citizen:"
     out = c.batch(0, 0, batch=4, seq_len=256)
@@ -361,3 +361,10 @@ def test_grain_dataset_matches_batch_fn_and_resumes():
     assert all(_equal(a, next(it2)) for a in expected)
     assert _equal(expected[0], fn(5, 2))
     assert len(D.make_dataset(fn, seed=5, num_steps=10)) == 10
+
+
+def test_corrupt_gzip_corpus_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.txt.gz"
+    path.write_bytes(gzip.compress(b"hello world " * 100)[:40])
+    with pytest.raises(ValueError, match="corrupt gzip"):
+        D.ByteCorpus.from_file(path)
