@@ -1,0 +1,120 @@
+"""Run every command the README and ``experiments/README.md`` show, in order, and report each.
+
+    python -m experiments.check_docs [--files=README.md,experiments/README.md] [--cap_s=120] [--skip_install]
+
+A command is a line of a fenced ``bash`` block (backslash continuations joined, ``#`` comments
+dropped) or an inline code span that starts with ``python -m experiments.`` (or environment
+assignments and ``taskset`` before it). Each runs with ``bash -c`` in the repository root, in
+document order (later commands read what earlier ones wrote), under the virtual environment the
+README's set-up command makes (``.venv``). A command still running after ``--cap_s`` seconds is
+stopped and reported ``"status": "running at cap"`` (it started and worked without an error: most
+experiment commands train for minutes to hours; their measured durations are in the text beside
+them); one that exits is ``"ok"`` (rc 0) or ``"failed"``. A span with a placeholder (``<run>``,
+``[--flag]``, ``a|b``, ``...``) is reported ``"template"`` and not run. One JSON line per command;
+the exit status is 1 if any command failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from experiments import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INLINE = re.compile(r"`((?:[A-Z_]+=\S+\s+|taskset -c \d+\s+)*python\s+-m\s+experiments\.[^`]*)`")
+_TEMPLATE = re.compile(r"<[^>]*>|[=/][A-Z]\b|(?<![.\w])\[[^\]]*\]|\|\w|\.\.\.")
+
+
+def define_flags():
+    flags.DEFINE_list("files", ["README.md", "experiments/README.md"], "markdown files, in order")
+    flags.DEFINE_float("cap_s", 120.0, "stop a command after this many seconds (reported 'running at cap')")
+    flags.DEFINE_bool("skip_install", False, "skip the set-up command that creates .venv (already there)")
+    flags.DEFINE_string("only", None, "run only commands containing this text")
+
+
+def commands(path: str) -> list[tuple[int, str]]:
+    """``[(line number, command), ...]`` in document order (see the module docstring)."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    out, in_bash, in_code, pending, start = [], False, False, "", 0
+    prose = []  # the text outside code blocks (blank lines in their place keep the numbering)
+    for i, line in enumerate(lines, 1):
+        stripped = line.strip()
+        prose.append("" if in_code or stripped.startswith("```") else line)
+        if stripped.startswith("```"):
+            in_code = not in_code
+            in_bash = in_code and stripped in ("```bash", "```sh")
+            continue
+        if in_bash:
+            if not pending:
+                start = i
+            if stripped.endswith("\\"):
+                pending += stripped[:-1] + " "
+                continue
+            cmd = " ".join(re.sub(r"\s+#.*$", "", pending + stripped).split())
+            pending = ""
+            if cmd and not cmd.startswith("#"):
+                out.append((start, cmd))
+    text = "\n".join(prose)  # inline spans may wrap over lines
+    out += [(text.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split())) for m in _INLINE.finditer(text)]
+    return sorted(out, key=lambda x: x[0])
+
+
+def run_one(cmd: str, cap_s: float, env: dict) -> dict:
+    """Run ``cmd`` (``bash -c``) in the repository root for at most ``cap_s`` seconds."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["bash", "-c", cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=cap_s)
+        status = "ok" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        status = "running at cap"
+    tail = [ln for ln in (out or "").replace("\r", "\n").splitlines() if ln.strip()][-3:]
+    return {"status": status, "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1),
+            "tail": [ln[:300] for ln in tail]}
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    env = {**os.environ, "VIRTUAL_ENV": os.path.join(ROOT, ".venv"),
+           "PATH": os.path.join(ROOT, ".venv", "bin") + os.pathsep + os.environ.get("PATH", "")}
+    failed = 0
+    for path in f.files:
+        if not os.path.exists(os.path.join(ROOT, path)):
+            raise app.UsageError(f"no file {path} in {ROOT}")
+        for line, cmd in commands(os.path.join(ROOT, path)):
+            rec = {"file": path, "line": line, "command": cmd}
+            if f.only and f.only not in cmd:
+                continue
+            if _TEMPLATE.search(cmd):
+                rec["status"] = "template"
+            elif "experiments.check_docs" in cmd:
+                rec["status"] = "skipped (this command)"
+            elif f.skip_install and "pip install" in cmd and "venv" in cmd:
+                rec["status"] = "skipped (set-up)"
+            else:
+                rec.update(run_one(cmd, f.cap_s, env))
+                failed += rec["status"] == "failed"
+            print(json.dumps(rec), flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
