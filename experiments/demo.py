@@ -42,11 +42,16 @@ from experiments import cli
 
 import miras_jax as mj
 
-FLAGS = flags.DEFINE_integer("pairs", 16, "number of key/value pairs (<= dim)")
-flags.DEFINE_integer("dim", 32, "key/value dimension")
-flags.DEFINE_integer("epochs", None, "passes over the pairs for every preset (default: per preset, SETTINGS)")
-flags.DEFINE_integer("seed", 0, "random seed")
-flags.DEFINE_float("lr", None, "inner learning rate gate for every preset and token (default: per preset)")
+
+
+def define_flags():
+    """Command-line flags (defined only when run as a script, so modules import side-effect free)."""
+    flags.DEFINE_integer("pairs", 16, "number of key/value pairs (<= dim)")
+    flags.DEFINE_integer("dim", 32, "key/value dimension")
+    flags.DEFINE_integer("epochs", None, "passes over the pairs for every preset (default: per preset, SETTINGS)")
+    flags.DEFINE_integer("seed", 0, "random seed")
+    flags.DEFINE_float("lr", None, "inner learning rate gate for every preset and token (default: per preset)")
+
 
 THRESHOLD = 0.1   # memorised: recall_rel_err < floor + THRESHOLD
 
@@ -182,4 +187,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

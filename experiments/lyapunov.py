@@ -23,15 +23,19 @@ from absl import app, flags
 from experiments import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("presets", ["yaad", "titans", "moneta", "memora", "gated_deltanet"], "presets")
-flags.DEFINE_list("lrs", ["0.05"], "inner step sizes (gate lr)")
-flags.DEFINE_list("decays", ["0.95"], "decays (gate decay)")
-flags.DEFINE_integer("T", 1024, "tokens")
-flags.DEFINE_integer("dim", 32, "key / value dim")
-flags.DEFINE_integer("chunk", 64, "chunk size of the 'chunk' measure")
-flags.DEFINE_list("measures", ["token"], "token and/or chunk")
-flags.DEFINE_bool("x64", True, "float64 (else float32)")
-flags.DEFINE_integer("seed", 0, "seed")
+
+
+def define_flags():
+    """Command-line flags (defined only when run as a script, so modules import side-effect free)."""
+    flags.DEFINE_list("presets", ["yaad", "titans", "moneta", "memora", "gated_deltanet"], "presets")
+    flags.DEFINE_list("lrs", ["0.05"], "inner step sizes (gate lr)")
+    flags.DEFINE_list("decays", ["0.95"], "decays (gate decay)")
+    flags.DEFINE_integer("T", 1024, "tokens")
+    flags.DEFINE_integer("dim", 32, "key / value dim")
+    flags.DEFINE_integer("chunk", 64, "chunk size of the 'chunk' measure")
+    flags.DEFINE_list("measures", ["token"], "token and/or chunk")
+    flags.DEFINE_bool("x64", True, "float64 (else float32)")
+    flags.DEFINE_integer("seed", 0, "seed")
 
 
 def inputs(spec, T, d, lr, decay, key, dtype):
@@ -107,4 +111,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)
