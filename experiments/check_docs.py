@@ -1,6 +1,8 @@
 """Run every command the README and ``experiments/README.md`` show, in order, and report each.
 
-    python -m experiments.check_docs [--files=README.md,experiments/README.md] [--cap_s=120] [--skip_install]
+    python3 -m experiments.check_docs [--files=README.md,experiments/README.md] [--cap_s=120] [--skip_install]
+
+Standard library only, so it runs on a fresh clone before anything is installed.
 
 A command is a line of a fenced ``bash`` block (backslash continuations joined, ``#`` comments
 dropped) or an inline code span that starts with ``python -m experiments.`` (or environment
@@ -16,6 +18,7 @@ the exit status is 1 if any command failed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -24,20 +27,18 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
-
-from experiments import cli
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _INLINE = re.compile(r"`((?:[A-Z_]+=\S+\s+|taskset -c \d+\s+)*python\s+-m\s+experiments\.[^`]*)`")
 _TEMPLATE = re.compile(r"<[^>]*>|[=/][A-Z]\b|(?<![.\w])\[[^\]]*\]|\|\w|\.\.\.")
 
 
-def define_flags():
-    flags.DEFINE_list("files", ["README.md", "experiments/README.md"], "markdown files, in order")
-    flags.DEFINE_float("cap_s", 120.0, "stop a command after this many seconds (reported 'running at cap')")
-    flags.DEFINE_bool("skip_install", False, "skip the set-up command that creates .venv (already there)")
-    flags.DEFINE_string("only", None, "run only commands containing this text")
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python3 -m experiments.check_docs", description=__doc__.split("\n")[0])
+    p.add_argument("--files", default="README.md,experiments/README.md", help="markdown files, in order")
+    p.add_argument("--cap_s", type=float, default=120.0, help="stop a command after this many seconds")
+    p.add_argument("--skip_install", action="store_true", help="skip the set-up command that makes .venv")
+    p.add_argument("--only", default=None, help="run only commands containing this text")
+    return p.parse_args(argv)
 
 
 def commands(path: str) -> list[tuple[int, str]]:
@@ -89,15 +90,14 @@ def run_one(cmd: str, cap_s: float, env: dict) -> dict:
             "tail": [ln[:300] for ln in tail]}
 
 
-def main(argv):
-    del argv
-    f = flags.FLAGS
+def main(argv=None):
+    f = parse_args(argv)
     env = {**os.environ, "VIRTUAL_ENV": os.path.join(ROOT, ".venv"),
            "PATH": os.path.join(ROOT, ".venv", "bin") + os.pathsep + os.environ.get("PATH", "")}
     failed = 0
-    for path in f.files:
+    for path in f.files.split(","):
         if not os.path.exists(os.path.join(ROOT, path)):
-            raise app.UsageError(f"no file {path} in {ROOT}")
+            sys.exit(f"check_docs: error: no file {path} in {ROOT}")
         for line, cmd in commands(os.path.join(ROOT, path)):
             rec = {"file": path, "line": line, "command": cmd}
             if f.only and f.only not in cmd:
@@ -116,5 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    cli.run(main)
+    main()
