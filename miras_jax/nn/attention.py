@@ -34,14 +34,15 @@ from flax import nnx
 
 
 def rope(x, pos, base: float = 10000.0):
-    """Rotary embedding of ``x: [b, t, h, k]`` at positions ``pos: [t]`` (or ``[b, t]``)."""
+    """Rotary embedding of ``x: [b, t, h, k]`` at positions ``pos: [t]`` (or ``[b, t]``); computed in
+    float32, returned in ``x``'s dtype."""
     half = x.shape[-1] // 2
     freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [k/2]
     ang = jnp.asarray(pos, jnp.float32)[..., None] * freq  # [(b,) t, k/2]
     cos, sin = jnp.cos(ang)[..., None, :], jnp.sin(ang)[..., None, :]
     if cos.ndim == 3:
         cos, sin = cos[None], sin[None]
-    x1, x2 = x[..., :half], x[..., half:]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
@@ -229,13 +230,13 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, *, window: int | None = None,
-                 rope_base: float = 10000.0, rngs: nnx.Rngs):
+                 rope_base: float = 10000.0, dtype=jnp.float32, rngs: nnx.Rngs):
         if d_model % num_heads or (d_model // num_heads) % 2:
             raise ValueError(f"d_model={d_model} must split into num_heads={num_heads} heads of even size")
         if window is not None and window < 1:
             raise ValueError(f"window must be a positive int or None, got {window}")
         self.h, self.k, self.window, self.base = num_heads, d_model // num_heads, window, rope_base
-        lin = lambda: nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs)
+        lin = lambda: nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, rngs=rngs)
         self.wq, self.wk, self.wv, self.wo = lin(), lin(), lin(), lin()
 
     def _proj(self, x, pos):

@@ -109,7 +109,9 @@ def causal_conv(x, w, buf=None):
 
 
 def l2_normalize(x, eps: float = 1e-6):
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+    """``x / ||x||`` over the last axis; the norm in float32, the result in ``x``'s dtype."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 class HParam(nnx.Variable):
@@ -137,13 +139,15 @@ class MirasLayer(nnx.Module):
         ceiling (``lr = lr_max sigmoid(z)``); default ``default_lr_max(spec)``.
       grad_horizon: truncated backpropagation through the memory state every this many tokens
         (``engine/horizon.py``; a multiple of ``chunk_size``); 0 (default): exact gradients.
+      dtype: the projections' and the memory inputs' dtype (float32 or bfloat16); the parameters,
+        gates, memory state and its updates stay float32.
     """
 
     def __init__(self, d_model: int, num_heads: int, spec, *, head_dim: int | None = None,
                  preset_kwargs: dict | None = None, chunk_size: int = 64, implementation: str = "xla",
                  remat_every: int = 0, gate_rank: int = 32, conv_kernel: int = 4,
                  channel_decay: bool | None = None, decay_init: tuple[float, float] | None = None,
-                 lr_max: float | None = None, grad_horizon: int = 0, rngs: nnx.Rngs):
+                 lr_max: float | None = None, grad_horizon: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
         if isinstance(spec, str):
             spec = presets.get(spec, **(preset_kwargs or {}))
         if num_heads < 1 or (head_dim is None and d_model % num_heads):
@@ -170,7 +174,8 @@ class MirasLayer(nnx.Module):
             raise ValueError("channel-wise decay needs a matrix (linear) memory")
         hk = num_heads * head_dim
         self.n = n = spec.num_steps     # keys / values per token (DeltaProduct: n > 1)
-        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)
+        self.dtype = jnp.dtype(dtype)
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=self.dtype, rngs=rngs)
         self.wq, self.wk, self.wv, self.wg, self.wo = lin(d_model, hk), lin(d_model, n * hk), \
             lin(d_model, n * hk), lin(d_model, hk), lin(hk, d_model)
         # one depthwise kernel per stream: q, then the n keys, then the n values
@@ -219,7 +224,7 @@ class MirasLayer(nnx.Module):
             streams += [y[..., j * hk:(j + 1) * hk] for j in range(self.n)]
         outs, bufs = [], []
         for i, y in enumerate(streams):
-            y, nb = causal_conv(y, self.conv[...][i], None if conv_bufs is None else conv_bufs[i])
+            y, nb = causal_conv(y, self.conv[...][i].astype(y.dtype), None if conv_bufs is None else conv_bufs[i])
             outs.append(jax.nn.silu(y).reshape(b, t, self.h, self.k))
             bufs.append(nb)
         q, ks, vs = outs[0], outs[1:1 + self.n], outs[1 + self.n:]
@@ -229,7 +234,7 @@ class MirasLayer(nnx.Module):
     def _gates(self, x):
         """``{name: [b, t, h]}`` (``decay`` ``[b, t, h, k]`` if channel-wise)."""
         b, t, _ = x.shape
-        z0 = self.gate_down(x)
+        z0 = self.gate_down(x.astype(jnp.float32))  # gates in float32: decays near 1 need its precision
         out = {}
         for g in self.gates:
             w, bias = self.gate_up[g]
@@ -253,7 +258,7 @@ class MirasLayer(nnx.Module):
 
     def _out(self, x, y):
         b, t = x.shape[:2]
-        y = self.out_norm(y).reshape(b, t, self.h * self.k)
+        y = self.out_norm(y.astype(jnp.float32)).astype(self.dtype).reshape(b, t, self.h * self.k)
         return self.wo(y * jax.nn.silu(self.wg(x)))
 
     # -- full sequence, prefill, step --------------------------------------------------------

@@ -15,12 +15,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from miras_jax import presets
 from miras_jax.nn.attention import Attention
 from miras_jax.nn.layer import MirasLayer, default_lr_max
 
 MIXERS = {"M": "miras", "S": "sliding-window attention", "A": "global attention"}
+# ``LMConfig.dtype``: the dtype of the blocks' matmuls and activations (projections, the memory's
+# inputs q / k / v, attention, the MLP). float32 stays: the parameters (cast at use), the residual
+# stream between blocks, the gates, the memory state with its inner updates and every accumulation
+# (engine/), the norms, the logits and the loss. (A bfloat16 residual stream cost the smoke task
+# 0.05 nats after 300 steps; a float32 one tracks the float32 model: tests/test_precision.py.)
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# ``LMConfig.remat``: what each block keeps for the backward pass (the rest is recomputed). "none":
+# no rematerialisation; "nothing": only the block's input (the least memory); "dots": the matmul
+# outputs without batch dimensions; "block_inputs": the normed inputs of the mixer and the MLP.
+REMAT_POLICIES = {
+    "none": None,
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "block_inputs": jax.checkpoint_policies.save_only_these_names("mixer_in", "mlp_in"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +62,8 @@ class LMConfig:
     grad_horizon: int = 0                 # truncated BPTT through the memory every N tokens; 0: exact
     mlp_hidden: int | None = None
     tie_embeddings: bool = True
+    dtype: str = "float32"                # activations and matmuls: "float32" or "bfloat16" (params float32)
+    remat: str = "none"                   # per-block rematerialisation policy: REMAT_POLICIES
 
     def __post_init__(self):
         bad = set(self.pattern) - set(MIXERS)
@@ -57,6 +75,14 @@ class LMConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+
+    @property
+    def compute_dtype(self):
+        return COMPUTE_DTYPES[self.dtype]
 
     def mixer(self, i: int) -> str:
         return self.pattern[i % len(self.pattern)]
@@ -86,11 +112,15 @@ class LMConfig:
         return out
 
 
+def normed(norm: nnx.RMSNorm, x, dtype):
+    """``norm(x)`` computed in float32, returned in the compute ``dtype``."""
+    return norm(x.astype(jnp.float32)).astype(dtype)
+
+
 class SwiGLU(nnx.Module):
-    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
-        self.w_gate = nnx.Linear(d_model, hidden, use_bias=False, rngs=rngs)
-        self.w_up = nnx.Linear(d_model, hidden, use_bias=False, rngs=rngs)
-        self.w_down = nnx.Linear(hidden, d_model, use_bias=False, rngs=rngs)
+    def __init__(self, d_model: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)  # noqa: E731
+        self.w_gate, self.w_up, self.w_down = lin(d_model, hidden), lin(d_model, hidden), lin(hidden, d_model)
 
     def __call__(self, x):
         return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
@@ -101,33 +131,34 @@ class MirasBlock(nnx.Module):
 
     def __init__(self, cfg: LMConfig, kind: str, *, rngs: nnx.Rngs):
         self.kind = kind
+        self.dtype = dt = cfg.compute_dtype
         if kind == "M":
             self.mixer = MirasLayer(cfg.d_model, cfg.num_heads, cfg.spec(), chunk_size=cfg.chunk_size,
                                     implementation=cfg.implementation, remat_every=cfg.remat_every,
                                     gate_rank=cfg.gate_rank, conv_kernel=cfg.conv_kernel,
                                     decay_init=tuple(cfg.decay_init) or None, lr_max=cfg.lr_max,
-                                    grad_horizon=cfg.grad_horizon, rngs=rngs)
+                                    grad_horizon=cfg.grad_horizon, dtype=dt, rngs=rngs)
         else:
             self.mixer = Attention(cfg.d_model, cfg.num_heads, window=cfg.window if kind == "S" else None,
-                                   rngs=rngs)
+                                   dtype=dt, rngs=rngs)
         self.norm1 = nnx.RMSNorm(cfg.d_model, rngs=rngs)
         self.norm2 = nnx.RMSNorm(cfg.d_model, rngs=rngs)
-        self.mlp = SwiGLU(cfg.d_model, cfg.hidden, rngs=rngs)
+        self.mlp = SwiGLU(cfg.d_model, cfg.hidden, dtype=dt, rngs=rngs)
 
     def __call__(self, x):
-        x = x + self.mixer(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.mixer(checkpoint_name(normed(self.norm1, x, self.dtype), "mixer_in")).astype(x.dtype)
+        return x + self.mlp(checkpoint_name(normed(self.norm2, x, self.dtype), "mlp_in")).astype(x.dtype)
 
     def prefill(self, x, max_len: int):
-        h = self.norm1(x)
+        h = normed(self.norm1, x, self.dtype)
         y, cache = self.mixer.prefill(h) if self.kind == "M" else self.mixer.prefill(h, max_len)
-        x = x + y
-        return x + self.mlp(self.norm2(x)), cache
+        x = x + y.astype(x.dtype)
+        return x + self.mlp(normed(self.norm2, x, self.dtype)).astype(x.dtype), cache
 
     def step(self, x_t, cache):
-        y, cache = self.mixer.step(self.norm1(x_t), cache)
-        x_t = x_t + y
-        return x_t + self.mlp(self.norm2(x_t)), cache
+        y, cache = self.mixer.step(normed(self.norm1, x_t, self.dtype), cache)
+        x_t = x_t + y.astype(x_t.dtype)
+        return x_t + self.mlp(normed(self.norm2, x_t, self.dtype)).astype(x_t.dtype), cache
 
 
 class MirasLM(nnx.Module):
@@ -145,17 +176,30 @@ class MirasLM(nnx.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an integer array [b, t], got {tokens.dtype}{list(tokens.shape)}")
 
+    def _embed(self, tokens):
+        return self.embed(tokens)  # the residual stream stays float32
+
     def _logits(self, h):
-        h = self.norm(h)
+        """float32 logits whatever the compute dtype (the final norm and the head run in float32)."""
+        h = self.norm(h.astype(jnp.float32))
         return self.embed.attend(h) if self.head is None else self.head(h)
 
+    def _block(self, blk, h):
+        """``blk(h)``, rematerialised per ``cfg.remat`` (``REMAT_POLICIES``)."""
+        if self.cfg.remat == "none":
+            return blk(h)
+        graphdef, state = nnx.split(blk)  # a pure function of the block's state: jax.checkpoint
+        run = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s)(x), policy=REMAT_POLICIES[self.cfg.remat])
+        return run(state, h)
+
     def __call__(self, tokens, positions=None):
-        """Logits ``[b, t, V]``; with ``positions: [b, n]`` (int) only those positions' ``[b, n, V]``
-        (the head is the costly part with a large vocabulary and few scored tokens, e.g. MQAR)."""
+        """Logits ``[b, t, V]`` (float32); with ``positions: [b, n]`` (int) only those positions'
+        ``[b, n, V]`` (the head is the costly part with a large vocabulary and few scored tokens, e.g.
+        MQAR)."""
         self._check(tokens)
-        h = self.embed(tokens)
+        h = self._embed(tokens)
         for blk in self.blocks:
-            h = blk(h)
+            h = self._block(blk, h)
         if positions is not None:
             h = jnp.take_along_axis(h, positions[..., None], axis=1)
         return self._logits(h)
@@ -165,7 +209,7 @@ class MirasLM(nnx.Module):
         (default: the prompt length + 256)."""
         self._check(tokens)
         max_len = max_len or tokens.shape[1] + 256
-        h = self.embed(tokens)
+        h = self._embed(tokens)
         caches = []
         for blk in self.blocks:
             h, c = blk.prefill(h, max_len)
@@ -174,7 +218,7 @@ class MirasLM(nnx.Module):
 
     def step(self, token, caches):
         """``token: [b]`` int -> ``(logits [b, V], caches)``."""
-        h = self.embed(token)
+        h = self._embed(token)
         new = []
         for blk, c in zip(self.blocks, caches):
             h, c = blk.step(h, c)
