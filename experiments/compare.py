@@ -63,7 +63,7 @@ def compare(cfg: configs.TrainConfig, preset_names: list[str], workdir: str, *, 
     unknown = [p for p in preset_names if p not in presets.names()]
     if unknown:
         raise ValueError(f"unknown presets {unknown}; valid: {list(presets.names())}")
-    vocab = cfg.mqar_vocab if cfg.task == "mqar" else 256
+    vocab = configs.task_vocab(cfg)
     results = []
     for name in preset_names:
         c = configs.override(cfg, [f"model.preset={name}"])

@@ -13,7 +13,8 @@ Everything a run writes is under ``--workdir``: ``checkpoints/`` (orbax, atomic:
 state, step, data-iterator state, config), ``metrics.jsonl`` (one JSON object per logged step, with
 ``step`` and ``loss``; evaluations add ``eval_*``), ``loss.png`` and ``summary.json``.
 Optimiser: AdamW, linear warmup + cosine decay, global-norm clipping. A NaN/Inf loss stops the run
-with a clear message; the last good checkpoint is kept.
+with a clear message; the last good checkpoint is kept. SIGTERM (preemption) or Ctrl-C stops after the
+current step with a checkpoint of it (exit status 128 + the signal); ``--resume=auto`` continues.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -102,7 +105,7 @@ def make_task(cfg: configs.TrainConfig, data_path: str | None) -> Task:
         fn(0, 0)
         evals = {"val": list(corpus.eval_batches(batch=cfg.batch, seq_len=cfg.seq_len, split="val",
                                                  max_batches=cfg.eval_batches))}
-        return Task(256, fn, evals)
+        return Task(configs.task_vocab(cfg), fn, evals)
     corpus = data.ByteCorpus.from_file(data_path) if data_path else None
     niah = lambda length: functools.partial(
         data.niah_batch, batch=cfg.batch, seq_len=length, needle=cfg.niah_needle,
@@ -111,7 +114,7 @@ def make_task(cfg: configs.TrainConfig, data_path: str | None) -> Task:
     fn(0, 0)
     evals = {f"niah_{n}": [drop(niah(n)(cfg.seed + 1, i)) for i in range(cfg.eval_batches)]
              for n in cfg.niah_lengths}
-    return Task(256, fn, evals)
+    return Task(configs.task_vocab(cfg), fn, evals)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,40 +154,98 @@ def _with_positions(batch_fn, n: int):
     return fn
 
 
-def masked_loss(logits, batch):
-    """Mean cross-entropy over ``mask``; accuracy of ``argmax`` on the same positions. With
-    ``positions`` in the batch, ``logits`` are ``[b, n, V]`` at those positions only."""
+def _scored(batch):
+    """``(targets, mask)`` at the scored positions (``positions`` if the batch has them)."""
     targets, m = batch["targets"], batch["mask"]
     if "positions" in batch:
         targets = jnp.take_along_axis(targets, batch["positions"], axis=1)
         m = jnp.take_along_axis(m, batch["positions"], axis=1)
+    return targets, m
+
+
+def masked_sums(logits, batch):
+    """``(sum of cross-entropy, sum of correct argmax)`` over ``mask`` (float32)."""
+    targets, m = _scored(batch)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    denom = jnp.maximum(jnp.sum(m), 1.0)
-    acc = jnp.sum((jnp.argmax(logits, -1) == targets).astype(m.dtype) * m) / denom
-    return jnp.sum(ce * m) / denom, acc
+    return jnp.sum(ce * m), jnp.sum((jnp.argmax(logits, -1) == targets).astype(m.dtype) * m)
 
 
-def make_steps(graphdef, rest, tx, placement: Placement | None = None):
-    """Jitted ``train_step(params, opt_state, batch)`` and ``eval_step(params, batch)``. With a
-    ``placement`` the steps keep params / optimizer state on their ``NamedSharding``s and trace
-    the model under the mesh (activation constraints, shard_map'd kernels)."""
-    mesh = placement.mesh if placement else None
+def masked_count(batch):
+    """The number of scored tokens (at least 1): the denominator of the batch means."""
+    return jnp.maximum(jnp.sum(_scored(batch)[1]), 1.0)
 
-    def loss_fn(params, batch):
+
+def masked_loss(logits, batch):
+    """Mean cross-entropy over ``mask``; accuracy of ``argmax`` on the same positions. With
+    ``positions`` in the batch, ``logits`` are ``[b, n, V]`` at those positions only."""
+    ce, correct = masked_sums(logits, batch)
+    n = masked_count(batch)
+    return ce / n, correct / n
+
+
+def micro_batches(batch: dict, n: int) -> dict:
+    """``[B, ...] -> [n, B / n, ...]``, micro-batch ``i`` = rows ``i, i + n, ...``: strided, so rows
+    sharded over the batch axes give every device the same share of each micro-batch."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
+
+
+def step_fns(graphdef, tx, mesh=None, grad_accum: int = 1):
+    """Pure ``train_step(params, opt_state, rest, batch) -> (params, opt_state, loss, accuracy,
+    grad_norm)`` and ``loss_fn(params, rest, batch) -> (loss, accuracy)`` (what ``make_steps`` jits
+    and ``experiments.aot`` compiles for a TPU topology). With a ``mesh`` the model is traced under
+    it (activation constraints, shard_map'd kernels). ``grad_accum = n``: the batch runs as ``n``
+    micro-batches in a ``lax.scan`` (one at a time in memory) whose gradients add up to the whole
+    batch's, ``grad sum_i CE_i / N`` with ``N`` the batch's scored tokens: the same step as
+    ``n = 1`` up to float rounding."""
+
+    def sums_fn(params, rest, batch):
         with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             logits = merge(graphdef, params, rest)(batch["inputs"], batch.get("positions"))
-        return masked_loss(logits, batch)
+        return masked_sums(logits, batch)
 
-    def train_step(params, opt_state, batch):
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    def loss_fn(params, rest, batch):
+        ce, correct = sums_fn(params, rest, batch)
+        n = masked_count(batch)
+        return ce / n, correct / n
+
+    def accumulated(params, rest, batch):
+        n = masked_count(batch)
+
+        def micro_loss(p, mb):
+            ce, correct = sums_fn(p, rest, mb)
+            return ce / n, (ce, correct)
+
+        def body(carry, mb):
+            (_, (ce, correct)), g = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
+            g_sum, ce_sum, ok_sum = carry
+            return (jax.tree.map(jnp.add, g_sum, g), ce_sum + ce, ok_sum + correct), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (grads, ce, correct), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro_batches(batch, grad_accum))
+        return (ce / n, correct / n), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+    def train_step(params, opt_state, rest, batch):
+        if grad_accum == 1:
+            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
+        else:
+            (loss, acc), grads = accumulated(params, rest, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, acc, optax.tree.norm(grads)
 
+    return train_step, loss_fn
+
+
+def make_steps(graphdef, rest, tx, placement: Placement | None = None, grad_accum: int = 1):
+    """Jitted ``train_step(params, opt_state, batch)`` and ``eval_step(params, batch)`` (``step_fns``
+    with ``rest`` fixed). With a ``placement`` the steps keep params / optimizer state on their
+    ``NamedSharding``s and trace the model under the mesh."""
+    mesh = placement.mesh if placement else None
+    train_fn, loss_fn = step_fns(graphdef, tx, mesh, grad_accum)
     kw = {}
     if placement is not None:
         kw = dict(out_shardings=(placement.params, placement.opt_state, *(sharding.replicated(mesh),) * 3))
-    train_step = jax.jit(train_step, donate_argnums=(0, 1), **kw)
-    eval_step = jax.jit(loss_fn)
+    train_step = jax.jit(lambda p, o, b: train_fn(p, o, rest, b), donate_argnums=(0, 1), **kw)
+    eval_step = jax.jit(lambda p, b: loss_fn(p, rest, b))
     return train_step, eval_step
 
 
@@ -331,6 +392,35 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+class StopOnSignal:
+    """SIGTERM / SIGINT while training: finish the current step, save a checkpoint and stop (a TPU
+    VM's or a scheduler's preemption notice is a SIGTERM; Ctrl-C is a SIGINT). ``received``: the
+    signal's name, or None. The handlers are only installed in the main thread; a second signal
+    acts as it would without them."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self._old = None, {}
+
+    def _on(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        self._restore()
+
+    def _restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._on) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "tensorboard")
 
 
@@ -403,14 +493,15 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, 
         placement, params, opt_state = place(mesh, params, tx, cfg.batch)
     else:
         opt_state = tx.init(params)
-    train_step, eval_step = make_steps(graphdef, rest, tx, placement)
+    train_step, eval_step = make_steps(graphdef, rest, tx, placement, cfg.grad_accum)
     put = placement.put_batch if placement is not None else (lambda b: b)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     cfg_dict = _config_dict(cfg)
     start = 0
     with (Checkpointer(ckpt_dir, max_to_keep=3, save_every=cfg.checkpoint_every) as ckpt,
-          _TensorBoard(os.path.join(workdir, "tensorboard"), enabled=cfg.tensorboard) as tb):
+          _TensorBoard(os.path.join(workdir, "tensorboard"), enabled=cfg.tensorboard) as tb,
+          StopOnSignal() as stopper):
         if resume_dir is not None:
             template = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
             try:
@@ -463,7 +554,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, 
             now = time.perf_counter()
             elapsed = t_offset + now - t_run
             out_of_time = bool(cfg.time_budget_s) and elapsed >= cfg.time_budget_s
-            final = step == end or out_of_time
+            final = step == end or out_of_time or stopper.received is not None
             row = None
             if step % cfg.log_every == 0 or final:
                 row = {"step": step, "loss": loss, "accuracy": float(acc), "grad_norm": float(gnorm),
@@ -494,6 +585,8 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, 
             bar.close()
     summary = {"config": cfg_dict, "params": n_params, "steps_done": done, "finished": done == cfg.steps,
                "final_loss": rows[-1]["loss"] if rows else None, **last_eval}
+    if stopper.received:
+        summary["stopped_by"] = stopper.received
     summary["train_s"] = rows[-1].get("elapsed_s") if rows else None
     summary["eval_curve"] = [{k: v for k, v in r.items() if k in ("step", "elapsed_s") or k.startswith("eval_")}
                              for r in rows if any(k.startswith("eval_") for k in r)]
@@ -554,8 +647,7 @@ def load_run(workdir: str, step: int | None = None):
     with Checkpointer(ckpt_dir) as ckpt:
         meta = ckpt.restore_meta(step)
         cfg = config_from_dict(meta["config"])
-        vocab = cfg.mqar_vocab if cfg.task == "mqar" else 256
-        graphdef, params, rest, tx, _ = build(cfg, vocab)
+        graphdef, params, rest, tx, _ = build(cfg, configs.task_vocab(cfg))
         state, _, got = ckpt.restore({"params": params, "opt_state": tx.init(params),
                                       "step": jnp.zeros((), jnp.int32)}, step=step)
     return cfg, graphdef, state["params"], rest, got
@@ -611,7 +703,11 @@ def main(argv):
                         progress=f.progress, mesh=f.mesh, overwrite=f.overwrite)
     except (ValueError, FileNotFoundError, IsADirectoryError, TrainingError, CheckpointError) as e:
         raise app.UsageError(str(e)) from None
-    print(dumps({k: v for k, v in summary.items() if k != "config"}))
+    print(dumps({k: v for k, v in summary.items() if k != "config"}), flush=True)
+    if summary.get("stopped_by"):
+        print(f"stopped by {summary['stopped_by']} at step {summary['steps_done']}, checkpoint saved; "
+              "--resume=auto continues", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.Signals[summary["stopped_by"]].value)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Command-line mistakes (issue 29, item 3): one line on stderr (plus the --helpshort pointer),
 exit status 2, no flag dump and no traceback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,28 @@ def test_evaluate_prints_its_json_line_and_nothing_else(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
     assert len(proc.stdout.strip().splitlines()) == 1
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
+    """A preemption notice (SIGTERM) stops the run after the current step with a checkpoint of it,
+    exit status 143; --resume=auto continues from that step."""
+    import signal
+    import time
+
+    wd = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", "--config=smoke", "--noprogress",
+                             "--steps=100000", "--set=log_every=1", f"--workdir={wd}"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    deadline = time.monotonic() + 240
+    while not (wd / "metrics.jsonl").exists() or os.path.getsize(wd / "metrics.jsonl") < 200:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    step = json.loads(out)["steps_done"]
+    assert err.strip().splitlines() == [f"stopped by SIGTERM at step {step}, checkpoint saved; --resume=auto continues"]
+    assert os.path.isdir(wd / "checkpoints" / str(step))
+    resumed = _train_cli(f"--workdir={wd}", "--steps=100000", "--resume=auto", "--stop_after=2")
+    assert resumed.returncode == 0 and f"at step {step} of 100000" in resumed.stderr, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout)["steps_done"] == step + 2

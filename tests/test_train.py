@@ -335,3 +335,25 @@ def test_generate_refuses_an_mqar_run(tmp_path):
     train_lib.train(TINY, str(tmp_path), stop_after=2, progress=False)
     with pytest.raises(ValueError, match="MQAR run .*byte-level runs"):
         generate.sample(str(tmp_path), "ROMEO:", 4)
+
+
+def test_gradient_accumulation_takes_the_same_steps(tmp_path):
+    """grad_accum=4 (4 micro-batches of 1 row, summed gradients) == one batch of 4, up to rounding."""
+    one = train_lib.train(TINY, str(tmp_path / "one"), progress=False)
+    acc = train_lib.train(configs.override(TINY, ["grad_accum=4"]), str(tmp_path / "acc"), progress=False)
+    np.testing.assert_allclose([r["loss"] for r in _rows(tmp_path / "acc")],
+                               [r["loss"] for r in _rows(tmp_path / "one")], rtol=2e-4)
+    assert acc["eval_mqar_loss"] == pytest.approx(one["eval_mqar_loss"], rel=1e-3)
+    _, _, pa, _, _ = train_lib.load_run(str(tmp_path / "one"))
+    _, _, pb, _, _ = train_lib.load_run(str(tmp_path / "acc"))
+    for x, y in zip(jax_leaves(pa), jax_leaves(pb)):
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="grad_accum must be >= 1 and divide batch=4"):
+        configs.override(TINY, ["grad_accum=3"])
+
+
+def test_micro_batches_are_strided_rows():
+    batch = {"inputs": np.arange(12).reshape(6, 2)}
+    mb = train_lib.micro_batches(batch, 3)["inputs"]          # [3, 2, 2]: micro-batch i = rows i, i + 3
+    np.testing.assert_array_equal(mb[0], [[0, 1], [6, 7]])
+    np.testing.assert_array_equal(mb[2], [[4, 5], [10, 11]])

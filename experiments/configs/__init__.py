@@ -46,6 +46,7 @@ class TrainConfig:
     stop_at_target: bool = False   # ... and stop there
     time_budget_s: float = 0.0     # > 0: stop (eval + checkpoint) after this much training time
     tensorboard: bool = True       # also write <workdir>/tensorboard when tensorboardX is installed
+    grad_accum: int = 1            # micro-batches per step: the batch is split, gradients summed (exact)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -54,13 +55,21 @@ class TrainConfig:
                      "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grad_accum < 1 or self.batch % self.grad_accum:
+            raise ValueError(f"grad_accum must be >= 1 and divide batch={self.batch}, got {self.grad_accum}")
         if not self.lr > 0 or self.warmup < 0 or self.clip <= 0:
             raise ValueError(f"need lr > 0, warmup >= 0, clip > 0; got {self.lr}, {self.warmup}, {self.clip}")
 
 
 def names() -> tuple[str, ...]:
     pkg = importlib.import_module(__name__)
-    return tuple(sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)))
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")))
+
+
+def task_vocab(cfg: TrainConfig) -> int:
+    """The model's vocabulary for ``cfg``'s task: MQAR's ``mqar_vocab``; for byte tasks (charlm,
+    niah) ``model.vocab_size``, at least 256 (a byte stream uses ids below 256 of a larger one)."""
+    return cfg.mqar_vocab if cfg.task == "mqar" else max(256, cfg.model.vocab_size)
 
 
 def get(name: str) -> TrainConfig:
