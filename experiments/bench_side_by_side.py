@@ -52,12 +52,12 @@ def main(argv):
     del argv
     f = FLAGS
     if not os.path.isfile(f.peer_python):
-        raise SystemExit(f"--peer_python={f.peer_python} not found; set up the peer venv as described "
-                         "in experiments/bench_peers.py")
+        cli.missing(f"--peer_python={f.peer_python} not found; set up the peer venv as described "
+                    "in experiments/bench_peers.py")
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if f.allocator == "tcmalloc":
         if not os.path.isfile(f.tcmalloc):
-            raise SystemExit(f"tcmalloc not found at {f.tcmalloc} (apt-get install libtcmalloc-minimal4)")
+            cli.missing(f"tcmalloc not found at {f.tcmalloc} (apt-get install libtcmalloc-minimal4)")
         env["LD_PRELOAD"] = f.tcmalloc
     here = os.path.dirname(os.path.abspath(__file__))
     peers = sorted({PEER_OF.get(p, DEFAULT_PEER) for p in f.presets})

@@ -2,7 +2,7 @@
 
     python -m experiments.bench_train --suite=mqar [--presets=moneta,yaad,memora,gated_deltanet]
         [--budget_s=4000] [--workdir=runs/bench_mqar]
-    python -m experiments.bench_train --suite=charlm --data=path/to/tinyshakespeare.txt
+    python -m experiments.bench_train --suite=charlm --data=data/tinyshakespeare.txt.gz
         [--presets=moneta,yaad,memora,transformer] [--budget_s=900]
 
 mqar: the ``mqar`` config (vocab 8192, 64 pairs, sequence 256, width 128, 2 layers, Zoology's
@@ -11,7 +11,9 @@ reaches 99% or the time budget runs out; reports the training time to the target
 ``charlm`` config (about 1M parameters at width 128) per preset for ``--budget_s`` of training,
 then the validation loss in nats per byte, next to nanoGPT's baby-GPT-on-CPU reference (1.91 /
 1.64 / 1.53 after 2 / 5 / 14.5 minutes on this machine). ``transformer`` is the Transformer++ baseline (``pattern="A"``) in the same stack.
-Every line carries the training throughput (tokens/s, forward + backward + optimizer).
+Every line carries the training throughput (tokens/s, forward + backward + optimizer). Each
+invocation measures afresh: a preset's run directory ``<workdir>/<preset>`` from an earlier
+invocation is replaced.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def fit_steps(cfg: configs.TrainConfig, budget_s: float, workdir: str, data_path
     cosine schedule then ends inside the budget instead of being cut off at a high learning rate."""
     probe_cfg = dataclasses.replace(cfg, steps=probe, time_budget_s=0.0, eval_every=10 * probe,
                                     checkpoint_every=10 * probe, log_every=10)
-    s = train_lib.train(probe_cfg, workdir, data_path=data_path, progress=False)
+    s = train_lib.train(probe_cfg, workdir, data_path=data_path, progress=False, overwrite=True)
     steps_per_s = s["train_tokens_per_s"] / (cfg.batch * cfg.seq_len)
     return max(int(margin * budget_s * steps_per_s), cfg.warmup + 1)
 
@@ -60,7 +62,7 @@ def run(suite: str, names: list[str], budget_s: float, workdir: str, data_path=N
         if suite == "charlm" and not any(x.startswith("steps=") for x in sets):
             cfg = dataclasses.replace(cfg, steps=fit_steps(cfg, budget_s, os.path.join(workdir, name + "_probe"),
                                                            data_path))
-        s = train_lib.train(cfg, os.path.join(workdir, name), data_path=data_path, progress=False)
+        s = train_lib.train(cfg, os.path.join(workdir, name), data_path=data_path, progress=False, overwrite=True)
         row = {"suite": suite, "preset": name, "params": s["params"], "steps": s["steps_done"],
                "steps_planned": cfg.steps, "train_s": s.get("train_s"),
                "train_tokens_per_s": s["train_tokens_per_s"], "budget_s": budget_s}

@@ -11,7 +11,8 @@ document order (later commands read what earlier ones wrote), under the virtual 
 README's set-up command makes (``.venv``). A command still running after ``--cap_s`` seconds is
 stopped and reported ``"status": "running at cap"`` (it started and worked without an error: most
 experiment commands train for minutes to hours; their measured durations are in the text beside
-them); one that exits is ``"ok"`` (rc 0) or ``"failed"``. A span with a placeholder (``<run>``,
+them); one that exits is ``"ok"`` (rc 0), ``"needs setup"`` (rc 3: a prerequisite outside the
+project, e.g. the PyTorch peers' venv, is missing; its message says how to install it) or ``"failed"``. A span with a placeholder (``<run>``,
 ``[--flag]``, ``a|b``, ``...``) is reported ``"template"`` and not run. One JSON line per command;
 the exit status is 1 if any command failed.
 """
@@ -28,6 +29,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MISSING_EXIT = 3  # experiments.cli.MISSING_EXIT: a documented prerequisite (a peer venv, ...) is missing
 _INLINE = re.compile(r"`((?:[A-Z_]+=\S+\s+|taskset -c \d+\s+)*python\s+-m\s+experiments\.[^`]*)`")
 _TEMPLATE = re.compile(r"<[^>]*>|[=/][A-Z]\b|(?<![.\w])\[[^\]]*\]|\|\w|\.\.\.")
 
@@ -76,7 +78,7 @@ def run_one(cmd: str, cap_s: float, env: dict) -> dict:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=cap_s)
-        status = "ok" if proc.returncode == 0 else "failed"
+        status = {0: "ok", MISSING_EXIT: "needs setup"}.get(proc.returncode, "failed")
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -17,6 +17,7 @@ import sys
 from absl import app, flags, logging
 
 USAGE_EXIT = 2
+MISSING_EXIT = 3   # a prerequisite outside this project is missing (a peer venv, a system library)
 
 
 def _prog() -> str:
@@ -31,6 +32,13 @@ def fail(message: str) -> None:
     """Print ``<prog>: error: <message>`` and the flags hint to stderr; exit with status 2."""
     sys.stderr.write(f"{_prog()}: error: {message}\n{_hint()}\n")
     sys.exit(USAGE_EXIT)
+
+
+def missing(message: str) -> None:
+    """Print ``<prog>: missing prerequisite: <message>`` to stderr; exit with status 3 (``MISSING_EXIT``):
+    the command is right, the machine lacks something it documents how to install."""
+    sys.stderr.write(f"{_prog()}: missing prerequisite: {message}\n")
+    sys.exit(MISSING_EXIT)
 
 
 def _parse_flags(argv):

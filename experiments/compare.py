@@ -6,7 +6,7 @@
 Each preset trains with the config's steps / batch / sequence length (``--steps`` overrides); with
 ``--target_params`` the model width of each run is the multiple of ``2 * num_heads`` whose
 parameter count is closest to it (presets differ in gate and memory parameters). Runs go to
-``<workdir>/<preset>/``; ``<workdir>/results.md`` gets a Markdown table (parameters, final train
+``<workdir>/<preset>/`` (a run already there is refused unless ``--overwrite``); ``<workdir>/results.md`` gets a Markdown table (parameters, final train
 loss, every eval metric, tokens/s, wall time) and ``<workdir>/compare.png`` the eval-loss curves.
 """
 
@@ -36,6 +36,7 @@ def define_flags():
     flags.DEFINE_integer("target_params", None, "match every model to about this many parameters")
     flags.DEFINE_string("data", None, "text file (charlm)")
     flags.DEFINE_list("set", [], "config overrides field=value")
+    flags.DEFINE_bool("overwrite", False, "replace the runs already in <workdir>/<preset>")
 
 
 def params_for(cfg: configs.TrainConfig, vocab: int) -> int:
@@ -59,7 +60,7 @@ def match_width(cfg: configs.TrainConfig, vocab: int, target: int) -> configs.Tr
 
 
 def compare(cfg: configs.TrainConfig, preset_names: list[str], workdir: str, *, target_params=None,
-            data_path=None) -> list[dict]:
+            data_path=None, overwrite: bool = False) -> list[dict]:
     unknown = [p for p in preset_names if p not in presets.names()]
     if unknown:
         raise ValueError(f"unknown presets {unknown}; valid: {list(presets.names())}")
@@ -70,7 +71,8 @@ def compare(cfg: configs.TrainConfig, preset_names: list[str], workdir: str, *, 
         if target_params:
             c = match_width(c, vocab, target_params)
         t0 = time.perf_counter()
-        summary = train_lib.train(c, os.path.join(workdir, name), data_path=data_path, progress=False)
+        summary = train_lib.train(c, os.path.join(workdir, name), data_path=data_path, progress=False,
+                                  overwrite=overwrite)
         row = {"preset": name, "d_model": c.model.d_model, "params": summary["params"],
                "final_loss": summary["final_loss"], "tokens_per_s": summary["train_tokens_per_s"],
                "wall_s": time.perf_counter() - t0,
@@ -122,7 +124,8 @@ def main(argv):
     try:
         cfg = configs.override(configs.get(f.config), list(f.set) + ([f"steps={f.steps}"] if f.steps else []))
         os.makedirs(f.workdir, exist_ok=True)
-        compare(cfg, list(f.presets), f.workdir, target_params=f.target_params, data_path=f.data)
+        compare(cfg, list(f.presets), f.workdir, target_params=f.target_params, data_path=f.data,
+                overwrite=f.overwrite)
     except (ValueError, FileNotFoundError, train_lib.TrainingError) as e:
         raise app.UsageError(str(e)) from None
 

@@ -38,8 +38,9 @@ def test_commands_in_document_order_with_lines(tmp_path):
 def test_run_one_reports_ok_failed_and_cap():
     env = dict(os.environ)
     assert check_docs.run_one("echo hi", 30, env)["status"] == "ok"
-    bad = check_docs.run_one("echo oops; exit 3", 30, env)
-    assert bad["status"] == "failed" and bad["rc"] == 3 and bad["tail"] == ["oops"]
+    bad = check_docs.run_one("echo oops; exit 4", 30, env)
+    assert bad["status"] == "failed" and bad["rc"] == 4 and bad["tail"] == ["oops"]
+    assert check_docs.run_one("exit 3", 30, env)["status"] == "needs setup"   # cli.MISSING_EXIT
     slow = check_docs.run_one("sleep 20", 0.5, env)
     assert slow["status"] == "running at cap" and slow["wall_s"] < 15
 

@@ -75,3 +75,15 @@ def test_bad_dtype_or_remat_is_a_clear_error():
         configs.override(SMALL, ["model.dtype=float16"])
     with pytest.raises(ValueError, match="remat must be one of"):
         configs.override(SMALL, ["model.remat=some"])
+
+
+@pytest.mark.parametrize("pattern,layers,remat", [("M", 3, "none"), ("MS", 5, "dots")])
+def test_scanned_blocks_give_the_same_loss_and_gradients(pattern, layers, remat):
+    """``scan_blocks``: whole pattern periods as one lax.scan step (5 blocks of "MS": two periods
+    scanned, one block after), same parameters, same loss and gradients."""
+    sets = [f"model.pattern={pattern}", f"model.num_layers={layers}", "model.window=8", f"model.remat={remat}"]
+    base_l, base_g = _loss_and_grads(configs.override(SMALL, sets))
+    l, g = _loss_and_grads(configs.override(SMALL, sets + ["model.scan_blocks=true"]))
+    assert float(l) == pytest.approx(float(base_l), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(base_g)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

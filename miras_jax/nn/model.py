@@ -64,6 +64,7 @@ class LMConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"                # activations and matmuls: "float32" or "bfloat16" (params float32)
     remat: str = "none"                   # per-block rematerialisation policy: REMAT_POLICIES
+    scan_blocks: bool = False             # run the blocks as a lax.scan over pattern periods (compiles once)
 
     def __post_init__(self):
         bad = set(self.pattern) - set(MIXERS)
@@ -184,22 +185,41 @@ class MirasLM(nnx.Module):
         h = self.norm(h.astype(jnp.float32))
         return self.embed.attend(h) if self.head is None else self.head(h)
 
-    def _block(self, blk, h):
-        """``blk(h)``, rematerialised per ``cfg.remat`` (``REMAT_POLICIES``)."""
-        if self.cfg.remat == "none":
-            return blk(h)
-        graphdef, state = nnx.split(blk)  # a pure function of the block's state: jax.checkpoint
-        run = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s)(x), policy=REMAT_POLICIES[self.cfg.remat])
-        return run(state, h)
+    def _apply(self, graphdef):
+        """``(state, h) -> block(h)`` for blocks of ``graphdef``, rematerialised per ``cfg.remat``."""
+        run = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731 - a pure function of the block's state
+        return run if self.cfg.remat == "none" else jax.checkpoint(run, policy=REMAT_POLICIES[self.cfg.remat])
+
+    def _blocks(self, h):
+        """All blocks on ``h``. ``cfg.scan_blocks``: the blocks of each whole pattern period (``"M"``:
+        one block, ``"MS"``: two) are one ``lax.scan`` step over their states stacked on the fly, so
+        the program holds one period whatever the depth (a 24-block model compiles like one block;
+        the parameters keep their per-block layout); the remaining ``num_layers % period`` blocks run
+        after it."""
+        period = len(self.cfg.pattern)
+        split = [nnx.split(blk) for blk in self.blocks]
+        n = len(split) // period * period if self.cfg.scan_blocks else 0
+        if n:
+            graphdefs = [gd for gd, _ in split[:period]]
+            stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in split[j:n:period]])
+                       for j in range(period)]                 # per period position: leaves [n / period, ...]
+
+            def period_step(h, states):
+                for gd, st in zip(graphdefs, states):
+                    h = self._apply(gd)(st, h)
+                return h, None
+
+            h, _ = jax.lax.scan(period_step, h, stacked)
+        for gd, st in split[n:]:
+            h = self._apply(gd)(st, h)
+        return h
 
     def __call__(self, tokens, positions=None):
         """Logits ``[b, t, V]`` (float32); with ``positions: [b, n]`` (int) only those positions'
         ``[b, n, V]`` (the head is the costly part with a large vocabulary and few scored tokens, e.g.
         MQAR)."""
         self._check(tokens)
-        h = self._embed(tokens)
-        for blk in self.blocks:
-            h = self._block(blk, h)
+        h = self._blocks(self._embed(tokens))
         if positions is not None:
             h = jnp.take_along_axis(h, positions[..., None], axis=1)
         return self._logits(h)
