@@ -196,7 +196,9 @@ def check(cfg: configs.TrainConfig, mesh_text: str, topology: str = "v5e:4x4") -
     ``xla_flops_per_device`` XLA's ``cost_analysis()['flops']`` of one device's program (as XLA
     counts it: a Pallas kernel counts only what its cost estimate says) and
     ``xla_flops_per_token = xla_flops_per_device * devices / (batch * seq_len)``, beside
-    ``model_flops_per_token`` (see that function)."""
+    ``model_flops_per_token`` (see that function). XLA counts a loop body once, so with
+    ``model.scan_blocks`` (or ``grad_accum`` > 1) its count misses the other iterations: the
+    report then gives ``xla_flops_per_token: null`` and says why in ``xla_flops_note``."""
     sizes = sharding.parse_mesh(mesh_text)
     n, chips = math.prod(sizes.values()), topology_devices(topology)
     if n != chips:
@@ -242,7 +244,11 @@ def check(cfg: configs.TrainConfig, mesh_text: str, topology: str = "v5e:4x4") -
               "model_flops_per_token": model_flops_per_token(model_cfg, params, cfg.seq_len, scored)}
     report.update(compile_for_topology(step, args, out_sh, topology, mesh.axis_sizes))
     flops = report.get("xla_flops_per_device")
-    if flops is not None:
+    if flops is not None and (cfg.model.scan_blocks or cfg.grad_accum > 1):
+        report["xla_flops_per_token"] = None
+        report["xla_flops_note"] = ("XLA's cost analysis counts a loop body (scanned blocks, accumulated "
+                                    "micro-batches) once")
+    elif flops is not None:
         report["xla_flops_per_token"] = round(flops * n / (cfg.batch * cfg.seq_len))
     return report
 

@@ -89,3 +89,18 @@ def test_smoke_config_compiles_for_v5e_2x2(preset, implementation):
     assert report["compiled"] is True, report.get("compile_note")
     assert report["fits"] is True and report["peak_hbm_bytes"] > 0 and report["xla_flops_per_device"] > 0
     assert (report["pallas_kernels"] > 0) == (implementation == "pallas")
+
+
+def test_fit_table_cells_and_markdown():
+    from experiments import fit_table
+
+    got = list(fit_table.cells(["lm340m"], ["moneta:M", "moneta:A"], ["xla", "pallas"]))
+    assert got == [("lm340m", "moneta", "M", "xla"), ("lm340m", "moneta", "M", "pallas"),
+                   ("lm340m", "moneta", "A", "xla")]          # attention-only: once
+    rows = [{"cell_config": "lm780m", "preset": "moneta", "pattern": "M", "implementation": "xla",
+             "compiled": True, "fits": True, "peak_hbm_bytes": 3 * 2 ** 30, "compile_s": 170.0},
+            {"cell_config": "lm780m", "preset": "moneta", "pattern": "A", "implementation": "xla",
+             "compiled": False, "fits": False, "oom_required_bytes": 29.21 * 2 ** 30}]
+    md = fit_table.table(rows).splitlines()
+    assert md[2] == "| lm780m | moneta | xla | True | True | 3.00 | 170.0 |  |"
+    assert md[3].startswith("| lm780m | Transformer++ | xla | False | False |") and "OOM: temporaries 29.21 GiB" in md[3]

@@ -166,18 +166,18 @@ def jax_leaves(tree):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     train_lib.train(TINY, str(tmp_path), stop_after=4, progress=False)
-    good = train_lib.masked_loss
-    monkeypatch.setattr(train_lib, "masked_loss", lambda logits, batch: tuple(x * jnp.nan for x in good(logits, batch)))
+    good = train_lib.masked_sums
+    monkeypatch.setattr(train_lib, "masked_sums", lambda logits, batch: tuple(x * jnp.nan for x in good(logits, batch)))
     with pytest.raises(train_lib.TrainingError, match="loss is nan at step 5.*last good checkpoint \\(step 4\\)"):
         train_lib.train(TINY, str(tmp_path), resume="auto", progress=False)
-    monkeypatch.setattr(train_lib, "masked_loss", good)
+    monkeypatch.setattr(train_lib, "masked_sums", good)
     assert train_lib.load_run(str(tmp_path))[4] == 4
 
 
 def test_nan_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch):
     """Not "the last good checkpoint (step None)" (issue 29, item 7)."""
-    good = train_lib.masked_loss
-    monkeypatch.setattr(train_lib, "masked_loss", lambda logits, batch: tuple(x * jnp.nan for x in good(logits, batch)))
+    good = train_lib.masked_sums
+    monkeypatch.setattr(train_lib, "masked_sums", lambda logits, batch: tuple(x * jnp.nan for x in good(logits, batch)))
     with pytest.raises(train_lib.TrainingError, match="loss is nan at step 1; stopping. No checkpoint was saved") as err:
         train_lib.train(TINY, str(tmp_path), progress=False)
     assert "None" not in str(err.value)

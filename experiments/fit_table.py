@@ -1,0 +1,111 @@
+"""The pods fit table: ``experiments.aot`` for every (config, model, implementation) cell on one TPU
+topology, each in its own subprocess (a 780M compile holds several GB), one JSON line per cell
+appended to ``--out``, and a Markdown table of what is there.
+
+    python -m experiments.fit_table --configs=lm340m,lm780m --topology=v5e:16x16 \
+        --mesh=data:8,fsdp:16,tensor:2 --out=runs/fit_v5e_256.jsonl
+    python -m experiments.fit_table --out=runs/fit_v5e_256.jsonl --table_only   # the Markdown table
+
+Needs the real TPU compiler (``pip install -e ".[tpu]"``); a cell already in ``--out`` is skipped, so
+an interrupted table resumes. Models: ``preset:pattern`` (``moneta:M`` pure Moneta, ``moneta:A``
+Transformer++, ``moneta:MS`` the Moneta / sliding-window hybrid); an attention-only model has no
+Miras layer, so it runs once (``xla``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import flags
+
+from experiments import cli
+
+MODELS = ("moneta:M", "yaad:M", "memora:M", "titans:M", "gated_deltanet:M", "moneta:A", "moneta:MS")
+GIB = 2 ** 30
+
+
+def define_flags():
+    flags.DEFINE_list("configs", ["lm340m", "lm780m"], "configs (experiments/configs)")
+    flags.DEFINE_list("models", list(MODELS), "preset:pattern cells")
+    flags.DEFINE_list("impls", ["xla", "pallas"], "model.implementation values")
+    flags.DEFINE_string("topology", "v5e:16x16", "TPU topology")
+    flags.DEFINE_string("mesh", "data:8,fsdp:16,tensor:2", "device mesh")
+    flags.DEFINE_list("set", [], "extra config overrides for every cell")
+    flags.DEFINE_string("out", "runs/fit_table.jsonl", "JSON lines, one per cell (appended)")
+    flags.DEFINE_bool("table_only", False, "only print the Markdown table of --out")
+
+
+def cells(configs, models, impls):
+    """``(config, preset, pattern, impl)``; attention-only models once, with ``xla``."""
+    for c in configs:
+        for m in models:
+            preset, pattern = m.split(":")
+            for impl in (impls if "M" in pattern else impls[:1]):
+                yield c, preset, pattern, impl
+
+
+def key(row: dict) -> tuple:
+    return row["cell_config"], row["preset"], row["pattern"], row["implementation"], row["topology"]
+
+
+def run_cell(config, preset, pattern, impl, topology, mesh, sets) -> dict:
+    """One ``experiments.aot`` subprocess; its JSON object plus the cell and the wall time."""
+    cmd = [sys.executable, "-m", "experiments.aot", f"--config={config}", f"--preset={preset}",
+           f"--topology={topology}", f"--mesh={mesh}",
+           "--set=" + ",".join([f"model.implementation={impl}", f"model.pattern={pattern}", *sets])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    row = json.loads(lines[-1]) if lines else {"compiled": False, "error": proc.stderr.strip().splitlines()[-1:]}
+    return {**row, "cell_config": config, "preset": preset, "pattern": pattern, "implementation": impl,
+            "topology": topology, "mesh": mesh, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per cell (compiled, fits, peak HBM per chip in GiB, compile time)."""
+    out = ["| config | model | impl | compiled | fits | peak HBM / chip (GiB) | compile (s) | note |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        model = {"M": r["preset"], "A": "Transformer++", "MS": f"{r['preset']} + SWA hybrid"}.get(r["pattern"])
+        peak = r.get("peak_hbm_bytes")
+        note = r.get("compile_note") or r.get("error") or ""
+        if r.get("oom_required_bytes"):
+            note = f"OOM: temporaries {r['oom_required_bytes'] / GIB:.2f} GiB"
+        out.append(f"| {r['cell_config']} | {model} | {r['implementation']} | {r.get('compiled')} | "
+                   f"{r.get('fits')} | {'' if peak is None else f'{peak / GIB:.2f}'} | "
+                   f"{r.get('compile_s', '')} | {str(note)[:120]} |")
+    return "\n".join(out)
+
+
+def read(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    if not f.table_only:
+        done = {key(r) for r in read(f.out)}
+        os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+        for config, preset, pattern, impl in cells(f.configs, f.models, f.impls):
+            if (config, preset, pattern, impl, f.topology) in done:
+                continue
+            row = run_cell(config, preset, pattern, impl, f.topology, f.mesh, f.set)
+            with open(f.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row.get(k) for k in ("cell_config", "preset", "pattern", "implementation",
+                                                      "compiled", "fits", "peak_hbm_bytes", "compile_s")}),
+                  flush=True)
+    print(table(read(f.out)))
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
