@@ -196,7 +196,9 @@ class Checkpointer:
     def restore_meta(self, step: int | None = None) -> dict:
         """Only the JSON metadata (e.g. the config needed to build a template); newest readable by default."""
         steps = self.all_steps()
-        candidates = steps[::-1] if step is None else [s for s in steps if s == step]
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (has {steps})")
+        candidates = steps[::-1] if step is None else [step]
         failures, meta = [], None
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
         with _held_stderr() as failed:

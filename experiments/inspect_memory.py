@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import cli, train as train_lib
+from experiments.checkpoint import CheckpointError
 from miras_jax.engine.api import memorize_batched
 
 
@@ -107,7 +108,7 @@ def main(argv):
     f = flags.FLAGS
     try:
         rows = inspect_run(f.workdir, f.step, f.data)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         raise app.UsageError(str(e)) from None
     for r in rows:
         print(json.dumps(r))

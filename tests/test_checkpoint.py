@@ -264,3 +264,11 @@ def test_resolve_resume(tmp_path):
         assert resolve_resume(str(work), auto) == checkpoint_dir(work)
     assert resolve_resume(str(tmp_path), checkpoint_dir(work)) == checkpoint_dir(work)
     assert resolve_resume(str(tmp_path), str(work)) == checkpoint_dir(work)  # a workdir: its checkpoints/
+
+
+def test_restore_meta_of_a_missing_step_names_the_steps_there(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(10, make_state(0), {"a": 1}, force=True)
+        assert ckpt.restore_meta(10) == {"a": 1}
+        with pytest.raises(CheckpointError, match=r"no checkpoint for step 2500 in .* \(has \[10\]\)"):
+            ckpt.restore_meta(2500)
