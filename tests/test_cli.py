@@ -6,9 +6,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the subprocesses share the suite's persistent compilation cache (conftest.py): the smoke
+# training step several of them compile is compiled once
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
 
 
 @pytest.mark.parametrize("args,message", [
@@ -20,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_train_usage_errors_are_one_line_exit_2(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "experiments.train", *args, f"--workdir={tmp_path / 'run'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          env=ENV)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 2 and lines[0].startswith(message), proc.stderr[-2000:]
@@ -30,7 +35,7 @@ def test_train_usage_errors_are_one_line_exit_2(tmp_path, args, message):
 def _train_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "experiments.train", "--config=smoke", "--noprogress", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          env=ENV)
 
 
 def _truncate_newest_file(step_dir):
@@ -80,7 +85,7 @@ def test_evaluate_prints_its_json_line_and_nothing_else(tmp_path):
     wd = tmp_path / "run"
     assert _train_cli(f"--workdir={wd}", "--steps=2").returncode == 0
     proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={wd}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
     assert len(proc.stdout.strip().splitlines()) == 1
 
@@ -94,7 +99,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     wd = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "experiments.train", "--config=smoke", "--noprogress",
                              "--steps=100000", "--set=log_every=1", f"--workdir={wd}"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     deadline = time.monotonic() + 240
     while not (wd / "metrics.jsonl").exists() or os.path.getsize(wd / "metrics.jsonl") < 200:
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"

@@ -29,8 +29,13 @@ def _loss_and_grads(cfg):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("preset,pattern", [(p, "M") for p in mj.presets.names()] + [("moneta", "A"),
-                                                                                    ("moneta", "MS")])
+# default: one preset per engine path (Hebbian scalar / channel decay, delta, multi-step delta, the
+# MLP memories with l_q, KL, momentum) and the attention patterns; -m slow: the rest.
+DEFAULT_BF16 = {"mamba2", "gla", "gated_deltanet", "deltaproduct", "moneta", "memora", "titans"}
+BF16_CASES = [pytest.param(p, "M", marks=() if p in DEFAULT_BF16 else pytest.mark.slow) for p in mj.presets.names()]
+
+
+@pytest.mark.parametrize("preset,pattern", BF16_CASES + [("moneta", "A"), ("moneta", "MS")])
 def test_bfloat16_model_is_finite_and_near_float32(preset, pattern):
     """Same initial parameters: the bf16 loss is within 2% of the float32 one, every gradient finite."""
     sets = [f"model.preset={preset}", f"model.pattern={pattern}", "model.window=8"]
@@ -41,7 +46,8 @@ def test_bfloat16_model_is_finite_and_near_float32(preset, pattern):
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))   # parameters stay float32
 
 
-@pytest.mark.parametrize("policy", sorted(set(REMAT_POLICIES) - {"none"}))
+@pytest.mark.parametrize("policy", [pytest.param(p, marks=pytest.mark.slow) if p == "dots" else p
+                                    for p in sorted(set(REMAT_POLICIES) - {"none"})])
 def test_remat_policies_give_the_same_loss_and_gradients(policy):
     sets = ["model.pattern=MS", "model.num_layers=2", "model.window=8", "model.preset=titans"]
     base_l, base_g = _loss_and_grads(configs.override(SMALL, sets))
