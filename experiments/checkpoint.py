@@ -60,8 +60,15 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
     return os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the finalized checkpoints in ``directory`` (ascending; [] if none or no directory)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
+
+
 def _has_checkpoint(directory: str | os.PathLike) -> bool:
-    return os.path.isdir(directory) and any(ocp.path.step.standard_name_format().find_all(directory))
+    return bool(saved_steps(directory))
 
 
 def _one_line(e: BaseException) -> str:

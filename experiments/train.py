@@ -40,7 +40,7 @@ from absl import app, flags
 from flax import nnx
 
 from experiments import cli, configs, data
-from experiments.checkpoint import CheckpointError, Checkpointer, resolve_resume
+from experiments.checkpoint import CheckpointError, Checkpointer, resolve_resume, saved_steps
 from miras_jax import presets, sharding
 from miras_jax.nn import LMConfig, MirasLM, count_params
 from miras_jax.nn.layer import LR_MAX_UNRESOLVED
@@ -427,8 +427,7 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "tensor
 def existing_run(workdir: str) -> str | None:
     """What of a run ``workdir`` already holds (``"checkpoints up to step 300, metrics.jsonl"``), or None."""
     found = []
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+    steps = saved_steps(os.path.join(workdir, "checkpoints"))
     if steps:
         found.append(f"checkpoints up to step {steps[-1]}")
     found += [name for name in ("metrics.jsonl", "summary.json") if os.path.exists(os.path.join(workdir, name))]
@@ -445,16 +444,16 @@ def clear_run(workdir: str, names: tuple[str, ...] = RUN_FILES) -> None:
             os.remove(path)
 
 
-def check_workdir(workdir: str, resume: str | None, overwrite: bool) -> None:
+def check_workdir(workdir: str, resume, resume_dir: str | None, overwrite: bool) -> None:
     """A run directory holds one run: refuse to start a second one in it (TrainingError) unless
-    ``resume`` continues it (``"auto"`` or its own checkpoints) or ``overwrite`` deletes it first."""
+    ``resume`` continues it (``"auto"``, or ``resume_dir``, what ``resolve_resume`` made of it, is
+    its own checkpoint directory) or ``overwrite`` deletes it first."""
     if overwrite and resume:
         raise ValueError("--overwrite deletes the run in --workdir and --resume continues it: pass one")
     if overwrite or not os.path.isdir(workdir):
         return
     own = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if resume in ("auto", "latest", True) or (resume and own in (os.path.abspath(resume), os.path.abspath(
-            os.path.join(resume, "checkpoints")))):
+    if resume in ("auto", "latest", True) or (resume_dir is not None and os.path.abspath(resume_dir) == own):
         return
     held = existing_run(workdir)
     if held:
@@ -481,9 +480,9 @@ def train(cfg: configs.TrainConfig, workdir: str, *, data_path: str | None = Non
 
 def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, overwrite=False) -> dict:
     cfg = resolved(cfg)
-    check_workdir(workdir, resume, overwrite)
-    task = make_task(cfg, data_path)
     resume_dir = resolve_resume(workdir, resume) if resume else None  # fail before building the model
+    check_workdir(workdir, resume, resume_dir, overwrite)
+    task = make_task(cfg, data_path)
     graphdef, params, rest, tx, schedule = build(cfg, task.vocab)
     if overwrite:
         clear_run(workdir)
