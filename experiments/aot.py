@@ -198,7 +198,9 @@ def check(cfg: configs.TrainConfig, mesh_text: str, topology: str = "v5e:4x4") -
     ``xla_flops_per_token = xla_flops_per_device * devices / (batch * seq_len)``, beside
     ``model_flops_per_token`` (see that function). XLA counts a loop body once, so with
     ``model.scan_blocks`` (or ``grad_accum`` > 1) its count misses the other iterations: the
-    report then gives ``xla_flops_per_token: null`` and says why in ``xla_flops_note``."""
+    report then gives ``xla_flops_per_token: null`` and says why in ``xla_flops_note``.
+    ``micro_batch = batch / (data x fsdp devices) / grad_accum``: the sequences one batch shard
+    holds in one forward / backward."""
     sizes = sharding.parse_mesh(mesh_text)
     n, chips = math.prod(sizes.values()), topology_devices(topology)
     if n != chips:
@@ -237,6 +239,8 @@ def check(cfg: configs.TrainConfig, mesh_text: str, topology: str = "v5e:4x4") -
     report = {"config": cfg.task, "preset": cfg.model.preset, "implementation": cfg.model.implementation,
               "mesh": mesh_text, "topology": topology, "devices": n, "lowered": True,
               "num_partitions": int(m.group(1)) if m else None,
+              "batch": cfg.batch, "grad_accum": cfg.grad_accum,
+              "micro_batch": cfg.batch // per // cfg.grad_accum,  # sequences per batch shard per step
               "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
               "param_bytes_per_device": _per_device_bytes(params, p_sh),
               "opt_state_bytes_per_device": _per_device_bytes(opt, o_sh),

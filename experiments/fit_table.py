@@ -6,8 +6,13 @@ appended to ``--out``, and a Markdown table of what is there.
         --mesh=data:8,fsdp:16,tensor:2 --out=runs/fit_v5e_256.jsonl
     python -m experiments.fit_table --out=runs/fit_v5e_256.jsonl --table_only   # the Markdown table
 
-Needs the real TPU compiler (``pip install -e ".[tpu]"``); a cell already in ``--out`` is skipped, so
-an interrupted table resumes. Models: ``preset:pattern`` (``moneta:M`` pure Moneta, ``moneta:A``
+Each cell searches the largest micro-batch that fits: ``cap = batch / (data x fsdp devices)``
+sequences per batch shard (the whole global batch in one step), then ``cap / 2``, ... down to 1, each
+one compile of the real accumulating step (``grad_accum = cap / micro_batch``), stopping at the
+first that fits. The table shows that micro-batch, its accumulation steps and its peak HBM.
+
+Needs the real TPU compiler (``pip install -e ".[tpu]"``); a probe already in ``--out`` is skipped,
+so an interrupted table resumes. Models: ``preset:pattern`` (``moneta:M`` pure Moneta, ``moneta:A``
 Transformer++, ``moneta:MS`` the Moneta / sliding-window hybrid); an attention-only model has no
 Miras layer, so it runs once (``xla``).
 """
@@ -15,6 +20,7 @@ Miras layer, so it runs once (``xla``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,7 +28,8 @@ import time
 
 from absl import flags
 
-from experiments import cli
+from experiments import cli, configs
+from miras_jax import sharding
 
 MODELS = ("moneta:M", "yaad:M", "memora:M", "titans:M", "gated_deltanet:M", "moneta:A", "moneta:MS")
 GIB = 2 ** 30
@@ -49,34 +56,69 @@ def cells(configs, models, impls):
 
 
 def key(row: dict) -> tuple:
-    return row["cell_config"], row["preset"], row["pattern"], row["implementation"], row["topology"]
+    return (row["cell_config"], row["preset"], row["pattern"], row["implementation"], row["topology"],
+            row.get("micro_batch", 1))
 
 
-def run_cell(config, preset, pattern, impl, topology, mesh, sets) -> dict:
+def micro_batches(cap: int) -> list[int]:
+    """The probe order ``cap, cap // 2, ..., 1`` (those that divide ``cap``): the first that fits is the
+    largest micro-batch, with the fewest accumulation steps."""
+    return [b for b in (cap >> i for i in range(cap.bit_length())) if b and cap % b == 0]
+
+
+def cap(config: str, mesh: str) -> int:
+    """Sequences per batch shard when ``config``'s whole global batch is one step on ``mesh``."""
+    sizes = sharding.parse_mesh(mesh)
+    ways = math.prod(sizes[a] for a in sharding.RULES["batch"])
+    batch = configs.get(config).batch
+    if batch % ways:
+        raise ValueError(f"{config}'s batch {batch} is not divisible by the mesh's {ways} batch shards")
+    return batch // ways
+
+
+def run_cell(config, preset, pattern, impl, topology, mesh, sets, micro_batch, cap_) -> dict:
     """One ``experiments.aot`` subprocess; its JSON object plus the cell and the wall time."""
     cmd = [sys.executable, "-m", "experiments.aot", f"--config={config}", f"--preset={preset}",
            f"--topology={topology}", f"--mesh={mesh}",
-           "--set=" + ",".join([f"model.implementation={impl}", f"model.pattern={pattern}", *sets])]
+           "--set=" + ",".join([f"model.implementation={impl}", f"model.pattern={pattern}",
+                                f"grad_accum={cap_ // micro_batch}", *sets])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     row = json.loads(lines[-1]) if lines else {"compiled": False, "error": proc.stderr.strip().splitlines()[-1:]}
     return {**row, "cell_config": config, "preset": preset, "pattern": pattern, "implementation": impl,
-            "topology": topology, "mesh": mesh, "wall_s": round(time.perf_counter() - t0, 1)}
+            "topology": topology, "mesh": mesh, "micro_batch": micro_batch, "grad_accum": cap_ // micro_batch,
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def best(rows: list[dict]) -> list[dict]:
+    """One row per cell: its largest fitting micro-batch, else its smallest probe (why it fails)."""
+    cells_: dict[tuple, dict] = {}
+    for r in rows:
+        k, b = key(r)[:-1], r.get("micro_batch", 1)
+        old = cells_.get(k)
+        ob = None if old is None else old.get("micro_batch", 1)
+        if old is None or (r.get("fits") and (not old.get("fits") or b > ob)) or (
+                not r.get("fits") and not old.get("fits") and b < ob):
+            cells_[k] = r
+    return list(cells_.values())
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one row per cell (compiled, fits, peak HBM per chip in GiB, compile time)."""
-    out = ["| config | model | impl | compiled | fits | peak HBM / chip (GiB) | compile (s) | note |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    """Markdown, one row per cell (``best``): compiled, fits, the micro-batch (sequences per batch
+    shard) and accumulation steps, peak HBM per chip in GiB, compile time."""
+    out = ["| config | model | impl | compiled | fits | micro-batch / shard | accum | peak HBM / chip (GiB) "
+           "| compile (s) | note |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in best(rows):
         model = {"M": r["preset"], "A": "Transformer++", "MS": f"{r['preset']} + SWA hybrid"}.get(r["pattern"])
         peak = r.get("peak_hbm_bytes")
         note = r.get("compile_note") or r.get("error") or ""
         if r.get("oom_required_bytes"):
             note = f"OOM: temporaries {r['oom_required_bytes'] / GIB:.2f} GiB"
         out.append(f"| {r['cell_config']} | {model} | {r['implementation']} | {r.get('compiled')} | "
-                   f"{r.get('fits')} | {'' if peak is None else f'{peak / GIB:.2f}'} | "
+                   f"{r.get('fits')} | {r.get('micro_batch', 1)} | {r.get('grad_accum', 1)} | "
+                   f"{'' if peak is None else f'{peak / GIB:.2f}'} | "
                    f"{r.get('compile_s', '')} | {str(note)[:120]} |")
     return "\n".join(out)
 
@@ -92,17 +134,21 @@ def main(argv):
     del argv
     f = flags.FLAGS
     if not f.table_only:
-        done = {key(r) for r in read(f.out)}
+        done = {key(r): r for r in read(f.out)}
         os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
         for config, preset, pattern, impl in cells(f.configs, f.models, f.impls):
-            if (config, preset, pattern, impl, f.topology) in done:
-                continue
-            row = run_cell(config, preset, pattern, impl, f.topology, f.mesh, f.set)
-            with open(f.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row.get(k) for k in ("cell_config", "preset", "pattern", "implementation",
-                                                      "compiled", "fits", "peak_hbm_bytes", "compile_s")}),
-                  flush=True)
+            c = cap(config, f.mesh)
+            for b in micro_batches(c):
+                row = done.get((config, preset, pattern, impl, f.topology, b))
+                if row is None:
+                    row = run_cell(config, preset, pattern, impl, f.topology, f.mesh, f.set, b, c)
+                    with open(f.out, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    print(json.dumps({k: row.get(k) for k in (
+                        "cell_config", "preset", "pattern", "implementation", "micro_batch", "grad_accum",
+                        "compiled", "fits", "peak_hbm_bytes", "compile_s")}), flush=True)
+                if row.get("fits") is not False:
+                    break  # the largest that fits, or a failure that is not out-of-memory
     print(table(read(f.out)))
 
 

@@ -97,10 +97,19 @@ def test_fit_table_cells_and_markdown():
     got = list(fit_table.cells(["lm340m"], ["moneta:M", "moneta:A"], ["xla", "pallas"]))
     assert got == [("lm340m", "moneta", "M", "xla"), ("lm340m", "moneta", "M", "pallas"),
                    ("lm340m", "moneta", "A", "xla")]          # attention-only: once
-    rows = [{"cell_config": "lm780m", "preset": "moneta", "pattern": "M", "implementation": "xla",
-             "compiled": True, "fits": True, "peak_hbm_bytes": 3 * 2 ** 30, "compile_s": 170.0},
-            {"cell_config": "lm780m", "preset": "moneta", "pattern": "A", "implementation": "xla",
-             "compiled": False, "fits": False, "oom_required_bytes": 29.21 * 2 ** 30}]
+    assert fit_table.micro_batches(8) == [8, 4, 2, 1] and fit_table.micro_batches(1) == [1]
+    assert fit_table.cap("lm780m", "data:8,fsdp:16,tensor:2") == 1 and fit_table.cap("lm780m", "fsdp:16") == 8
+    cell = {"cell_config": "lm780m", "preset": "moneta", "pattern": "M", "implementation": "xla",
+            "topology": "v6e:4x4"}
+    rows = [{**cell, "micro_batch": 8, "grad_accum": 1, "compiled": False, "fits": False,
+             "oom_required_bytes": 40 * 2 ** 30},
+            {**cell, "micro_batch": 4, "grad_accum": 2, "compiled": True, "fits": True,
+             "peak_hbm_bytes": 3 * 2 ** 30, "compile_s": 170.0},
+            {**cell, "pattern": "A", "micro_batch": 8, "compiled": False, "fits": False,
+             "oom_required_bytes": 29.21 * 2 ** 30},
+            {**cell, "pattern": "A", "micro_batch": 1, "compiled": False, "fits": False,
+             "oom_required_bytes": 19 * 2 ** 30}]
     md = fit_table.table(rows).splitlines()
-    assert md[2] == "| lm780m | moneta | xla | True | True | 3.00 | 170.0 |  |"
-    assert md[3].startswith("| lm780m | Transformer++ | xla | False | False |") and "OOM: temporaries 29.21 GiB" in md[3]
+    assert len(md) == 4                                       # one row per cell
+    assert md[2] == "| lm780m | moneta | xla | True | True | 4 | 2 | 3.00 | 170.0 |  |"  # largest that fits
+    assert md[3].startswith("| lm780m | Transformer++ | xla | False | False | 1 |") and "OOM: temporaries 19.00 GiB" in md[3]
