@@ -76,9 +76,9 @@ def program(spec, impl: str, mode: str, chunk: int):
 
 
 def model_flops(spec, B, H, T, d, chunk, mode) -> float:
-    from miras_jax.engine import pallas as pallas_path
+    from miras_jax.engine import plan as plan_lib
 
-    cfg = pallas_path.kernel_config(spec, chunk)
+    cfg = plan_lib.kernel_config(spec, chunk)
     per_chunk = cfg.flops(d, d) if spec.memory.kind == "linear" else cfg.flops(d, spec.memory.expansion * d)
     total = per_chunk[0] * B * H * -(-T // cfg.chunk_size)
     return total * (3 if mode == "fwd+bwd" else 1)

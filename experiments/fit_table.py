@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,7 +30,8 @@ import time
 from absl import flags
 
 from experiments import cli, configs
-from miras_jax import sharding
+from miras_jax import presets, sharding
+from miras_jax.engine import plan as plan_lib
 
 MODELS = ("moneta:M", "yaad:M", "memora:M", "titans:M", "gated_deltanet:M", "moneta:A", "moneta:MS")
 GIB = 2 ** 30
@@ -47,11 +49,14 @@ def define_flags():
 
 
 def cells(configs, models, impls):
-    """``(config, preset, pattern, impl)``; attention-only models once, with ``xla``."""
+    """``(config, preset, pattern, impl)``; attention-only models once, with ``xla``; ``pallas`` only
+    where a kernel covers the preset (``mj.plan``)."""
     for c in configs:
         for m in models:
             preset, pattern = m.split(":")
             for impl in (impls if "M" in pattern else impls[:1]):
+                if impl == "pallas" and plan_lib.kernel_blocker(presets.get(preset)) is not None:
+                    continue
                 yield c, preset, pattern, impl
 
 
@@ -85,10 +90,17 @@ def run_cell(config, preset, pattern, impl, topology, mesh, sets, micro_batch, c
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    row = json.loads(lines[-1]) if lines else {"compiled": False, "error": proc.stderr.strip().splitlines()[-1:]}
+    row = json.loads(lines[-1]) if lines else {"compiled": False, "error": _last_error(proc.stderr)}
     return {**row, "cell_config": config, "preset": preset, "pattern": pattern, "implementation": impl,
             "topology": topology, "mesh": mesh, "micro_batch": micro_batch, "grad_accum": cap_ // micro_batch,
             "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _last_error(stderr: str) -> str:
+    """The exception line of a failed subprocess's traceback (else its last line)."""
+    lines = stderr.strip().splitlines()
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception): ", ln)]
+    return (errors or lines or [""])[-1][:400]
 
 
 def best(rows: list[dict]) -> list[dict]:

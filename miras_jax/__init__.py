@@ -5,11 +5,12 @@ by four choices: memory architecture (``memory``), attentional bias (``bias``), 
 (``retention``) and memory learning algorithm (``inner_opt``), composed in a ``MirasSpec``.
 """
 
-from miras_jax import bias, inner_opt, memory, presets, retention
+from miras_jax import base, bias, inner_opt, memory, presets, retention
 from miras_jax.engine import MemoryState, init_state, memorize, memorize_batched
+from miras_jax.engine.plan import Plan, plan
 from miras_jax.spec import MirasSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["bias", "inner_opt", "memory", "presets", "retention", "MirasSpec", "MemoryState",
-           "init_state", "memorize", "memorize_batched", "__version__"]
+__all__ = ["base", "bias", "inner_opt", "memory", "presets", "retention", "MirasSpec", "MemoryState",
+           "init_state", "memorize", "memorize_batched", "Plan", "plan", "__version__"]

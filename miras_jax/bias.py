@@ -3,9 +3,9 @@
 A bias gives ``loss(pred, target) -> scalar`` and ``residual_map(pred, target) -> [v]``, the
 derivative of the loss with respect to the prediction (for the smooth surrogates, the paper's
 surrogate of that derivative). The memory gradient is then a VJP of the memory at the prediction:
-``grad_W l = (dM/dW)^T phi(r)``; for matrix memory ``phi(r) k^T`` (MIRAS.md section 1).
+``grad_W l = (dM/dW)^T phi(r)``; for matrix memory ``phi(r) k^T`` (Miras, arXiv 2504.13173).
 
-Conventions (MIRAS.md [ours]): ``r = pred - target``; ``l2 = 1/2 ||r||^2``; ``lp = ||r||_p^p``;
+Conventions (ours where the paper leaves room): ``r = pred - target``; ``l2 = 1/2 ||r||^2``; ``lp = ||r||_p^p``;
 ``l1 = ||r||_1``. Smooth surrogates (``smooth=True``, the default of l_p and Huber):
 ``sign(x) ~ tanh(a x)``, ``|x| ~ sqrt(x^2 + eps)``, hyper-parameters ``a`` (10) and ``eps`` (1e-6).
 ``smooth=None`` (or False) uses the true sign / abs, with a zero derivative at the kinks.
@@ -18,6 +18,7 @@ Numeric hyper-parameters (``p``, ``a``, ``eps``, ``delta_scale``, ``shift``) are
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -62,6 +63,9 @@ def _smooth_flag(smooth) -> bool:
 class DotBias:
     """Dot-product similarity ``l = -<pred, target>``; ``phi = -target`` (linear attention)."""
 
+    exact_family: ClassVar[str | None] = "hebbian"  # planner trait: a matrix memory's exact chunk form
+    residual_kind: ClassVar[str] = "dot"            # planner trait: the kernels' name of phi
+
     gates: tuple = ()
 
     def default_hparams(self):
@@ -80,6 +84,9 @@ class DotBias:
 @dataclasses.dataclass(frozen=True)
 class L2Bias:
     """``l = 1/2 ||r||^2``; ``phi = r`` (delta rule, TTT, Titans, Memora)."""
+
+    exact_family: ClassVar[str | None] = "delta"
+    residual_kind: ClassVar[str] = "l2"
 
     gates: tuple = ()
 
@@ -103,6 +110,9 @@ class LpBias:
 
     Smooth: ``phi = p tanh(a r) (r^2 + eps)^((p-1)/2)``, ``l = sum (r^2 + eps)^(p/2)``.
     """
+
+    exact_family: ClassVar[str | None] = None
+    residual_kind: ClassVar[str] = "lp"
 
     smooth: bool = True
     gates: tuple = ()
@@ -128,6 +138,9 @@ class LpBias:
 @dataclasses.dataclass(frozen=True)
 class L1Bias:
     """``l = ||r||_1``; ``phi = sign(r)`` (smooth: ``tanh(a r)``): writes only the error's sign."""
+
+    exact_family: ClassVar[str | None] = None
+    residual_kind: ClassVar[str] = "l1"
 
     smooth: bool = True
     gates: tuple = ()
@@ -164,6 +177,12 @@ class HuberBias:
     form: str = "switch"
     smooth: bool = True
     gates: tuple = ("delta",)
+
+    exact_family: ClassVar[str | None] = None
+
+    @property
+    def residual_kind(self) -> str:
+        return f"huber_{self.form}"
 
     def __post_init__(self):
         if self.form not in HUBER_FORMS:
@@ -210,6 +229,9 @@ class RobustBias:
 
     ``l = 1/2 ||r||^2 + Delta ||r|| + Delta^2 / 2``; ``phi = (1 + Delta / ||r||) r``.
     """
+
+    exact_family: ClassVar[str | None] = None
+    residual_kind: ClassVar[str] = "robust"
 
     smooth: bool = True
     gates: tuple = ()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,10 @@ from miras_jax._checks import check_range
 class GD:
     """Gradient descent: ``u_t = -eta_t grad``; with ``num_steps = n`` the engine takes n steps
     per token (DeltaProduct), each with its own key/value and ``lr[t, j]``."""
+
+    # planner trait (engine/plan.py): "gd" (u = -eta grad, eta may depend on the key) or
+    # "momentum" (u = S, S = m S - eta grad); the chunk forms and kernels read this, not the class.
+    update_form: ClassVar[str] = "gd"
 
     num_steps: int = 1
     gates: tuple = ("lr",)
@@ -68,6 +73,8 @@ class ImplicitGD(GD):
 @dataclasses.dataclass(frozen=True)
 class MomentumGD(GD):
     """GD with momentum (Titans): ``S_t = m_t S_{t-1} - eta_t grad``; ``u_t = S_t``; ``S_0 = 0``."""
+
+    update_form: ClassVar[str] = "momentum"
 
     gates: tuple = ("lr", "momentum")
     name: str = "momentum_gd"

@@ -1,4 +1,4 @@
-"""Retention gates as mirror maps (MIRAS.md section 4).
+"""Retention gates as mirror maps (the Miras paper's Sec. 5.2).
 
 Every retention gate here updates the memory in a *dual* space::
 
@@ -35,7 +35,7 @@ The choice of ``(to_dual, from_dual)`` gives:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -208,9 +208,13 @@ class Retention:
         if self.decay_source == "hparam":
             check_range("decay", hp["decay"], low=0.0, high=1.0, low_open=True)
 
-    # How the chunked (mini-batch) engine treats the map inside a chunk (engine/chunked.py):
+    # Planner traits (engine/plan.py). ``map_kind`` names the mirror map ``from_dual``:
+    # "identity" (W = z: the exact chunk forms apply), "lq", "kl", "soft_threshold", "sigmoid".
+    # ``chunk_mode``: how the mini-batch engine treats the map inside a chunk (engine/chunked.py):
     # "linear": identity maps, exact; "scale": W = s(A) A with s refreshed at chunk ends (l_q);
-    # "lag": exact step on the chunk's first token, then the linear (primal) form (Memora).
+    # "lag": exact step on the chunk's first token, then the linear (primal) form (Memora);
+    # None: no chunk form (token engine only).
+    map_kind: ClassVar[str] = "identity"
     chunk_mode = "linear"
 
     def to_dual(self, params, hp):
@@ -294,6 +298,7 @@ class LqRetention(Retention):
 
     name: str = "lq"
     accumulate: bool = True
+    map_kind: ClassVar[str] = "lq"
     chunk_mode = "scale"
 
     def scale(self, a, hp):
@@ -323,6 +328,7 @@ class KLRetention(Retention):
     name: str = "kl"
     domain: str = "positive"
     c: float | None = None
+    map_kind: ClassVar[str] = "kl"
     chunk_mode = "lag"
 
     def project(self, params):
@@ -348,6 +354,7 @@ class ElasticNetRetention(Retention):
     """
 
     name: str = "elastic_net"
+    map_kind: ClassVar[str] = "soft_threshold"
 
     @property
     def chunk_mode(self):
@@ -370,6 +377,7 @@ class SigmoidRetention(Retention):
 
     name: str = "sigmoid"
     domain: str = "unit_interval"
+    map_kind: ClassVar[str] = "sigmoid"
     chunk_mode = "lag"
 
     def project(self, params):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import miras_jax as mj
-from miras_jax.engine.dispatch import exact_family
+from miras_jax.engine.plan import exact_family
 from tests.helpers import random_inputs, rotate, some_slow
 
 VAL_TOL = dict(rtol=1e-4, atol=1e-4)    # reordered float32 chunk math
@@ -182,7 +182,7 @@ def test_batched_entry_point_matches_per_head_calls():
         mj.memorize_batched(spec, params, q, k, v[:, :5], gates)
 
 
-@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("B", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_batched_entry_point_gradients_and_carried_state(B):
     """The batch x head rows are one vmap over ``B * H``: the per-head params' gradient is the sum
     over the batch, and a state carried between two calls lands on the right (b, h) row."""

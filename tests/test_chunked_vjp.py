@@ -13,6 +13,7 @@ import pytest
 
 import miras_jax as mj
 from miras_jax.engine import chunked, chunked_vjp
+from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.reference import MemoryState, init_state
 from tests.helpers import random_inputs
 
@@ -108,7 +109,7 @@ def test_hand_vjp_equals_autodiff_on_random_shapes(name, kw, x64):
     rng = np.random.default_rng(zlib.crc32(repr((name, sorted(kw.items()))).encode()))  # fixed per case
     T, d, chunk = int(rng.integers(9, 60)), int(rng.choice([4, 8, 16])), int(rng.choice([4, 8, 16]))
     spec, state, args = _setup(name, kw, T, d, seed=int(rng.integers(100)), wide=True)
-    assert chunked_vjp.supports(spec, momentum=False, channel=False)
+    assert plan_lib.hand_vjp_blocker(spec) is None
     _assert_close(_outputs_and_vjp(spec, state, args, chunk, "hand"),
                   _outputs_and_vjp(spec, state, args, chunk, "autodiff"), **EXACT)
 
@@ -152,15 +153,15 @@ def test_strong_decay_gradients_stay_finite_and_agree():
 
 def test_anchored_lag_mode_takes_autodiff():
     """Memora's anchored "lag" mode has no hand VJP (yet); Moneta's / Yaad's anchored modes do."""
-    assert not chunked_vjp.supports(mj.presets.get("memora"), momentum=False, channel=False)
+    assert plan_lib.hand_vjp_blocker(mj.presets.get("memora")) is not None
     assert mj.presets.get("memora").retention.anchor
-    assert chunked_vjp.supports(mj.presets.get("moneta"), momentum=False, channel=False)
+    assert plan_lib.hand_vjp_blocker(mj.presets.get("moneta")) is None
 
 
 def test_memorize_uses_the_hand_vjp_for_gd_specs_only():
-    assert chunked_vjp.supports(_get("moneta"), momentum=False, channel=False)
+    assert plan_lib.hand_vjp_blocker(_get("moneta")) is None
     titans = mj.presets.get("titans")
-    assert not chunked_vjp.supports(titans, momentum=True, channel=False)
+    assert plan_lib.hand_vjp_blocker(titans) is not None
     with pytest.raises(ValueError, match="vjp must be"):
         spec, state, (q, k, v, gates) = _setup("moneta", {}, T=8, d=4, seed=0)
         chunked.memorize_chunked(spec, state, q, k, v, gates, 4, vjp="manual")

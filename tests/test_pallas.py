@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import miras_jax as mj
-from miras_jax.engine import pallas as pallas_path
-from miras_jax.engine.api import memorize_batched, resolve
+from miras_jax.engine.api import memorize_batched
+from miras_jax.engine.plan import kernel_blocker, resolve
 from pallas_kernels import MatrixChunkConfig, MLPChunkConfig, matrix_chunk, mlp_chunk
 from tests.helpers import random_inputs, rotate, some_slow, unit_rows
 
@@ -27,9 +27,9 @@ def _get(name, **kw):
     return mj.presets.get(name, **kw)
 
 
-PALLAS = [n for n in mj.presets.names() if pallas_path.supports(_get(n)) is None]
+PALLAS = [n for n in mj.presets.names() if kernel_blocker(_get(n)) is None]
 PAPER = [f"{n}-paper" for n in ("moneta", "yaad", "memora")]   # the unanchored maps (anchor=False)
-UNSUPPORTED = [n for n in mj.presets.names() if pallas_path.supports(_get(n)) is not None]
+UNSUPPORTED = [n for n in mj.presets.names() if kernel_blocker(_get(n)) is not None]
 
 
 def _close(a, b, tol):

@@ -10,9 +10,9 @@ from miras_jax._checks import concrete
 from miras_jax.engine import dispatch
 from miras_jax.engine import horizon as horizon_lib
 from miras_jax.engine import pallas as pallas_path
+from miras_jax.engine import plan as plan_lib
+from miras_jax.engine.plan import IMPLEMENTATIONS
 from miras_jax.engine.reference import MemoryState, init_state
-
-IMPLEMENTATIONS = ("reference", "xla", "pallas", "auto")
 
 GATE_DOCS = {
     "lr": "inner learning rate eta_t (beta_t for the delta family), shape [T] ([T, n] per sub-step)",
@@ -129,22 +129,13 @@ def check_inputs(spec, params, q, k, v, gates):
     return out
 
 
-def resolve(spec, implementation: str) -> str:
-    """``"auto"`` -> ``"pallas"`` on TPU / GPU when a kernel covers ``spec``, else ``"xla"``;
-    ``"pallas"`` for a spec no kernel covers raises ``NotImplementedError`` with the reason."""
-    if implementation == "auto":
-        on_accel = jax.default_backend() in ("tpu", "gpu")
-        return "pallas" if on_accel and pallas_path.supports(spec) is None else "xla"
-    if implementation == "pallas":
-        reason = pallas_path.supports(spec)
-        if reason is not None:
-            raise NotImplementedError(f"implementation='pallas' cannot run spec {spec.name!r}: {reason}; "
-                                      "use implementation='xla'")
-    return implementation
+def _channel(spec, gates) -> bool:
+    """Whether one head's decay gate is channel-wise (``[T, d_k]``)."""
+    return "decay" in spec.retention.gates and jnp.ndim(gates.get("decay", 0.0)) == 2
 
 
 def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
-             implementation: str = "reference", initial_state: MemoryState | None = None,
+             implementation: str = "auto", initial_state: MemoryState | None = None,
              remat_every: int = 0, grad_horizon: int | None = None):
     """Run the memory of ``spec`` over one sequence: write ``(k_t, v_t)``, read ``q_t``.
 
@@ -163,8 +154,10 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
       implementation: ``"reference"`` (token-level ``lax.scan``, or the chunked reference loops
         when ``chunk_size > 1``), ``"xla"`` (fast chunked forms), ``"pallas"`` (the kernels of
         ``pallas_kernels/``: compiled on TPU / GPU, interpreted on CPU; raises for specs they do
-        not cover, see ``engine/pallas.py``), ``"auto"`` (``"pallas"`` on TPU / GPU where a kernel
-        covers the spec, else ``"xla"``).
+        not cover, naming the component), ``"auto"`` (the default: ``"pallas"`` on TPU / GPU where
+        a kernel covers the spec; else ``"xla"`` where a chunk form covers it and
+        ``chunk_size > 1``; else ``"reference"``). ``mj.plan(spec, implementation, chunk_size)``
+        says which engine runs and why (``engine/plan.py``).
       initial_state: a ``MemoryState`` to continue from (segments); default ``init_state(params)``.
       remat_every: with ``"xla"`` mini-batch forms, ``jax.checkpoint`` groups of this many chunks.
       grad_horizon: ``None`` / 0: exact gradients. ``H`` (a multiple of ``chunk_size``): truncated
@@ -185,7 +178,7 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
         raise ValueError(f"remat_every must be a non-negative int, got {remat_every!r}")
     horizon_lib.check_horizon(grad_horizon, chunk_size)
     gates = check_inputs(spec, params, q, k, v, gates)
-    implementation = resolve(spec, implementation)
+    implementation = plan_lib.resolve(spec, implementation, chunk_size, channel=_channel(spec, gates))
 
     leaves = [q, k, v, *gates.values(), *jax.tree.leaves(params)]
     # float32 accumulation, float64 only if asked for (x64 mode and a float64 input).
@@ -212,7 +205,7 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
 
 
 def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
-                     implementation: str = "reference", initial_state: MemoryState | None = None,
+                     implementation: str = "auto", initial_state: MemoryState | None = None,
                      remat_every: int = 0, mesh=None, batch_axes="data", head_axes=None,
                      grad_horizon: int | None = None):
     """Canonical batched entry point: ``q, k: [B, T, H, k]``, ``v: [B, T, H, v]``.
@@ -239,7 +232,12 @@ def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     for x in jax.tree.leaves(params):
         if x.shape[0] != H:
             raise ValueError(f"memory params need a leading head axis of size H={H}, got {tuple(x.shape)}")
-    implementation = resolve(spec, implementation) if implementation in ("pallas", "auto") else implementation
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    implementation = plan_lib.resolve(spec, implementation, chunk_size,
+                                      channel=getattr((gates or {}).get("decay"), "ndim", 0) == 4)
     if implementation == "pallas":
         return _pallas_batched(spec, params, q, k, v, gates or {}, chunk_size, initial_state, mesh,
                                batch_axes, head_axes, grad_horizon)

@@ -25,45 +25,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from miras_jax import inner_opt
 from miras_jax import memory as memory_lib
 from miras_jax.engine import chunked_vjp
+from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.chunked_reference import pad_to_chunks
+from miras_jax.engine.decay import decay_matrix, log_gate
 from miras_jax.engine.reference import MemoryState
-
-TINY = 1e-30
-
-
-def log_gate(a):
-    """``log a`` with ``a`` floored at 1e-30 (a zero gate becomes a 1e-30 one)."""
-    return jnp.log(jnp.maximum(a, TINY))
-
-
-def decay_matrix(log_a):
-    """``R_ij = exp(sum_{j<l<=i} log a_l)`` for ``j <= i``, else 0. ``log_a: [c] -> [c, c]``
-    (``[c, k] -> [c, c, k]``). Exponents are <= 0: stable for any decay strength."""
-    L = jnp.cumsum(log_a, axis=0)
-    diff = L[:, None] - L[None, :]
-    c = log_a.shape[0]
-    tri = jnp.tril(jnp.ones((c, c), bool))
-    if diff.ndim == 3:
-        tri = tri[:, :, None]
-    return jnp.where(tri, jnp.exp(jnp.where(tri, diff, 0.0)), 0.0)
-
-
-def supports(spec) -> str | None:
-    """``None`` if the mini-batch chunked XLA path handles ``spec``, else the reason it doesn't."""
-    if spec.retention.chunk_mode is None:
-        return f"retention {spec.retention.name!r} has no chunked form"
-    if spec.grad_at != "previous":
-        return "grad_at='retained' has no mini-batch chunked form"
-    if spec.num_steps != 1:
-        return "several inner steps per token have no mini-batch chunked form"
-    if type(spec.optimizer) not in (inner_opt.GD, inner_opt.ImplicitGD, inner_opt.MomentumGD):
-        return f"optimizer {spec.optimizer.name!r} has no chunked form"
-    if spec.retention.chunk_mode != "linear" and isinstance(spec.optimizer, inner_opt.MomentumGD):
-        return "momentum with a non-linear retention map has no chunked form"
-    return None
 
 
 def _coefficients(log_a, lr, mask, log_m):
@@ -191,12 +158,12 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     """
     if vjp not in ("hand", "autodiff"):
         raise ValueError(f"vjp must be 'hand' or 'autodiff', got {vjp!r}")
-    reason = supports(spec)
+    reason = plan_lib.minibatch_blocker(spec)
     if reason:
         raise NotImplementedError(reason)
     hp = spec.hparams
     mode = spec.retention.chunk_mode
-    momentum = isinstance(spec.optimizer, inner_opt.MomentumGD)
+    momentum = spec.optimizer.update_form == "momentum"
     T, c = q.shape[0], chunk_size
     group = max(remat_every, 1)
     n = -(-T // (c * group)) * group
@@ -219,7 +186,7 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     log_m = log_gate(jnp.where(mask > 0, m, 1.0))
     last = jnp.arange(n * c) % c == c - 1   # chunk ends only (a final partial chunk has none)
 
-    if vjp == "hand" and chunked_vjp.supports(spec, momentum, channel):
+    if vjp == "hand" and plan_lib.hand_vjp_blocker(spec, channel) is None:
         chunks = lambda x: x.reshape((n, c) + x.shape[1:])  # noqa: E731
         xs = chunked_vjp.ChunkIn(*jax.tree.map(chunks, (q, k, v, gates, lr, log_a)), mask[::c])
         y, P_end, A_end = chunked_vjp.memorize(spec, state, xs, remat_every)

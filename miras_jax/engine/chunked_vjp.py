@@ -12,7 +12,7 @@ one head; ``P`` the chunk-start memory, ``B`` the base of the dual state (``P``;
               (grad_{W_l} l_i = E_l[i]^T X_l[i]: never materialised)
     end       Z_end,l = beta_c B_l + (C_c * E_l)^T X_l          C = -R * lr, beta = exp(cumsum log a)
     reads     Y_0 = Q;  U_l = s_l * [beta * (Y_l B_l^T) + (C * (Y_l X_l^T)) E_l];  Y_{l+1} = act(U_l)
-              y = [Q +] [LN](U_{L-1})                           (dual form, MIRAS.md Eq. 28-32)
+              y = [Q +] [LN](U_{L-1})                           (dual form, paper Eq. 28-32)
 
 Why not autodiff: reverse mode through ``chunk_step`` stacks about sixty residual arrays per chunk
 (the factors' own VJP is inside the differentiated function) and moves them around; that traffic
@@ -35,9 +35,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from miras_jax import inner_opt
 from miras_jax import memory as memory_lib
 from miras_jax import retention as retention_lib
+from miras_jax.engine.decay import decay_matrix
 
 
 class Layout(NamedTuple):
@@ -53,14 +53,6 @@ def layout(memory) -> Layout:
     if memory.kind == "linear":
         return Layout(1, "identity", False, False)
     return Layout(memory.depth, memory.activation, memory.layer_norm, memory.residual)
-
-
-def supports(spec, momentum: bool, channel: bool) -> bool:
-    """Whether this engine covers ``spec`` (the rest runs ``chunked.chunk_step`` under autodiff)."""
-    return (not momentum and not channel and spec.memory.kind in ("linear", "mlp")
-            and type(spec.optimizer) in (inner_opt.GD, inner_opt.ImplicitGD)
-            and spec.retention.chunk_mode in ("linear", "scale", "lag")
-            and not (spec.retention.anchor and spec.retention.chunk_mode == "lag"))
 
 
 # --- elementwise pieces ---------------------------------------------------------------------
@@ -84,7 +76,7 @@ def _ln_vjp(o, g, eps: float = 1e-5):
 
 
 def coefficients(lr, log_a, D):
-    """``(C [c, c], beta [c])`` from the decay matrix ``D = chunked.decay_matrix(log_a)``
+    """``(C [c, c], beta [c])`` from the decay matrix ``D = decay.decay_matrix(log_a)``
     (``D_ij = exp(L_i - L_j)``, ``j <= i``): ``C_ij = -D_ij lr_j``, ``beta_i = exp(L_i)``,
     ``L = cumsum(log a)`` (the GD case of ``chunked._coefficients``)."""
     return -D * lr[None, :], jnp.exp(jnp.cumsum(log_a))
@@ -293,7 +285,6 @@ def _coeff_inputs(mode, lr, log_a):
 
 def _coeffs(mode, lr, log_a, D=None):
     """``(C, beta, D)``; the decay matrix ``D`` (the chunk's one ``[c, c]`` of ``exp``) is a residual."""
-    from miras_jax.engine.chunked import decay_matrix
     lr, log_a = _coeff_inputs(mode, lr, log_a)
     D = decay_matrix(log_a) if D is None else D
     return (*coefficients(lr, log_a, D), D)
@@ -365,7 +356,7 @@ def _scales(cfg: Config, hpr, Z):
 def _sums_path(cfg: Config) -> bool:
     """l_q with a static integer ``q``: the scale is kept as its two sums per matrix (a residual)
     and differentiated by ``retention.lq_scale_vjp``."""
-    return cfg.static_q is not None and isinstance(cfg.ret, retention_lib.LqRetention)
+    return cfg.static_q is not None and cfg.ret.map_kind == "lq"
 
 
 def _scales_from_sums(cfg: Config, hpr, sums):

@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from miras_jax.engine import chunked, dispatch
+from miras_jax.engine import chunked
+from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.reference import MemoryState, token_step
 
 
@@ -36,8 +37,11 @@ class DecodeState(NamedTuple):
 
 
 def buffered(spec, chunk_size: int, implementation: str) -> bool:
-    """Whether decoding needs the chunk buffer (a mini-batch spec trained with ``C > 1``)."""
-    return implementation != "reference" and chunk_size > 1 and dispatch.exact_family(spec) is None
+    """Whether decoding needs the chunk buffer: the plan that trains ``spec`` has mini-batch
+    semantics with chunks of more than one token (engine ``minibatch`` / ``chunked_reference``, or
+    a kernel running a spec with no exact form)."""
+    p = plan_lib.plan(spec, implementation, chunk_size)
+    return p.family is None and p.chunk > 1 and p.engine in ("minibatch", "chunked_reference", "pallas")
 
 
 def decode_init(spec, state: MemoryState, *, chunk_size: int, implementation: str, d_k: int,

@@ -1,45 +1,16 @@
-"""Which engine runs a spec: the exact chunked forms (Hebbian / delta family), the mini-batch
-chunked form, or the token-level reference. ``run`` is called by ``api.memorize`` with validated,
-cast inputs for one sequence of one head."""
+"""Runs one head on the engine its :class:`~miras_jax.engine.plan.Plan` names: the exact chunked
+forms (Hebbian / delta family), the mini-batch chunked form, or the token-level reference.
+``run`` is called by ``api.memorize`` with validated, cast inputs for one sequence of one head."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from miras_jax import bias as bias_lib
-from miras_jax import inner_opt
-from miras_jax import retention as ret_lib
-from miras_jax.engine import chunked, exact
+from miras_jax.engine import chunked, decay, exact
+from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.chunked_reference import memorize_chunked_reference, pad_to_chunks
 from miras_jax.engine.reference import MemoryState, memorize_tokens
-
-
-# Exact forms equal the token recurrence for any chunk size, so they run at the size measured
-# fastest on the 2-core CPU (B=2, H=4, d=64, fwd+bwd) whatever larger size the caller asks for:
-# channel-wise Hebbian (GLA) materialises [c, c, k] per chunk -> 16; the delta family's WY form
-# -> 32 (54k vs 41k tokens/s at 64, 24k at 128).
-CHANNEL_CHUNK = 16
-DELTA_CHUNK = 32
-
-
-def exact_family(spec) -> str | None:
-    """``"hebbian"`` or ``"delta"`` if the spec has an exact chunked form, else ``None``.
-
-    Hebbian: matrix memory, dot bias, identity retention (none / decay), plain GD.
-    Delta: matrix memory, l2 bias, identity retention, GD / implicit GD / n-step GD, and the step
-    taken at the retained state (or no decay, where that is the same thing).
-    """
-    if (getattr(spec.memory, "kind", None) != "linear" or type(spec.retention) is not ret_lib.Retention
-            or spec.retention.anchor):
-        return None
-    opt = type(spec.optimizer)
-    if isinstance(spec.bias, bias_lib.DotBias) and opt is inner_opt.GD and spec.num_steps == 1:
-        return "hebbian"
-    if isinstance(spec.bias, bias_lib.L2Bias) and opt in (inner_opt.GD, inner_opt.ImplicitGD) and (
-            spec.grad_at == "retained" or spec.retention.decay_source == "none"):
-        return "delta"
-    return None
 
 
 def _log_decay(spec, gates, T):
@@ -48,20 +19,17 @@ def _log_decay(spec, gates, T):
         return None
     if jnp.ndim(a) == 0:
         a = jnp.full((T,), a)
-    return chunked.log_gate(a)
+    return decay.log_gate(a)
 
 
-def run_exact(family, spec, state: MemoryState, q, k, v, gates, chunk_size):
-    """Exact chunked path: equals the token recurrence for any chunk size."""
+def run_exact(plan, spec, state: MemoryState, q, k, v, gates):
+    """Exact chunked path (``plan.engine`` ``"hebbian"`` / ``"delta"``, chunk ``plan.chunk``):
+    equals the token recurrence for any chunk size."""
     hp = spec.hparams
-    T, n, c = q.shape[0], spec.num_steps, chunk_size
+    T, n, c = q.shape[0], spec.num_steps, plan.chunk
     W0 = state.memory["W"]
     log_a = _log_decay(spec, gates, T)
-    if family == "hebbian":
-        if log_a is not None and log_a.ndim == 2:
-            # channel-wise decay materialises [c, c, k] per chunk; the form is exact for any chunk
-            # size, so run it at <= 16 (measured fastest here) whatever the caller's chunk size.
-            c = min(c, CHANNEL_CHUNK)
+    if plan.engine == "hebbian":
         lr = jax.vmap(lambda g, k_i: spec.optimizer.lr(g, hp["optimizer"], k_i))(gates, k)
         Tp = -(-T // c) * c
         q_, k_, v_, lr_ = pad_to_chunks((q, k, v, lr), Tp)
@@ -69,7 +37,6 @@ def run_exact(family, spec, state: MemoryState, q, k, v, gates, chunk_size):
         y, W = exact.hebbian_chunked(q_, k_, v_, lr_, la, W0, c)
         return y[:T], MemoryState({"W": W}, state.retention, state.optimizer)
     # delta family; n sub-steps per token are flattened into n * T steps
-    c = min(c, DELTA_CHUNK)
     if n > 1:
         k = k if k.ndim == 3 else jnp.broadcast_to(k[:, None], (T, n, k.shape[-1]))
         v = v if v.ndim == 3 else jnp.broadcast_to(v[:, None], (T, n, v.shape[-1]))
@@ -91,16 +58,16 @@ def run_exact(family, spec, state: MemoryState, q, k, v, gates, chunk_size):
 
 def run(spec, state: MemoryState, q, k, v, gates, *, chunk_size: int, implementation: str,
         remat_every: int = 0):
-    """Dispatch one head. ``implementation`` is ``"reference"`` or ``"xla"`` here."""
-    family = exact_family(spec)
-    if implementation == "reference":
-        if chunk_size == 1 or family is not None:   # exact chunking == the token recurrence
-            return memorize_tokens(spec, state, q, k, v, gates)
-        return memorize_chunked_reference(spec, state, q, k, v, gates, chunk_size)
-    if family is not None:
-        return run_exact(family, spec, state, q, k, v, gates, chunk_size)
-    reason = chunked.supports(spec)
-    if reason is not None:
-        raise NotImplementedError(f"implementation='xla' cannot run spec {spec.name!r}: {reason}; "
-                                  "use implementation='reference' with chunk_size=1")
-    return chunked.memorize_chunked(spec, state, q, k, v, gates, chunk_size, remat_every)
+    """Run one head on ``plan(spec, implementation, chunk_size)``'s engine (``"reference"`` /
+    ``"xla"`` / ``"auto"`` resolved off-accelerator; pallas runs batched, ``engine/pallas.py``)."""
+    channel = "decay" in spec.retention.gates and jnp.ndim(gates.get("decay", 0.0)) == 2
+    p = plan_lib.plan(spec, implementation, chunk_size, channel=channel)
+    if p.engine == "tokens":
+        return memorize_tokens(spec, state, q, k, v, gates)
+    if p.engine == "chunked_reference":
+        return memorize_chunked_reference(spec, state, q, k, v, gates, p.chunk)
+    if p.engine in ("hebbian", "delta"):
+        return run_exact(p, spec, state, q, k, v, gates)
+    if p.engine == "minibatch":
+        return chunked.memorize_chunked(spec, state, q, k, v, gates, p.chunk, remat_every)
+    raise ValueError(f"dispatch.run runs one head off the kernels; plan {p.engine!r} is run by engine/pallas.py")

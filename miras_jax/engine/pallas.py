@@ -1,5 +1,5 @@
-"""``implementation="pallas"``: which specs the Pallas kernels (``pallas_kernels/``) cover, and
-the translation of a spec + gates into kernel inputs.
+"""``implementation="pallas"``: the translation of a spec + gates into kernel inputs. Which specs
+the kernels cover, and their configuration, is the planner's (``plan.kernel_config``).
 
 Matrix memory -> ``matrix_chunk``: the delta family (DeltaNet, Gated DeltaNet, Longhorn: exact
 delta rule), the scalar-decay Hebbian family (linear attention, RetNet, Mamba2: exact), and
@@ -13,80 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from miras_jax import bias as bias_lib
-from miras_jax import inner_opt
-from miras_jax import retention as ret_lib
-from miras_jax.engine import chunked, dispatch
+from miras_jax.engine import decay
+from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.reference import MemoryState
-from pallas_kernels import MatrixChunkConfig, MLPChunkConfig, matrix_chunk, mlp_chunk, sharded
-
-_RETENTION_MODES = {ret_lib.Retention: "linear", ret_lib.LqRetention: "scale", ret_lib.KLRetention: "lag"}
-
-
-def _residual(spec) -> tuple[str, bool]:
-    b = spec.bias
-    if isinstance(b, bias_lib.DotBias):
-        return "dot", True
-    if isinstance(b, bias_lib.L2Bias):
-        return "l2", True
-    if isinstance(b, bias_lib.L1Bias):
-        return "l1", b.smooth
-    if isinstance(b, bias_lib.LpBias):
-        return "lp", b.smooth
-    if isinstance(b, bias_lib.HuberBias):
-        return f"huber_{b.form}", b.smooth
-    raise NotImplementedError(f"bias {type(b).__name__} has no Pallas residual map")
-
-
-def kernel_config(spec, chunk_size: int, channel: bool = False):
-    """``MatrixChunkConfig`` / ``MLPChunkConfig`` for ``spec`` (``channel``: the decay gate is
-    channel-wise ``[T, k]``), or ``NotImplementedError(reason)``."""
-    if spec.retention.anchor and spec.memory.kind != "mlp":
-        raise NotImplementedError("an anchored retention (decay toward W_0) has a Pallas kernel for the "
-                                  "MLP memory only")
-    family = dispatch.exact_family(spec)
-    mem = spec.memory
-    if channel:
-        if mem.kind != "linear" or family == "delta" or type(spec.retention) is not ret_lib.Retention:
-            raise NotImplementedError("channel-wise decay runs on the matrix-memory kernel with "
-                                      "gradient-descent, linear-retention specs only (GLA-like)")
-        residual, smooth = _residual(spec)
-        return MatrixChunkConfig(mode="minibatch", residual=residual, smooth=smooth, channel=True,
-                                 chunk_size=min(chunk_size, dispatch.CHANNEL_CHUNK))
-    if family == "delta":
-        if spec.num_steps != 1:
-            raise NotImplementedError("several inner steps per token (DeltaProduct) have no Pallas kernel")
-        return MatrixChunkConfig(mode="delta", residual="l2", chunk_size=min(chunk_size, dispatch.DELTA_CHUNK))
-    if family == "hebbian":
-        return MatrixChunkConfig(mode="minibatch", residual="dot", chunk_size=chunk_size)
-    reason = chunked.supports(spec)
-    if reason is not None:
-        raise NotImplementedError(reason)
-    if type(spec.optimizer) not in (inner_opt.GD, inner_opt.ImplicitGD):
-        raise NotImplementedError(f"optimizer {spec.optimizer.name!r} has no Pallas kernel (GD only)")
-    mode = _RETENTION_MODES.get(type(spec.retention))
-    if mode is None:
-        raise NotImplementedError(f"retention {spec.retention.name!r} has no Pallas kernel "
-                                  f"(supported: none, decay, lq, kl)")
-    residual, smooth = _residual(spec)
-    c = getattr(spec.retention, "c", None)
-    if mem.kind == "linear":
-        return MatrixChunkConfig(mode="minibatch", residual=residual, smooth=smooth, retention=mode,
-                                 simplex_c=c, chunk_size=chunk_size)
-    if not (mem.depth == 2 and mem.residual and mem.layer_norm and mem.activation == "gelu"):
-        raise NotImplementedError("the Pallas MLP kernel covers the Miras memory x + LN(W_1 gelu(W_0 x)) "
-                                  f"only, got {mem}")
-    return MLPChunkConfig(residual=residual, smooth=smooth, retention=mode, simplex_c=c, chunk_size=chunk_size,
-                          anchor=spec.retention.anchor)
-
-
-def supports(spec) -> str | None:
-    """``None`` if a Pallas kernel runs ``spec``, else the reason it doesn't."""
-    try:
-        kernel_config(spec, 64)
-    except NotImplementedError as e:
-        return str(e)
-    return None
+from pallas_kernels import MatrixChunkConfig, matrix_chunk, mlp_chunk, sharded
 
 
 def _hparams(spec) -> dict:
@@ -104,12 +34,12 @@ def run_batched(spec, state: MemoryState, q, k, v, gates: dict, *, chunk_size: i
     qh, kh, vh = bh(q), bh(k), bh(v)
     g = {name: bh(x) for name, x in gates.items()}
     channel = g.get("decay") is not None and g["decay"].ndim == 4
-    cfg = kernel_config(spec, chunk_size, channel)
+    cfg = plan_lib.kernel_config(spec, chunk_size, channel)
     hp = spec.hparams
     per_tok = jax.vmap(jax.vmap(jax.vmap(lambda gt, kt: spec.optimizer.lr(gt, hp["optimizer"], kt))))
     lr = per_tok(g, kh)                                                             # [B, H, T]
     a = spec.retention.decay_value(g, hp["retention"])
-    log_decay = None if a is None else chunked.log_gate(a if channel else jnp.broadcast_to(a, lr.shape))
+    log_decay = None if a is None else decay.log_gate(a if channel else jnp.broadcast_to(a, lr.shape))
     gate = g.get("delta")
     hps = _hparams(spec)
     mode = getattr(cfg, "retention", "linear")

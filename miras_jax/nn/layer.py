@@ -1,4 +1,4 @@
-"""``MirasLayer``: the Miras sequence mixer as a Flax NNX module (MIRAS.md section 7).
+"""``MirasLayer``: the Miras sequence mixer as a Flax NNX module (the block of the Miras paper, arXiv 2504.13173).
 
 Axis letters: ``b`` batch, ``t`` tokens, ``d`` model width, ``h`` heads, ``k`` key/head dim,
 ``v`` value dim, ``r`` gate rank. Per token ``x_t: [d]``::
@@ -32,45 +32,26 @@ from flax import nnx
 
 from miras_jax import presets, sharding
 from miras_jax.engine import decode as decode_lib
+from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.api import memorize_batched
 from miras_jax.engine.horizon import check_horizon
 from miras_jax.engine.reference import init_state
 from miras_jax.spec import MirasSpec
 
 GATE_INIT = {"lr": 0.0, "decay": 2.944, "momentum": 2.197, "delta": 0.541}  # logit(.95), logit(.9)
-# The step ceiling per memory kind. An MLP memory's is set by long context (issue 31): a charlm model
-# (4 layers, 4 heads of 32, C = 64) must keep a step-1 gradient norm O(1) at seq_len 16384 with the
-# gates at the ceiling (measured as a run whose lr_max is twice the ceiling: its initial lr is
-# lr_max / 2). Real keys are correlated, so a chunk's 64 writes add up: the random-key scans of
-# experiments/lyapunov.py allow ~3x larger steps than a language model does. Measured grad norms at
-# 16384 (experiments/README.md "Long context"): TTT-MLP 2.9 at lr 0.01; Yaad 2.2 at 0.01;
-# Titans 2.5 at 0.005 and 3e6 at 0.01 (momentum 0.9 multiplies its step); Moneta 2.1 at 5e-4,
-# 18 at 1e-3 (17 at 8192: bounded); Memora 1.5 at 0.3 (but see LR_MAX_KL_MLP).
-LR_MAX = {"linear": 1.0, "mlp": 0.01}
+# The inner step's ceiling (``lr = lr_max sigmoid(.)``), each the largest that keeps the memory's
+# recurrence stable (exact gradients finite and O(1) at 16k tokens, every decay in [0.5, 0.9999]):
+LR_MAX = {"linear": 1.0,     # a matrix memory with unit keys: the delta rule is non-expansive up to 1
+          "mlp": 0.01}       # an MLP memory: a chunk's correlated writes add up; larger grows chaotic
 # What a run saved before ``lr_max`` was resolved into its config trained with (train._saved_model).
 LR_MAX_UNRESOLVED = {"linear": 1.0, "mlp": 0.1}
-# Moneta on an MLP memory: ``W = A / ||A||_q^(q-2)`` is homogeneous of degree 3 - q in ``A``, and the
-# memory's LayerNorm makes the inner gradient scale as ``1 / |W| ~ |A|`` (q = 4), so every write
-# grows ``A`` in proportion to ``A``: ``|A_t| ~ sqrt(a^2 + (lr c)^2) |A_{t-1}|`` with ``c`` ~ 10 at
-# init. Above a step of about ``sqrt(1 - a^2) / c`` the accumulator runs away and ``W`` shrinks until
-# the LayerNorm's eps swamps its pre-activations: at lr_max 0.1 the accumulators grew 10-20x in 16
-# tokens and the memory read returned only its residual ``q`` (MQAR stalled at 5%). At 3e-3 they
-# stay near ``A_0`` at the initial decays (experiments/README.md, "MQAR diagnostics").
-LR_MAX_LQ_MLP = 1e-3   # was 3e-3 (MQAR above); 1e-3 for long context
-# Memora on an MLP memory: its multiplicative step (``W = c softmax(a log W - lr g)``) needs a far
-# larger ceiling than an additive one: MQAR (``mqar_small``) 5.3% at 0.1, 70.1% at 1, 98.2% at 3, and
-# the issue-size run reached 99% at 3; char-LM is the same at 0.1 and 3 (experiments/README.md).
-# Long context (issue 31) caps both by the stability of the inner recurrence: an MLP memory's
-# chunked recurrence (C = 64) must not amplify perturbations at any decay in [0.5, 0.9999]
-# (``experiments/lyapunov.py --measures=chunk``, float64, anchored presets; experiments/README.md
-# "Long context"). Growth per token at decay 0.95 / 0.9999: Memora +0.0014 / +0.0117 at lr 3,
-# -0.0007 / +0.0075 at 1, -0.0007 / +0.0005 at 0.3; Titans +0.0025 / 0.0000 at 0.1, -0.0004 /
-# +0.0003 at 0.03. (Memora's MQAR scores above were measured at 3, before this cap.)
-# At 0.3 the engine-level contract test (random unit keys, lr at the ceiling, decay 0.9999) grew to
-# max |grad| 3e4 at 16k and 3e28 at 64k tokens (log W drifts when nothing is retained); at 0.1,
-# 0.015 and 0.029 (tests/test_long_context.py).
+# Moneta (MLP): W = A / ||A||_q^(q-2) behind a LayerNorm makes each write grow A in proportion to A;
+# above ~sqrt(1 - a^2) / 10 the accumulator runs away and the read collapses to its residual.
+LR_MAX_LQ_MLP = 1e-3
+# Memora (MLP): a multiplicative step (W = c softmax(a log W - lr g)) tolerates a larger one; above
+# 0.1 log W drifts when nothing is retained (decay near 1).
 LR_MAX_KL_MLP = 0.1
-LR_MAX_MOMENTUM_MLP = 5e-3   # Titans
+LR_MAX_MOMENTUM_MLP = 5e-3   # Titans: momentum 0.9 multiplies the effective step about 10x
 LR_MAX_BY_RETENTION = {("mlp", "lq"): LR_MAX_LQ_MLP, ("mlp", "kl"): LR_MAX_KL_MLP}
 GATE_RANGE = {"decay": jax.nn.sigmoid, "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}  # lr: below
 
@@ -144,7 +125,7 @@ class MirasLayer(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, spec, *, head_dim: int | None = None,
-                 preset_kwargs: dict | None = None, chunk_size: int = 64, implementation: str = "xla",
+                 preset_kwargs: dict | None = None, chunk_size: int = 64, implementation: str = "auto",
                  remat_every: int = 0, gate_rank: int = 32, conv_kernel: int = 4,
                  channel_decay: bool | None = None, decay_init: tuple[float, float] | None = None,
                  lr_max: float | None = None, grad_horizon: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -245,6 +226,11 @@ class MirasLayer(nnx.Module):
             out[g] = self.lr_max * jax.nn.sigmoid(z) if g == "lr" else GATE_RANGE[g](z)
         return out
 
+    @property
+    def plan(self):
+        """The engine plan of this layer's memory (``mj.plan``): which engine runs it and why."""
+        return plan_lib.plan(self.spec, self.implementation, self.chunk_size, channel=self.channel_decay)
+
     def _mesh_kw(self, batch: int) -> dict:
         """``memorize_batched``'s sharding arguments on the active mesh (none without one): the
         heads' mesh axes, and for ``"pallas"`` the mesh and batch axes of its ``shard_map``."""
@@ -252,7 +238,7 @@ class MirasLayer(nnx.Module):
         if mesh is None:
             return {}
         kw = dict(head_axes=sharding.mesh_axes("heads", self.h))
-        if self.implementation == "pallas":
+        if self.plan.implementation == "pallas":
             kw.update(mesh=mesh, batch_axes=sharding.mesh_axes("batch", batch))
         return kw
 
@@ -268,7 +254,7 @@ class MirasLayer(nnx.Module):
         # heads over the mesh's tensor axis, batch over data/fsdp (no-op without an active mesh)
         q, k, v = (sharding.constrain(a, ("batch", "seq", "heads", "dim")) for a in (q, k, v))
         y, _ = memorize_batched(self.spec, self.memory_init(), q, k, v, self._gates(x),
-                                chunk_size=self.chunk_size, implementation=self.implementation,
+                                chunk_size=self.chunk_size, implementation=self.plan.implementation,
                                 remat_every=self.remat_every, grad_horizon=self.grad_horizon,
                                 **self._mesh_kw(q.shape[0]))
         y = sharding.constrain(y, ("batch", "seq", "heads", "dim"))
@@ -285,7 +271,7 @@ class MirasLayer(nnx.Module):
         """``(y [b, t, d], LayerCache)``: the full-sequence forward plus the state after it."""
         q, k, v, bufs = self._qkv(x, None)
         gates = self._gates(x)
-        c, impl = self.chunk_size, self.implementation
+        c, impl = self.chunk_size, self.plan.implementation
         T = x.shape[1]
         kw = dict(chunk_size=c, implementation=impl, remat_every=self.remat_every, **self._mesh_kw(x.shape[0]))
         if not decode_lib.buffered(self.spec, c, impl):
@@ -317,7 +303,7 @@ class MirasLayer(nnx.Module):
         """``q_t, k_t, v_t: [b, h, k]``, gates ``[b, h(, k)]`` -> ``(y [b, h, v], ds)``."""
         def one(ds, q, k, v, g):
             return decode_lib.decode_step(self.spec, ds, q, k, v, g, chunk_size=self.chunk_size,
-                                          implementation=self.implementation)
+                                          implementation=self.plan.implementation)
         return self._vmap_bh(one, ds, q_t, k_t, v_t, gates_t)
 
     def step(self, x_t, cache: LayerCache):

@@ -53,7 +53,7 @@ class LMConfig:
     pattern: str = "M"
     window: int = 64                      # sliding-window attention span
     chunk_size: int = 64
-    implementation: str = "xla"
+    implementation: str = "auto"
     remat_every: int = 0
     gate_rank: int = 32
     conv_kernel: int = 4

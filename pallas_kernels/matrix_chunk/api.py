@@ -8,24 +8,15 @@ See ``MatrixChunkConfig`` for the retention variants (l_q scale, KL lag).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import layout
 from pallas_kernels.common.vjp import chunk_sweep
 from pallas_kernels.matrix_chunk import chunk, reference
-from pallas_kernels.matrix_chunk.config import MatrixChunkConfig
+from pallas_kernels.matrix_chunk.config import ChunkState, MatrixChunkConfig
 
 IMPLEMENTATIONS = ("pallas", "reference")
-
-
-class ChunkState(NamedTuple):
-    """Final state: ``memory [B, H, v, k]``; ``accumulator`` (l_q retention's ``A``) or ``None``."""
-
-    memory: jax.Array
-    accumulator: jax.Array | None
 
 
 def matrix_chunk(q, k, v, lr, log_decay=None, m0=None, a0=None, gate=None, hparams=None, *,

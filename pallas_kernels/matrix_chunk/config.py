@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
+
+import jax
 
 from pallas_kernels.common import residuals
 from pallas_kernels.common.config import RETENTIONS, check_blocks
@@ -63,3 +66,10 @@ class MatrixChunkConfig:
         if self.channel:
             f += 4 * c * c * d_k
         return f, 2 * c * c + c * d_v + (c * c * d_k if self.channel else 0)
+
+
+class ChunkState(NamedTuple):
+    """Final state: ``memory [B, H, v, k]``; ``accumulator`` (l_q retention's ``A``) or ``None``."""
+
+    memory: jax.Array
+    accumulator: jax.Array | None

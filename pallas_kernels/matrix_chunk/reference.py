@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from pallas_kernels.common import layout, residuals
 from pallas_kernels.common import math as km
 from pallas_kernels.matrix_chunk import chunk as chunk_lib
+from pallas_kernels.matrix_chunk.config import ChunkState
 
 
 def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
@@ -68,5 +69,4 @@ def matrix_chunk_reference(q, k, v, lr, log_decay, m0, a0, gate, hparams, *, con
     a0_ = f32(m0) if a0 is None else f32(a0)
     fn = jax.vmap(jax.vmap(lambda *a: _one_row(config, hp, *a)))
     y, W, A = fn(f32(q), f32(k), f32(v), f32(lr), la, g, f32(m0), a0_)
-    from pallas_kernels.matrix_chunk.api import ChunkState
     return y.astype(v.dtype), ChunkState(W, A if config.retention == "scale" else None)

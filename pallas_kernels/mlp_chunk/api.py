@@ -3,22 +3,12 @@ with mini-batch gradient steps, as a Pallas kernel. See ``chunk.py`` for the mat
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from pallas_kernels.common import layout
 from pallas_kernels.common.vjp import chunk_sweep
 from pallas_kernels.mlp_chunk import chunk, reference
-from pallas_kernels.mlp_chunk.config import MLPChunkConfig
+from pallas_kernels.mlp_chunk.config import MLPChunkConfig, MLPChunkState
 
 IMPLEMENTATIONS = ("pallas", "reference")
-
-
-class MLPChunkState(NamedTuple):
-    """Final state: ``memory = (W_0 [B, H, f, d], W_1 [B, H, d, f])``; ``accumulator`` (l_q's
-    ``(A_0, A_1)``) or ``None``."""
-
-    memory: tuple
-    accumulator: tuple | None
 
 
 def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None, anchor=None, *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from pallas_kernels.common import residuals
 from pallas_kernels.common.config import RETENTIONS, check_blocks
@@ -49,3 +50,11 @@ class MLPChunkConfig:
         c = self.chunk_size
         mm = 2 * c * d * f
         return 8 * mm + 2 * c * c * (2 * d + f) + 2 * c * c * (d + f), 3 * c * f + 2 * c * c
+
+
+class MLPChunkState(NamedTuple):
+    """Final state: ``memory = (W_0 [B, H, f, d], W_1 [B, H, d, f])``; ``accumulator`` (l_q's
+    ``(A_0, A_1)``) or ``None``."""
+
+    memory: tuple
+    accumulator: tuple | None

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from pallas_kernels.common import layout, residuals
 from pallas_kernels.common import math as km
 from pallas_kernels.mlp_chunk import chunk as chunk_lib
+from pallas_kernels.mlp_chunk.config import MLPChunkState
 
 
 def memory(W, x):
@@ -79,5 +80,4 @@ def mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor=No
     n0 = m0 if anchor is None else tuple(f32(a) for a in anchor)   # unused unless config.anchor
     fn = jax.vmap(jax.vmap(lambda *a: _one_row(config, hp, *a)))
     y, W, A = fn(f32(q), f32(k), f32(v), f32(lr), la, g, m0, a0, n0)
-    from pallas_kernels.mlp_chunk.api import MLPChunkState
     return y.astype(v.dtype), MLPChunkState(W, A if config.retention == "scale" else None)

@@ -1,0 +1,265 @@
+"""The planner: which engine runs a spec, at which chunk size, with which backward, decided in one
+place from the components' traits (``miras_jax/base.py``), never from their classes.
+
+    plan(spec, implementation="auto", chunk_size=64, backend=None, channel=False) -> Plan
+
+Engines (``Plan.engine``):
+  ``tokens``             the token recurrence under ``lax.scan`` (``engine/reference.py``): any spec.
+  ``chunked_reference``  the mini-batch semantics as plain loops (``engine/chunked_reference.py``).
+  ``hebbian`` / ``delta`` exact chunk forms of a matrix memory (``engine/exact.py``): equal the
+                         token recurrence for any chunk size.
+  ``minibatch``          the mini-batch chunk form (``engine/chunked.py``; hand VJP in
+                         ``engine/chunked_vjp.py`` where it applies, else autodiff).
+  ``pallas``             the kernels of ``pallas_kernels/`` (``engine/pallas.py``).
+
+``implementation``: ``"reference"`` (tokens, or chunked_reference when ``chunk_size > 1`` and the
+spec has no exact form), ``"xla"``, ``"pallas"`` (raise with the blocking component when they
+cannot run the spec), ``"auto"`` (pallas on TPU / GPU where a kernel covers the spec; else xla
+where it covers it and ``chunk_size > 1``; else reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from pallas_kernels import MatrixChunkConfig, MLPChunkConfig
+from pallas_kernels.common.residuals import KINDS as KERNEL_RESIDUALS
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "auto")
+
+# Largest chunk an exact form runs at, whatever larger size is asked (exact: any size gives the
+# same result). Channel-wise Hebbian (GLA) materialises [c, c, d_k] per chunk; the delta family's
+# WY form solves a [c, c] triangular system per chunk. Fastest measured on the 2-core CPU
+# (B=2, H=4, d=64, fwd+bwd: delta 54k tokens/s at 32 vs 41k at 64); the same caps elsewhere
+# until measured there.
+EXACT_CHUNK_CAP = {"channel": 16, "delta": 32}
+
+# The retention maps the Pallas kernels implement (their residual maps: KERNEL_RESIDUALS).
+KERNEL_RETENTION = {"identity": "linear", "lq": "scale", "kl": "lag"}
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Plan:
+    """What runs a spec. ``chunk`` is the chunk size that actually runs (``chunk_size`` was asked);
+    ``vjp``: ``"autodiff"``, ``"hand"`` (``chunked_vjp``'s hand-written backward), ``"custom"``
+    (the exact forms' closed-form state-scan backward) or ``"kernel"`` (the kernels' own);
+    ``kernel``: the Pallas configuration; ``why``: one line per decision."""
+
+    spec: str
+    implementation: str
+    engine: str
+    chunk_size: int
+    chunk: int
+    family: str | None = None
+    chunk_mode: str | None = None
+    momentum: bool = False
+    channel: bool = False
+    vjp: str = "autodiff"
+    kernel: Any = None
+    why: tuple = ()
+
+    def __str__(self) -> str:
+        head = (f"Plan({self.spec!r}: engine={self.engine}, implementation={self.implementation}, "
+                f"chunk={self.chunk} (asked {self.chunk_size}), vjp={self.vjp})")
+        return "\n".join([head, *(f"  - {w}" for w in self.why)])
+
+    __repr__ = __str__
+
+
+def _trait(component, name):
+    return getattr(component, name, None)
+
+
+def exact_family(spec) -> str | None:
+    """``"hebbian"`` / ``"delta"`` if the spec has an exact chunk form, else ``None``.
+
+    Needs a matrix memory, an identity retention map without anchor, ``update_form == "gd"``;
+    Hebbian: a bias with ``exact_family == "hebbian"`` and one step per token; delta: the l2 family,
+    the step taken at the retained state (or no decay, where that is the same thing)."""
+    return None if exact_blocker(spec) else spec.bias.exact_family
+
+
+def exact_blocker(spec) -> str | None:
+    """Why ``spec`` has no exact chunk form (``None`` if it has one)."""
+    fam = _trait(spec.bias, "exact_family")
+    if fam is None:
+        return f"bias {type(spec.bias).__name__} has no exact chunk form (only dot and l2 do)"
+    if _trait(spec.memory, "kind") != "linear":
+        return "an exact chunk form needs a matrix (linear) memory"
+    if _trait(spec.retention, "map_kind") != "identity" or spec.retention.anchor:
+        return f"retention {spec.retention.name!r} is not a plain decay (identity map, no anchor)"
+    if _trait(spec.optimizer, "update_form") != "gd":
+        return f"optimizer {spec.optimizer.name!r} is not gradient descent"
+    if fam == "hebbian" and spec.num_steps != 1:
+        return "several inner steps per token with the dot bias have no exact form"
+    if fam == "delta" and not (spec.grad_at == "retained" or spec.retention.decay_source == "none"):
+        return "the delta form takes the step at the retained state (grad_at='retained' or no decay)"
+    return None
+
+
+def minibatch_blocker(spec) -> str | None:
+    """Why the mini-batch chunk form (``engine/chunked.py``) cannot run ``spec`` (``None`` if it can)."""
+    mode = _trait(spec.retention, "chunk_mode")
+    form = _trait(spec.optimizer, "update_form")
+    if mode is None:
+        return f"retention {spec.retention.name!r} has no chunked form"
+    if spec.grad_at != "previous":
+        return "grad_at='retained' has no mini-batch chunked form"
+    if spec.num_steps != 1:
+        return "several inner steps per token have no mini-batch chunked form"
+    if form not in ("gd", "momentum"):
+        return f"optimizer {spec.optimizer.name!r} has no chunked form"
+    if mode != "linear" and form == "momentum":
+        return "momentum with a non-linear retention map has no chunked form"
+    return None
+
+
+def hand_vjp_blocker(spec, channel: bool = False) -> str | None:
+    """Why the mini-batch form's hand-written backward (``chunked_vjp``) does not cover ``spec``
+    (it then differentiates ``chunked.chunk_step``); ``None`` if it does."""
+    if _trait(spec.optimizer, "update_form") != "gd":
+        return "momentum runs under autodiff"
+    if channel:
+        return "channel-wise decay runs under autodiff"
+    if _trait(spec.memory, "kind") not in ("linear", "mlp"):
+        return f"memory kind {_trait(spec.memory, 'kind')!r} has no hand VJP"
+    if spec.retention.chunk_mode not in ("linear", "scale", "lag"):
+        return "retention without a chunk mode"
+    if spec.retention.anchor and spec.retention.chunk_mode == "lag":
+        return "an anchored 'lag' retention runs under autodiff"
+    return None
+
+
+def kernel_config(spec, chunk_size: int, channel: bool = False):
+    """``MatrixChunkConfig`` / ``MLPChunkConfig`` for ``spec``, or ``NotImplementedError(reason)``
+    naming the component no kernel covers."""
+    mem, ret = spec.memory, spec.retention
+    kind = _trait(mem, "kind")
+    if ret.anchor and kind != "mlp":
+        raise NotImplementedError("an anchored retention (decay toward W_0) has a Pallas kernel for the "
+                                  "MLP memory only")
+    family = exact_family(spec)
+    residual = _trait(spec.bias, "residual_kind")
+    smooth = bool(getattr(spec.bias, "smooth", True))
+    if channel:
+        if kind != "linear" or family == "delta" or _trait(ret, "map_kind") != "identity":
+            raise NotImplementedError("channel-wise decay runs on the matrix-memory kernel with "
+                                      "gradient-descent, linear-retention specs only (GLA-like)")
+        if residual not in KERNEL_RESIDUALS:
+            raise NotImplementedError(f"bias {type(spec.bias).__name__} has no Pallas residual map")
+        return MatrixChunkConfig(mode="minibatch", residual=residual, smooth=smooth, channel=True,
+                                 chunk_size=min(chunk_size, EXACT_CHUNK_CAP["channel"]))
+    if family == "delta":
+        if spec.num_steps != 1:
+            raise NotImplementedError("several inner steps per token (DeltaProduct) have no Pallas kernel")
+        return MatrixChunkConfig(mode="delta", residual="l2", chunk_size=min(chunk_size, EXACT_CHUNK_CAP["delta"]))
+    if family == "hebbian":
+        return MatrixChunkConfig(mode="minibatch", residual="dot", chunk_size=chunk_size)
+    reason = minibatch_blocker(spec)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    if _trait(spec.optimizer, "update_form") != "gd":
+        raise NotImplementedError(f"optimizer {spec.optimizer.name!r} has no Pallas kernel (GD only)")
+    mode = KERNEL_RETENTION.get(_trait(ret, "map_kind"))
+    if mode is None:
+        raise NotImplementedError(f"retention {ret.name!r} has no Pallas kernel (supported: none, decay, lq, kl)")
+    if residual not in KERNEL_RESIDUALS:
+        raise NotImplementedError(f"bias {type(spec.bias).__name__} has no Pallas residual map")
+    c = getattr(ret, "c", None)
+    if kind == "linear":
+        return MatrixChunkConfig(mode="minibatch", residual=residual, smooth=smooth, retention=mode,
+                                 simplex_c=c, chunk_size=chunk_size)
+    if not (mem.depth == 2 and mem.residual and mem.layer_norm and mem.activation == "gelu"):
+        raise NotImplementedError("the Pallas MLP kernel covers the Miras memory x + LN(W_1 gelu(W_0 x)) "
+                                  f"only, got {mem}")
+    return MLPChunkConfig(residual=residual, smooth=smooth, retention=mode, simplex_c=c, chunk_size=chunk_size,
+                          anchor=ret.anchor)
+
+
+def kernel_blocker(spec, channel: bool = False) -> str | None:
+    """Why no Pallas kernel runs ``spec`` (``None`` if one does)."""
+    try:
+        kernel_config(spec, 64, channel)
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
+def resolve(spec, implementation: str, chunk_size: int = 64, backend: str | None = None,
+            channel: bool = False) -> str:
+    """``implementation`` with ``"auto"`` resolved (see the module docstring); ``"xla"`` /
+    ``"pallas"`` for a spec they cannot run raise ``NotImplementedError`` naming the blocker."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "auto":
+        backend = backend or jax.default_backend()
+        if backend in ("tpu", "gpu") and kernel_blocker(spec, channel) is None:
+            return "pallas"
+        if chunk_size > 1 and (exact_family(spec) is not None or minibatch_blocker(spec) is None):
+            return "xla"
+        return "reference"
+    if implementation == "pallas":
+        reason = kernel_blocker(spec, channel)
+        if reason is not None:
+            raise NotImplementedError(f"implementation='pallas' cannot run spec {spec.name!r}: {reason}; "
+                                      "use implementation='xla'")
+    if implementation == "xla" and exact_family(spec) is None:
+        reason = minibatch_blocker(spec)
+        if reason is not None:
+            raise NotImplementedError(f"implementation='xla' cannot run spec {spec.name!r}: {reason}; "
+                                      "use implementation='reference' with chunk_size=1")
+    return implementation
+
+
+def plan(spec, implementation: str = "auto", chunk_size: int = 64, *, backend: str | None = None,
+         channel: bool = False) -> Plan:
+    """The :class:`Plan` for ``spec`` (``channel``: the decay gate is channel-wise ``[T, d_k]``)."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    asked = implementation
+    impl = resolve(spec, implementation, chunk_size, backend, channel)
+    family = exact_family(spec)
+    common = dict(spec=spec.name, implementation=impl, chunk_size=chunk_size, family=family,
+                  chunk_mode=_trait(spec.retention, "chunk_mode"),
+                  momentum=_trait(spec.optimizer, "update_form") == "momentum", channel=channel)
+    why = [f"implementation={asked!r} -> {impl!r}" + ("" if asked != "auto" else _auto_reason(impl))]
+    if impl == "pallas":
+        cfg = kernel_config(spec, chunk_size, channel)
+        if cfg.chunk_size != chunk_size:
+            why.append(f"chunk capped at {cfg.chunk_size}: the exact form is the same at any chunk size")
+        why.append(f"kernel {type(cfg).__name__}({_kernel_summary(cfg)})")
+        return Plan(engine="pallas", chunk=cfg.chunk_size, vjp="kernel", kernel=cfg, why=tuple(why), **common)
+    if impl == "reference":
+        if chunk_size == 1 or family is not None:
+            why.append("token recurrence (chunk 1" + (f"; the {family} form is exact)" if family else ")"))
+            return Plan(engine="tokens", chunk=1, why=tuple(why), **common)
+        why.append("mini-batch semantics as plain loops over chunks")
+        return Plan(engine="chunked_reference", chunk=chunk_size, why=tuple(why), **common)
+    if family is not None:
+        cap = EXACT_CHUNK_CAP["channel"] if (family == "hebbian" and channel) else (
+            EXACT_CHUNK_CAP["delta"] if family == "delta" else None)
+        chunk = chunk_size if cap is None else min(chunk_size, cap)
+        why.append(f"exact {family} chunk form: equals the token recurrence at any chunk size")
+        if chunk != chunk_size:
+            why.append(f"chunk capped at {chunk} (EXACT_CHUNK_CAP: fastest measured; same result)")
+        return Plan(engine=family, chunk=chunk, vjp="custom", why=tuple(why), **common)
+    why.append(f"no exact form ({exact_blocker(spec)}): mini-batch form, gradients at each chunk's "
+               "start memory")
+    blocker = hand_vjp_blocker(spec, channel)
+    why.append("hand-written VJP" if blocker is None else f"autodiff backward ({blocker})")
+    return Plan(engine="minibatch", chunk=chunk_size, vjp="hand" if blocker is None else "autodiff",
+                why=tuple(why), **common)
+
+
+def _auto_reason(impl: str) -> str:
+    return {"pallas": " (a kernel covers the spec on this accelerator)",
+            "xla": " (a chunk form covers the spec)",
+            "reference": " (chunk_size 1, or no chunk form)"}[impl]
+
+
+def _kernel_summary(cfg) -> str:
+    fields = ("mode", "residual", "retention", "channel", "chunk_size", "anchor")
+    return ", ".join(f"{f}={getattr(cfg, f)!r}" for f in fields if hasattr(cfg, f))
