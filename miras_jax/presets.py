@@ -1,4 +1,4 @@
-"""Every known model as a preset of :class:`~miras_jax.spec.MirasSpec` (MIRAS.md section 2, 5).
+"""Every known model as a preset of :class:`~miras_jax.spec.MirasSpec` (the Miras paper's Table 1 and Sec. 5.3).
 
 ``get(name, **kw)`` builds one; ``names()`` lists them. Keyword arguments are either structural
 (``memory="linear" | "mlp"``, ``smooth``, ``num_steps``, ``expansion``, ``depth``, ``gated``) or

@@ -2,7 +2,7 @@
 
 This is the oracle of the fast chunked XLA path (``chunked.py``): same semantics, no algebra.
 Chunks of ``c`` tokens; inside a chunk every gradient is taken at the chunk-start memory
-``P = W_{t'}`` (MIRAS.md Eq. 28), then token by token (materialised states)::
+``P = W_{t'}`` (the paper's Eq. 28), then token by token (materialised states)::
 
     g_i = grad l(P; k_i, v_i);  u_i, S = optimizer.update(g_i, S)
     "linear" maps (none, decay):  W_i = retention.step(W_{i-1}, u_i, a_i)          (exact map)

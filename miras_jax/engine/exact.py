@@ -1,4 +1,4 @@
-"""Exact chunk-parallel forms of the linear-RNN recurrences (MIRAS.md sections 2 and 6).
+"""Exact chunk-parallel forms of the linear-RNN recurrences (the paper's Table 1 models).
 
 One sequence, one head; the memory is ``W: [v, k]`` and the read comes after the write of
 token ``t`` (``y_t = W_t q_t``)::
@@ -8,7 +8,7 @@ token ``t`` (``y_t = W_t q_t``)::
     delta:    W_t = a_t W_{t-1} (I - lr_t k_t k_t^T) + lr_t v_t k_t^T  DeltaNet, Gated DeltaNet,
                                                                        Longhorn, DeltaProduct
 
-with ``a_t = exp(log_decay_t)``. Unlike the chunk-start-gradient form of MIRAS.md Eq. 28, these
+with ``a_t = exp(log_decay_t)``. Unlike the chunk-start-gradient form of the paper's Eq. 28, these
 forms equal the token recurrence for every chunk size (up to float32 reassociation).
 
 How: the ``t`` tokens are cut into ``n = t / c`` chunks of ``c``. Everything that does not depend
