@@ -234,7 +234,7 @@ def _run_matrix(cfg, args, **kw):
         la = jnp.log(jax.random.uniform(jax.random.key(9), q.shape, minval=0.05, maxval=1.0))
 
     def f(q, k, v, lr, la_, m0):
-        y, st = matrix_chunk(q, k, v, lr, la if cfg.channel else la_, m0, None, gate, {"p": 3.0, "q": 3.0},
+        y, st = matrix_chunk(q, k, v, lr, m0, la if cfg.channel else la_, None, gate, {"p": 3.0, "q": 3.0},
                              config=cfg, **kw)
         return y, st.memory
     return f
@@ -348,18 +348,18 @@ def test_kernel_input_errors():
     q, k, v, lr, la, m0, gate = _kernel_inputs(1, 1, 16, 16)
     cfg = MatrixChunkConfig(chunk_size=8)
     with pytest.raises(ValueError, match="power of two"):
-        matrix_chunk(q, k, v, lr, la, m0, config=cfg, backend="triton")
+        matrix_chunk(q, k, v, lr, m0, la, config=cfg, backend="triton")
     with pytest.raises(ValueError, match="k must have shape"):
-        matrix_chunk(q, k[..., :8], v, lr, la, m0, config=cfg)
+        matrix_chunk(q, k[..., :8], v, lr, m0, la, config=cfg)
     with pytest.raises(TypeError, match="floating"):
-        matrix_chunk(q, k, v, lr.astype(jnp.int32), la, m0, config=cfg)
+        matrix_chunk(q, k, v, lr.astype(jnp.int32), m0, la, config=cfg)
     with pytest.raises(ValueError, match="unknown hyper-parameters"):
-        matrix_chunk(q, k, v, lr, la, m0, hparams={"pp": 1.0}, config=cfg)
+        matrix_chunk(q, k, v, lr, m0, la, hparams={"pp": 1.0}, config=cfg)
     with pytest.raises(ValueError, match="gate"):
-        matrix_chunk(q, k, v, lr, la, m0, config=MatrixChunkConfig(residual="huber_norm"))
+        matrix_chunk(q, k, v, lr, m0, la, config=MatrixChunkConfig(residual="huber_norm"))
     with pytest.raises(ValueError, match="delta"):
         MatrixChunkConfig(mode="delta", residual="lp")
     with pytest.raises(ValueError, match="implementation"):
-        matrix_chunk(q, k, v, lr, la, m0, config=cfg, implementation="xla")
+        matrix_chunk(q, k, v, lr, m0, la, config=cfg, implementation="xla")
     with pytest.raises(ValueError, match="d_k == d_v"):
         mlp_chunk(q, k, v[..., :8], lr, (m0, m0), config=MLPChunkConfig())

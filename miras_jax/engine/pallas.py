@@ -50,7 +50,7 @@ def run_batched(spec, state: MemoryState, q, k, v, gates: dict, *, chunk_size: i
 
     def kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, hps):
         if isinstance(cfg, MatrixChunkConfig):
-            y, st = matrix_chunk(qh, kh, vh, lr, log_decay, mem[0], None if acc is None else acc[0], gate, hps,
+            y, st = matrix_chunk(qh, kh, vh, lr, mem[0], log_decay, None if acc is None else acc[0], gate, hps,
                                  config=cfg, interpret=interpret)
             return y, [st.memory], None if st.accumulator is None else [st.accumulator]
         y, st = mlp_chunk(qh, kh, vh, lr, tuple(mem), log_decay, None if acc is None else tuple(acc), gate, hps,

@@ -19,16 +19,17 @@ from pallas_kernels.matrix_chunk.config import ChunkState, MatrixChunkConfig
 IMPLEMENTATIONS = ("pallas", "reference")
 
 
-def matrix_chunk(q, k, v, lr, log_decay=None, m0=None, a0=None, gate=None, hparams=None, *,
+def matrix_chunk(q, k, v, lr, m0=None, log_decay=None, a0=None, gate=None, hparams=None, *,
                  config: MatrixChunkConfig, implementation: str = "pallas",
                  backend: str | None = None, interpret: bool | None = None):
     """Sweep the matrix-memory recurrence over ``T`` tokens, every (batch, head) row in parallel.
+    Positional arguments in ``mlp_chunk``'s order: ``q, k, v, lr, m0, log_decay, a0, gate, hparams``.
 
     Args:
       q, k: ``[B, H, T, k]``; v: ``[B, H, T, v]``; lr: ``[B, H, T]`` (``eta_t``; ``beta_t`` of the
-        delta rule); log_decay: ``[B, H, T]`` ``log a_t`` (``None``: no decay), or ``[B, H, T, k]``
-        channel-wise (needs ``config.channel``); m0: ``[B, H, v, k]``
-        initial memory (``None``: zeros); a0: initial l_q accumulator (``"scale"`` retention;
+        delta rule); m0: ``[B, H, v, k]`` initial memory (``None``: zeros); log_decay: ``[B, H, T]``
+        ``log a_t`` (``None``: no decay), or ``[B, H, T, k]`` channel-wise (needs
+        ``config.channel``); a0: initial l_q accumulator (``"scale"`` retention;
         ``None``: ``m0``); gate: ``[B, H, T]`` Huber threshold gate; hparams: dict of scalars
         ``p, a, eps, delta_scale`` (bias) and ``q`` (l_q retention), arrays welcome (traced).
       config: static ``MatrixChunkConfig``.
@@ -56,7 +57,7 @@ def matrix_chunk(q, k, v, lr, log_decay=None, m0=None, a0=None, gate=None, hpara
     if config.residual.startswith("huber") and gate is None:
         raise ValueError(f"residual {config.residual!r} needs the threshold gate (gate=[B, H, T])")
     if implementation == "reference":
-        return reference.matrix_chunk_reference(q, k, v, lr, log_decay, m0, a0, gate, hparams,
+        return reference.matrix_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams,
                                                 config=config)
     if backend is not None:
         config.validate(backend, dk, dv)

@@ -59,7 +59,7 @@ def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
     return y.reshape(n * c, -1)[:T], W, A
 
 
-def matrix_chunk_reference(q, k, v, lr, log_decay, m0, a0, gate, hparams, *, config):
+def matrix_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, *, config):
     """Same arguments and results as ``matrix_chunk`` (inputs already checked there)."""
     B, H, T, dk = q.shape
     hp = dict(zip(chunk_lib.HPARAMS, layout.consts(hparams, chunk_lib.HPARAMS)))
