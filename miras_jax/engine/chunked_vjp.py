@@ -265,7 +265,8 @@ def static_q(spec) -> int | None:
 
 class ChunkIn(NamedTuple):
     """Per-chunk inputs (one head): ``q, k [c, k]``, ``v [c, v]``, gates ``{name: [c, ...]}``,
-    masked ``lr [c]``, ``log_a [c]`` (0 on padding), ``m0``: whether token 0 is a real token."""
+    masked ``lr [c]``, ``log_a [c]`` (0 on padding), ``first_real``: 1.0 if token 0 is a real token
+    (not padding), else 0.0."""
 
     q: jax.Array
     k: jax.Array
@@ -273,7 +274,7 @@ class ChunkIn(NamedTuple):
     g: dict
     lr: jax.Array
     log_a: jax.Array
-    m0: jax.Array
+    first_real: jax.Array
 
 
 def _coeff_inputs(mode, lr, log_a):
@@ -298,46 +299,46 @@ def _coeffs_bwd(mode, C, beta, D, dC, dbeta):
 
 
 def _lag_dual(cfg: Config, hpr, P):
-    """``D_l = to_dual(project(P_l))``: the dual of the chunk-start memory (Memora: ``log P``)."""
+    """``Z0_l = to_dual(project(P_l))``: the dual of the chunk-start memory (Memora: ``log P``)."""
     mem, ret = cfg.memory, cfg.ret
     return mem.leaves(ret.to_dual(ret.project(mem.from_leaves(P)), hpr))
 
 
-def _lag_z(D, E0, X0, lr0, la0):
-    """The first token's exact step in the dual space: ``z_l = a_0 D_l - lr_0 E_l[0] X_l[0]^T``."""
+def _lag_z(Z0, E0, X0, lr0, la0):
+    """The first token's exact step in the dual space: ``z_l = a_0 Z0_l - lr_0 E_l[0] X_l[0]^T``."""
     a = jnp.exp(la0)
-    return [a * d - lr0 * jnp.outer(e, x) for d, e, x in zip(D, E0, X0)]
+    return [a * d - lr0 * jnp.outer(e, x) for d, e, x in zip(Z0, E0, X0)]
 
 
 def _from_dual(cfg: Config, hpr, z):
     return cfg.memory.leaves(cfg.ret.from_dual(cfg.memory.from_leaves(z), hpr))
 
 
-def _lag_fwd(cfg: Config, hpr, P, E0, X0, lr0, la0, m0, D=None):
+def _lag_fwd(cfg: Config, hpr, P, E0, X0, lr0, la0, first_real, Z0=None):
     """Memora's first token: ``W1_l = from_dual(z_l)`` (``retention.step`` on ``project(P)``); the base
-    is ``W1`` (``P`` itself if token 0 is padding). ``D``: :func:`_lag_dual` if already taken.
+    is ``W1`` (``P`` itself if token 0 is padding). ``Z0``: :func:`_lag_dual` if already taken.
     Returns ``(base, W1)``."""
-    D = _lag_dual(cfg, hpr, P) if D is None else D
-    W1 = _from_dual(cfg, hpr, _lag_z(D, E0, X0, lr0, la0))
-    return [jnp.where(m0 > 0, w, p) for w, p in zip(W1, P)], W1
+    Z0 = _lag_dual(cfg, hpr, P) if Z0 is None else Z0
+    W1 = _from_dual(cfg, hpr, _lag_z(Z0, E0, X0, lr0, la0))
+    return [jnp.where(first_real > 0, w, p) for w, p in zip(W1, P)], W1
 
 
-def _lag_bwd(cfg: Config, hpr, lag_in, W1, D, dual_vjp, g):
-    """VJP of :func:`_lag_fwd` at ``lag_in = (P, E0, X0, lr0, la0, m0)`` for the base's cotangent
-    ``g``, given ``W1``, ``D`` and ``D``'s VJP: ``(dP, dE0, dX0, dlr0, dla0, dhpr)``.
+def _lag_bwd(cfg: Config, hpr, lag_in, W1, Z0, dual_vjp, g):
+    """VJP of :func:`_lag_fwd` at ``lag_in = (P, E0, X0, lr0, la0, first_real)`` for the base's cotangent
+    ``g``, given ``W1``, ``Z0`` and ``Z0``'s VJP: ``(dP, dE0, dX0, dlr0, dla0, dhpr)``.
     ``from_dual``'s VJP is taken in closed form from its output ``W1`` where the retention has one
     (``from_dual_vjp``: Memora's softmax); otherwise by ``jax.vjp`` at ``z``."""
-    P, E0, X0, lr0, la0, m0 = lag_in
-    keep = m0 > 0
+    P, E0, X0, lr0, la0, first_real = lag_in
+    keep = first_real > 0
     g1 = [jnp.where(keep, gi, 0.0) for gi in g]
     if hasattr(cfg.ret, "from_dual_vjp"):
         dz = [cfg.ret.from_dual_vjp(w, gi) for w, gi in zip(W1, g1)]
         dh_from = jax.tree.map(jnp.zeros_like, hpr)
     else:
-        _, from_vjp = jax.vjp(lambda z, h: _from_dual(cfg, h, z), _lag_z(D, E0, X0, lr0, la0), hpr)
+        _, from_vjp = jax.vjp(lambda z, h: _from_dual(cfg, h, z), _lag_z(Z0, E0, X0, lr0, la0), hpr)
         dz, dh_from = from_vjp(g1)
     a = jnp.exp(la0)
-    dla0 = a * sum(jnp.sum(dzi * di) for dzi, di in zip(dz, D))
+    dla0 = a * sum(jnp.sum(dzi * di) for dzi, di in zip(dz, Z0))
     dzx = [dzi @ x for dzi, x in zip(dz, X0)]                        # [n_{l+1}]
     dlr0 = -sum(jnp.dot(e, v) for e, v in zip(E0, dzx))
     dE0 = [-lr0 * v for v in dzx]
@@ -405,7 +406,7 @@ def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
     elif mode == "scale":
         Bw = A
     else:
-        Bw, _ = _lag_fwd(cfg, hp["retention"], P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.m0)
+        Bw, _ = _lag_fwd(cfg, hp["retention"], P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.first_real)
     if N:   # anchored retention: the algebra runs on the deviation B - N
         Bw = [b - n for b, n in zip(Bw, N)]
     Z_end = _end_state(Bw, beta[-1], C[-1], X, E, N)
@@ -432,9 +433,9 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     hpr = hp["retention"]
     dhpr = jax.tree.map(jnp.zeros_like, hpr)
     if mode == "lag":
-        lag_in = (P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.m0)
-        D_lag, dual_vjp = jax.vjp(lambda P_, h: _lag_dual(cfg, h, P_), P, hpr)
-        Bw, W1 = _lag_fwd(cfg, hpr, *lag_in, D=D_lag)   # recomputed: as fast as keeping W1
+        lag_in = (P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.first_real)
+        Z0, dual_vjp = jax.vjp(lambda P_, h: _lag_dual(cfg, h, P_), P, hpr)
+        Bw, W1 = _lag_fwd(cfg, hpr, *lag_in, Z0=Z0)   # recomputed: as fast as keeping W1
     else:
         Bw = A if mode == "scale" else P
     N = hp["anchor"]
@@ -469,7 +470,7 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     dC = dC.at[-1].add(dC_c)
     dlr0 = dla0 = 0.0
     if mode == "lag":
-        dP, dE0, dX0, dlr0, dla0, dh = _lag_bwd(cfg, hpr, lag_in, W1, D_lag, dual_vjp, dB)
+        dP, dE0, dX0, dlr0, dla0, dh = _lag_bwd(cfg, hpr, lag_in, W1, Z0, dual_vjp, dB)
         dE = [e.at[0].add(g) for e, g in zip(dE, dE0)]
         dX = [z.at[0].add(g) for z, g in zip(dX, dX0)]
         dhpr = jax.tree.map(jnp.add, dhpr, dh)
@@ -482,7 +483,7 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_e
     dP = dP_f if dP is None else [a + b for a, b in zip(dP, dP_f)]
     dlr, dla = _coeffs_bwd(mode, C, beta, D, dC, dbeta)
     dlr, dla = dlr.at[0].add(dlr0), dla.at[0].add(dla0)
-    dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.m0))
+    dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.first_real))
     return dP, dA, ds_prev, {"bias": dhpb, "retention": dhpr, "anchor": dN}, dx
 
 
