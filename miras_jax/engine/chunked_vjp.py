@@ -277,6 +277,23 @@ class ChunkIn(NamedTuple):
     first_real: jax.Array
 
 
+class ChunkResiduals(NamedTuple):
+    """What :func:`chunk_fwd` keeps for :func:`chunk_bwd` (one chunk, layer ``l`` of ``L``):
+
+    ``Z``: the keys' pre-activations at the chunk-start memory, ``Z_l = X_l P_l^T`` ``[c, n_{l+1}]``;
+    ``M1``: ``M_l = E_l P_l`` for ``l >= 1`` (the factors' back-propagated part); ``YX``: the reads'
+    ``Y_l X_l^T`` ``[c, c]``; ``R``: the reads' unscaled pre-activations ``[c, n_{l+1}]``; ``D``:
+    the decay matrix ``[c, c]``; ``sums``: the l_q scale's two sums per matrix ("scale" on the
+    static-q path) or ``None``."""
+
+    Z: list
+    M1: list
+    YX: list
+    R: list
+    D: jax.Array
+    sums: list | None
+
+
 def _coeff_inputs(mode, lr, log_a):
     """In "lag" mode token 0 is the exact step, so it is left out of the linear part."""
     if mode == "lag":
@@ -395,7 +412,8 @@ def _token_scales(s_end, s_prev, c):
 
 
 def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
-    """One chunk: ``(P_end, A_end, s_end, y [c, v], residuals)``. ``A``, ``s`` are ``[]`` unless "scale"."""
+    """One chunk: ``(P_end, A_end, s_end, y [c, v], ChunkResiduals)``. ``A``, ``s`` are ``[]`` unless
+    "scale"."""
     lay, mode = cfg.lay, cfg.mode
     c = x.q.shape[0]
     C, beta, D = _coeffs(mode, x.lr, x.log_a)
@@ -417,10 +435,11 @@ def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
     else:
         s_end, S, P_end, A_end, sums = [], None, Z_end, A, None
     y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E, N)
-    return P_end, A_end, s_end, y, (Z, M[1:], YX, R, D, sums)
+    return P_end, A_end, s_end, y, ChunkResiduals(Z, M[1:], YX, R, D, sums)
 
 
-def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid, A_next, dy, dP_end, dA_end, ds_end):
+def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid: ChunkResiduals, A_next, dy, dP_end, dA_end,
+              ds_end):
     """VJP of :func:`chunk_fwd` given the cotangents of ``y``, ``P_end``, ``A_end`` and ``s_end``
     (``A_next`` = this chunk's ``A_end``, "scale" only). Returns ``(dP, dA, ds_prev, dhp, dx)``."""
     lay, mode, act = cfg.lay, cfg.mode, cfg.lay.act
