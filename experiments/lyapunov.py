@@ -54,7 +54,7 @@ def token_exponent(spec, params, k, v, gates, key):
     """Mean log growth per token of a renormalised tangent over the second half: ``float``."""
     import jax
     import jax.numpy as jnp
-    from miras_jax.engine.reference import init_state, token_step
+    from miras_jax.engine.tokens import init_state, token_step
     state = init_state(spec, params)
     leaves, tdef = jax.tree.flatten(state)
     tan = tdef.unflatten([jax.random.normal(kk, x.shape, x.dtype)

@@ -210,7 +210,7 @@ class Retention:
 
     # Planner traits (engine/plan.py). ``map_kind`` names the mirror map ``from_dual``:
     # "identity" (W = z: the exact chunk forms apply), "lq", "kl", "soft_threshold", "sigmoid".
-    # ``chunk_mode``: how the mini-batch engine treats the map inside a chunk (engine/chunked.py):
+    # ``chunk_mode``: how the mini-batch engine treats the map inside a chunk (engine/minibatch/chunk.py):
     # "linear": identity maps, exact; "scale": W = s(A) A with s refreshed at chunk ends (l_q);
     # "lag": exact step on the chunk's first token, then the linear (primal) form (Memora);
     # None: no chunk form (token engine only).

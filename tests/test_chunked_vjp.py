@@ -1,4 +1,4 @@
-"""The hand-written VJP of the mini-batch chunked form (engine/chunked_vjp.py) against the path it
+"""The hand-written VJP of the mini-batch chunked form (engine/minibatch/vjp.py) against the path it
 replaces (autodiff of chunked.chunk_step): values and VJPs w.r.t. every input — q, k, v, gates, lr
 and decay via the gates, hyper-parameters, both parts of the initial state (memory and l_q
 accumulator) — with cotangents on y and on both parts of the final state; random shapes, every
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import miras_jax as mj
-from miras_jax.engine import chunked, chunked_vjp
+from miras_jax.engine.minibatch import chunk as chunked
+from miras_jax.engine.minibatch import vjp as chunked_vjp
 from miras_jax.engine import plan as plan_lib
-from miras_jax.engine.reference import MemoryState, init_state
+from miras_jax.engine.tokens import MemoryState, init_state
 from tests.helpers import random_inputs
 
 VAL_TOL = dict(rtol=1e-4, atol=1e-4)    # float32, same math in another order (as test_chunked)

@@ -12,7 +12,7 @@ from miras_jax.engine import horizon as horizon_lib
 from miras_jax.engine import pallas as pallas_path
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.plan import IMPLEMENTATIONS
-from miras_jax.engine.reference import MemoryState, init_state
+from miras_jax.engine.tokens import MemoryState, init_state
 
 GATE_DOCS = {
     "lr": "inner learning rate eta_t (beta_t for the delta family), shape [T] ([T, n] per sub-step)",
@@ -150,7 +150,7 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
       chunk_size: tokens per chunk. Exact families (Hebbian: linear attention, RetNet, Mamba2, GLA;
         delta: DeltaNet, Gated DeltaNet, Longhorn, DeltaProduct) equal the token recurrence for
         any chunk size; every other spec uses the mini-batch form (gradients at the chunk-start
-        memory, ``engine/chunked_reference.py``); ``chunk_size=1`` is always exact.
+        memory, ``engine/minibatch/reference.py``); ``chunk_size=1`` is always exact.
       implementation: ``"reference"`` (token-level ``lax.scan``, or the chunked reference loops
         when ``chunk_size > 1``), ``"xla"`` (fast chunked forms), ``"pallas"`` (the kernels of
         ``pallas_kernels/``: compiled on TPU / GPU, interpreted on CPU; raises for specs they do

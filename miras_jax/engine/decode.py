@@ -4,7 +4,7 @@ One sequence, one head (``vmap`` over batch and heads). Two cases:
 
 * exact specs (token engine, ``chunk_size = 1``, or an exact chunked family: Hebbian / delta,
   whose chunked form equals the token recurrence): the state is the running ``MemoryState`` and a
-  step is :func:`~miras_jax.engine.reference.token_step` followed by the read ``M_{W_t}(q_t)``.
+  step is :func:`~miras_jax.engine.tokens.token_step` followed by the read ``M_{W_t}(q_t)``.
   O(1) time and memory per token.
 * mini-batch specs run with ``chunk_size = C > 1``: inside a chunk every gradient is taken at the
   chunk-start memory, so decoding keeps that state plus a buffer of the current chunk's inputs
@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from miras_jax.engine import chunked
+from miras_jax.engine.minibatch import chunk as chunked
 from miras_jax.engine import plan as plan_lib
-from miras_jax.engine.reference import MemoryState, token_step
+from miras_jax.engine.tokens import MemoryState, token_step
 
 
 class DecodeState(NamedTuple):

@@ -7,10 +7,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from miras_jax.engine import chunked, decay, exact
+from miras_jax.engine import exact
+from miras_jax.engine.minibatch import chunk as chunked
+from miras_jax.engine.minibatch import decay
 from miras_jax.engine import plan as plan_lib
-from miras_jax.engine.chunked_reference import memorize_chunked_reference, pad_to_chunks
-from miras_jax.engine.reference import MemoryState, memorize_tokens
+from miras_jax.engine.minibatch.reference import memorize_chunked_reference, pad_to_chunks
+from miras_jax.engine.tokens import MemoryState, memorize_tokens
 
 
 def _log_decay(spec, gates, T):

@@ -13,9 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from miras_jax.engine import decay
+from miras_jax.engine.minibatch import decay
 from miras_jax.engine import plan as plan_lib
-from miras_jax.engine.reference import MemoryState
+from miras_jax.engine.tokens import MemoryState
 from pallas_kernels import MatrixChunkConfig, matrix_chunk, mlp_chunk, sharded
 
 

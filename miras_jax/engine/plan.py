@@ -4,12 +4,12 @@ place from the components' traits (``miras_jax/base.py``), never from their clas
     plan(spec, implementation="auto", chunk_size=64, backend=None, channel=False) -> Plan
 
 Engines (``Plan.engine``):
-  ``tokens``             the token recurrence under ``lax.scan`` (``engine/reference.py``): any spec.
-  ``chunked_reference``  the mini-batch semantics as plain loops (``engine/chunked_reference.py``).
+  ``tokens``             the token recurrence under ``lax.scan`` (``engine/tokens.py``): any spec.
+  ``chunked_reference``  the mini-batch semantics as plain loops (``engine/minibatch/reference.py``).
   ``hebbian`` / ``delta`` exact chunk forms of a matrix memory (``engine/exact.py``): equal the
                          token recurrence for any chunk size.
-  ``minibatch``          the mini-batch chunk form (``engine/chunked.py``; hand VJP in
-                         ``engine/chunked_vjp.py`` where it applies, else autodiff).
+  ``minibatch``          the mini-batch chunk form (``engine/minibatch/chunk.py``; hand VJP in
+                         ``engine/minibatch/vjp.py`` where it applies, else autodiff).
   ``pallas``             the kernels of ``pallas_kernels/`` (``engine/pallas.py``).
 
 ``implementation``: ``"reference"`` (tokens, or chunked_reference when ``chunk_size > 1`` and the
@@ -101,7 +101,7 @@ def exact_blocker(spec) -> str | None:
 
 
 def minibatch_blocker(spec) -> str | None:
-    """Why the mini-batch chunk form (``engine/chunked.py``) cannot run ``spec`` (``None`` if it can)."""
+    """Why the mini-batch chunk form (``engine/minibatch/chunk.py``) cannot run ``spec`` (``None`` if it can)."""
     mode = _trait(spec.retention, "chunk_mode")
     form = _trait(spec.optimizer, "update_form")
     if mode is None:

@@ -35,7 +35,7 @@ from miras_jax.engine import decode as decode_lib
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.api import memorize_batched
 from miras_jax.engine.horizon import check_horizon
-from miras_jax.engine.reference import init_state
+from miras_jax.engine.tokens import init_state
 from miras_jax.spec import MirasSpec
 
 GATE_INIT = {"lr": 0.0, "decay": 2.944, "momentum": 2.197, "delta": 0.541}  # logit(.95), logit(.9)

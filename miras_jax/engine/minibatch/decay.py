@@ -1,4 +1,4 @@
-"""Decay products inside a chunk, shared by the mini-batch forms (``chunked.py``, ``chunked_vjp.py``)."""
+"""Decay products inside a chunk, shared by the mini-batch forms (``chunk.py``, ``vjp.py``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Chunked reference: the mini-batch (stale-gradient) semantics, written as plain loops.
 
-This is the oracle of the fast chunked XLA path (``chunked.py``): same semantics, no algebra.
+This is the oracle of the fast chunked XLA path (``chunk.py``): same semantics, no algebra.
 Chunks of ``c`` tokens; inside a chunk every gradient is taken at the chunk-start memory
 ``P = W_{t'}`` (the paper's Eq. 28), then token by token (materialised states)::
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from miras_jax.engine.reference import MemoryState
+from miras_jax.engine.tokens import MemoryState
 
 
 def pad_to_chunks(x, T_pad):

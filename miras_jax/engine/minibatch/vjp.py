@@ -1,6 +1,6 @@
-"""The mini-batch chunked form for GD specs with a hand-written VJP (the fast path of ``chunked.py``).
+"""The mini-batch chunked form for GD specs with a hand-written VJP (the fast path of ``chunk.py``).
 
-Same semantics as ``chunked.chunk_step`` (and the loops of ``chunked_reference.py``), for a memory
+Same semantics as ``chunked.chunk_step`` (and the loops of ``reference.py``), for a memory
 of ``L`` layers ``W_l: [n_{l+1}, n_l]`` (matrix memory: ``L = 1``; MLP memory: any depth, with the
 optional LayerNorm and residual of ``memory.MLPMemory``), plain or implicit GD, scalar decay and
 the retention chunk modes "linear", "scale" (Moneta) and "lag" (Memora). One chunk of ``c`` tokens,
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from miras_jax import memory as memory_lib
 from miras_jax import retention as retention_lib
-from miras_jax.engine.decay import decay_matrix
+from miras_jax.engine.minibatch.decay import decay_matrix
 
 
 class Layout(NamedTuple):

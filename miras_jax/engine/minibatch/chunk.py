@@ -1,4 +1,4 @@
-"""Fast chunked (mini-batch) XLA path: the semantics of ``chunked_reference.py`` as matmuls.
+"""Fast chunked (mini-batch) XLA path: the semantics of ``reference.py`` as matmuls.
 
 Per chunk of ``c`` tokens (one head), with every gradient taken at the chunk-start memory ``P``:
 
@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from miras_jax import memory as memory_lib
-from miras_jax.engine import chunked_vjp
+from miras_jax.engine.minibatch import vjp as chunked_vjp
 from miras_jax.engine import plan as plan_lib
-from miras_jax.engine.chunked_reference import pad_to_chunks
-from miras_jax.engine.decay import decay_matrix, log_gate
-from miras_jax.engine.reference import MemoryState
+from miras_jax.engine.minibatch.reference import pad_to_chunks
+from miras_jax.engine.minibatch.decay import decay_matrix, log_gate
+from miras_jax.engine.tokens import MemoryState
 
 
 def _coefficients(log_a, lr, mask, log_m):
