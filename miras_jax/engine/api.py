@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +16,9 @@ from miras_jax.engine import pallas as pallas_path
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.plan import IMPLEMENTATIONS
 from miras_jax.engine.tokens import MemoryState, init_state
+
+if TYPE_CHECKING:
+    from miras_jax.spec import MirasSpec
 
 GATE_DOCS = {
     "lr": "inner learning rate eta_t (beta_t for the delta family), shape [T] ([T, n] per sub-step)",
@@ -134,9 +140,10 @@ def _channel(spec, gates) -> bool:
     return "decay" in spec.retention.gates and jnp.ndim(gates.get("decay", 0.0)) == 2
 
 
-def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
+def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Array, v: chex.Array,
+             gates: dict[str, chex.Array] | None = None, *, chunk_size: int = 1,
              implementation: str = "auto", initial_state: MemoryState | None = None,
-             remat_every: int = 0, grad_horizon: int | None = None):
+             remat_every: int = 0, grad_horizon: int | None = None) -> tuple[chex.Array, MemoryState]:
     """Run the memory of ``spec`` over one sequence: write ``(k_t, v_t)``, read ``q_t``.
 
     Args:
@@ -204,10 +211,11 @@ def memorize(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
     return y.astype(v.dtype), final
 
 
-def memorize_batched(spec, params, q, k, v, gates=None, *, chunk_size: int = 1,
+def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Array, v: chex.Array,
+                     gates: dict[str, chex.Array] | None = None, *, chunk_size: int = 1,
                      implementation: str = "auto", initial_state: MemoryState | None = None,
                      remat_every: int = 0, mesh=None, batch_axes="data", head_axes=None,
-                     grad_horizon: int | None = None):
+                     grad_horizon: int | None = None) -> tuple[chex.Array, MemoryState]:
     """Canonical batched entry point: ``q, k: [B, T, H, k]``, ``v: [B, T, H, v]``.
 
     ``params`` holds one memory per head (leading axis ``H`` on every leaf); gates are
