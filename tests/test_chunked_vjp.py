@@ -1,5 +1,5 @@
-"""The hand-written VJP of the mini-batch chunked form (engine/minibatch/vjp.py) against the path it
-replaces (autodiff of chunked.chunk_step): values and VJPs w.r.t. every input — q, k, v, gates, lr
+"""The hand-written VJP of the mini-batch chunked form (engine/minibatch/vjp.py) against autodiff of
+the same forward (``memorize_chunked(vjp="autodiff")``): values and VJPs w.r.t. every input — q, k, v, gates, lr
 and decay via the gates, hyper-parameters, both parts of the initial state (memory and l_q
 accumulator) — with cotangents on y and on both parts of the final state; random shapes, every
 retention mode, matrix and MLP memories of depth 1-3, remat groups."""

@@ -152,9 +152,10 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     ``remat_every = R > 0`` checkpoints groups of ``R`` chunks: activation memory
     ``O(T / (c R))`` states plus one group's intermediates. ``valid_len`` (may be traced):
     only the first ``valid_len`` tokens are written (the rest are padding; their ``y`` is
-    meaningless) — recurrent decoding runs a partly filled chunk this way. ``vjp="hand"`` runs
-    GD specs through ``chunked_vjp`` (hand-written backward); ``"autodiff"`` differentiates
-    :func:`chunk_step` (always used for momentum and channel-wise decay).
+    meaningless) — recurrent decoding runs a partly filled chunk this way. Specs the hand VJP covers
+    (``plan.hand_vjp_blocker``: GD, scalar decay) run ``vjp.py``'s forward, differentiated by its
+    hand-written backward (``vjp="hand"``) or by autodiff of that same forward (``"autodiff"``);
+    the rest (momentum, channel-wise decay, Memora's anchored lag) differentiate :func:`chunk_step`.
     """
     if vjp not in ("hand", "autodiff"):
         raise ValueError(f"vjp must be 'hand' or 'autodiff', got {vjp!r}")
@@ -186,10 +187,10 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     log_m = log_gate(jnp.where(mask > 0, m, 1.0))
     last = jnp.arange(n * c) % c == c - 1   # chunk ends only (a final partial chunk has none)
 
-    if vjp == "hand" and plan_lib.hand_vjp_blocker(spec, channel) is None:
+    if plan_lib.hand_vjp_blocker(spec, channel) is None:   # one forward; its hand VJP or autodiff
         chunks = lambda x: x.reshape((n, c) + x.shape[1:])  # noqa: E731
         xs = chunked_vjp.ChunkIn(*jax.tree.map(chunks, (q, k, v, gates, lr, log_a)), mask[::c])
-        y, P_end, A_end = chunked_vjp.memorize(spec, state, xs, remat_every)
+        y, P_end, A_end = chunked_vjp.memorize(spec, state, xs, remat_every, autodiff=vjp == "autodiff")
         ret_state = state.retention
         if mode == "scale":
             ret_state = spec.retention.with_acc(ret_state, spec.memory.from_leaves(A_end))

@@ -607,10 +607,11 @@ def _engine(cfg: Config, group: int):
     return run
 
 
-def memorize(spec, state, xs: ChunkIn, group: int = 0):
+def memorize(spec, state, xs: ChunkIn, group: int = 0, autodiff: bool = False):
     """One head: the chunks ``xs`` (leaves ``[n, c, ...]``) from ``state``; ``group = R > 0`` keeps
     every R-th chunk-start state only (``remat_every``). Returns ``(y [n, c, v], P_end, A_end)`` as
-    leaf lists (``A`` is ``[]`` unless the retention is "scale")."""
+    leaf lists (``A`` is ``[]`` unless the retention is "scale"). ``autodiff``: the same forward
+    (:func:`chunk_fwd` scanned), differentiated by JAX instead of the hand-written backward."""
     mem = spec.memory
     mode = spec.retention.chunk_mode
     cfg = Config(mem, layout(mem), spec.bias, spec.retention, mode,
@@ -621,4 +622,7 @@ def memorize(spec, state, xs: ChunkIn, group: int = 0):
           "anchor": [] if anchor is None else mem.leaves(anchor)}   # constant over chunks: its
     # cotangent accumulates over the reverse scan like a hyper-parameter's
     A0 = mem.leaves(ret.acc(state.retention)) if cfg.mode == "scale" else []
+    if autodiff:
+        y, (P, A), _ = _fwd_scan(cfg, hp, mem.leaves(state.memory), A0, xs, group, save=False)
+        return y, P, A
     return _engine(cfg, group)(hp, mem.leaves(state.memory), A0, xs)
