@@ -29,7 +29,7 @@ from miras_jax import memory as memory_lib
 from miras_jax.engine.minibatch import vjp as chunked_vjp
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.minibatch.reference import pad_to_chunks
-from miras_jax.engine.minibatch.decay import decay_matrix, log_gate
+from miras_jax.engine.minibatch.decay import coefficients, decay_matrix, log_gate
 from miras_jax.engine.tokens import MemoryState
 
 
@@ -41,9 +41,10 @@ def _coefficients(log_a, lr, mask, log_m):
     with ``S_end = m_end S_0 + sum_j Cs_end_j g_j``.
     """
     R = decay_matrix(log_a)
-    beta = jnp.exp(jnp.cumsum(log_a))
     if log_m is None:
-        return beta, -R * lr[None, :], None, None
+        C, beta = coefficients(lr, log_a, R)
+        return beta, C, None, None
+    beta = jnp.exp(jnp.cumsum(log_a))
     Rm = decay_matrix(log_m)
     Rmask = R * mask[None, :]
     m_cum = jnp.exp(jnp.cumsum(log_m))

@@ -1,4 +1,5 @@
-"""Decay products inside a chunk, shared by the mini-batch forms (``chunk.py``, ``vjp.py``)."""
+"""Decay products and the dual-state coefficients of a chunk, shared by the mini-batch forms
+(``chunk.py``, ``vjp.py``)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,18 @@ def decay_matrix(log_a):
     if diff.ndim == 3:
         tri = tri[:, :, None]
     return jnp.where(tri, jnp.exp(jnp.where(tri, diff, 0.0)), 0.0)
+
+
+def coefficients(lr, log_a, D):
+    """``(C [c, c], beta [c])`` from the decay matrix ``D = decay.decay_matrix(log_a)``
+    (``D_ij = exp(L_i - L_j)``, ``j <= i``): ``C_ij = -D_ij lr_j``, ``beta_i = exp(L_i)``,
+    ``L = cumsum(log a)`` (gradient descent; ``chunk._coefficients`` adds momentum)."""
+    return -D * lr[None, :], jnp.exp(jnp.cumsum(log_a))
+
+
+def coefficients_vjp(C, beta, D, dC, dbeta):
+    """VJP of :func:`coefficients` (through ``D``): ``dlr_j = -sum_i dC_ij D_ij``; with
+    ``H = dC * C``, ``dL_i = sum_j H_ij - sum_j H_ji + dbeta_i beta_i``, ``dlog_a`` = reverse cumsum."""
+    H = dC * C
+    dL = jnp.sum(H, axis=1) - jnp.sum(H, axis=0) + dbeta * beta
+    return -jnp.sum(dC * D, axis=0), jnp.cumsum(dL[::-1])[::-1]

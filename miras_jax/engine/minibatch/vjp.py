@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from miras_jax import memory as memory_lib
 from miras_jax import retention as retention_lib
-from miras_jax.engine.minibatch.decay import decay_matrix
+from miras_jax.engine.minibatch.decay import coefficients, coefficients_vjp, decay_matrix
 
 
 class Layout(NamedTuple):
@@ -73,21 +73,6 @@ def _ln_vjp(o, g, eps: float = 1e-5):
     inv = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
     n = xc * inv
     return inv * (g - jnp.mean(g, axis=-1, keepdims=True) - n * jnp.mean(g * n, axis=-1, keepdims=True))
-
-
-def coefficients(lr, log_a, D):
-    """``(C [c, c], beta [c])`` from the decay matrix ``D = decay.decay_matrix(log_a)``
-    (``D_ij = exp(L_i - L_j)``, ``j <= i``): ``C_ij = -D_ij lr_j``, ``beta_i = exp(L_i)``,
-    ``L = cumsum(log a)`` (the GD case of ``chunked._coefficients``)."""
-    return -D * lr[None, :], jnp.exp(jnp.cumsum(log_a))
-
-
-def coefficients_vjp(C, beta, D, dC, dbeta):
-    """VJP of :func:`coefficients` (through ``D``): ``dlr_j = -sum_i dC_ij D_ij``; with
-    ``H = dC * C``, ``dL_i = sum_j H_ij - sum_j H_ji + dbeta_i beta_i``, ``dlog_a`` = reverse cumsum."""
-    H = dC * C
-    dL = jnp.sum(H, axis=1) - jnp.sum(H, axis=0) + dbeta * beta
-    return -jnp.sum(dC * D, axis=0), jnp.cumsum(dL[::-1])[::-1]
 
 
 # --- one chunk, one head: forward pieces ------------------------------------------------------
