@@ -146,7 +146,7 @@ def ttt_mlp(expansion: int = 4) -> MirasSpec:
 # ``W_0`` (an outer parameter) instead of toward 0, ``z_t = a_t z_{t-1} + (1 - a_t) z_0 + u_t``.
 # For a matrix memory initialised at 0 that is the paper's equation; an MLP memory behind its
 # LayerNorm decayed toward 0 is chaotic (its exact gradients grow like exp(lambda T), NaN by 8k
-# tokens; experiments/README.md "Long context"). ``anchor=False`` is the paper's map exactly.
+# tokens). ``anchor=False`` is the paper's map exactly.
 
 
 def _anchor(anchor, memory):
@@ -183,9 +183,8 @@ def yaad(memory: str = "mlp", smooth: bool | None = True, expansion: int = 4,
     anchored: ``+ (1 - a_t) W_0``."""
     mem = _memory(memory, expansion=expansion, depth=depth)
     spec = _spec("yaad", mem, B.yaad_bias(smooth), R.decay_retention(anchor=_anchor(anchor, memory)), O.gd())
-    # the smooth l1 branch writes delta tanh(a r): at the generic a = 10 its slope (10 delta near
-    # r = 0) made the MLP memory's recurrence chaotic (+0.012 per token at lr 0.1, decay 0.95, C = 64);
-    # at a = 1, -0.0005 (experiments/README.md "Long context"). A hyper-parameter: set a=... to override.
+    # a = 1: the smooth l1 branch writes delta tanh(a r); the generic a = 10 (slope 10 delta near
+    # r = 0) makes the MLP memory's recurrence chaotic. A hyper-parameter: set a=... to override.
     return spec.with_hparams(a=1.0) if memory == "mlp" and smooth else spec
 
 

@@ -14,7 +14,7 @@ toward the initial memory instead of toward zero (``||W - W_0||`` in place of ``
 For a zero-initialised matrix memory that is the same equation. For an MLP memory behind a
 LayerNorm it is what keeps the recurrence non-chaotic: decaying toward zero shrinks ``W`` while
 the LayerNorm keeps the output scale, so the effective step ``~ eta / ||W||^2`` grows without bound
-(a positive Lyapunov exponent; ``experiments/lyapunov.py``, experiments/README.md "Long context").
+(a positive Lyapunov exponent, which ``experiments/lyapunov.py`` measures).
 The choice of ``(to_dual, from_dual)`` gives:
 
 | gate                | dual       | primal                      | equation                          |

@@ -13,7 +13,7 @@ the gates a language model uses (a positive Lyapunov exponent; ``experiments/lya
 the exact gradient grows like ``exp(lambda T)``. A horizon bounds one layer's growth by
 ``exp(lambda H)`` at any ``T`` (Transformer-XL's recipe), at the price of the credit a write gets
 from reads more than ``H`` tokens later. Stacked layers multiply their factors, so on its own it
-does not make a deep chaotic model's gradient small (see experiments/README.md, "Long context").
+does not make a deep chaotic model's gradient small.
 """
 
 from __future__ import annotations
