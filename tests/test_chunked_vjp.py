@@ -127,7 +127,7 @@ def test_lag_mode_without_an_analytic_from_dual_vjp(x64):
                   _outputs_and_vjp(spec, state, args, 8, "autodiff"), **EXACT)
 
 
-@pytest.mark.parametrize("name", ["moneta", "yaad", "memora"])
+@pytest.mark.parametrize("name", [pytest.param("moneta", marks=pytest.mark.slow), "yaad", "memora"])
 def test_hand_vjp_matches_autodiff_in_float32(name):
     spec, state, args = _setup(name, {}, T=40, d=8, seed=3)
     _assert_close(_outputs_and_vjp(spec, state, args, 16, "hand"),

@@ -44,6 +44,7 @@ def _truncate_newest_file(step_dir):
     os.truncate(max(files, key=os.path.getsize), 1000)
 
 
+@pytest.mark.slow   # ~20-80 s; the default suite stays under 15 min
 def test_corrupt_checkpoint_recovery_is_quiet(tmp_path):
     """Issue 29, item 2: a corrupt newest checkpoint costs one warning line on resume (orbax's
     worker tracebacks, thousands of lines before, are held back); all corrupt: one warning per

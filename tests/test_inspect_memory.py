@@ -49,6 +49,7 @@ def test_a_non_accumulating_preset_has_no_accumulator_row():
     assert rows and all("accumulator_growth" not in r and np.isfinite(r["read_std"]) for r in rows)
 
 
+@pytest.mark.slow   # ~20-80 s; the default suite stays under 15 min
 def test_inspect_run_reads_a_saved_run(tmp_path):
     cfg = configs.override(configs.get("smoke"), ["steps=4", "batch=4", "seq_len=32", "checkpoint_every=2"])
     train_lib.train(cfg, str(tmp_path), stop_after=2, progress=False)

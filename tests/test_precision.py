@@ -57,6 +57,7 @@ def test_remat_policies_give_the_same_loss_and_gradients(policy):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow   # ~20-80 s; the default suite stays under 15 min
 def test_bfloat16_training_tracks_float32(tmp_path):
     """300 steps of a small char-LM (the shipped text) from the same initialisation and data: the
     bf16 run's training loss, averaged over 50 steps, stays within 0.03 nats of the float32 run's,

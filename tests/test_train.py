@@ -113,6 +113,7 @@ def test_resume_accepts_a_checkpoint_that_predates_a_model_field(tmp_path, monke
     assert summary["finished"] and summary["steps_done"] == 8
 
 
+@pytest.mark.slow   # ~20-80 s; the default suite stays under 15 min
 def test_a_run_saves_its_resolved_step_ceiling_and_an_unresolved_one_reads_as_it_was_written(tmp_path,
                                                                                               monkeypatch):
     """Checkpoints record the ``lr_max`` the layers used, so a later change of the per-spec default
@@ -223,6 +224,7 @@ def test_byte_level_run_samples_text(tmp_path):
     assert out == out2
 
 
+@pytest.mark.slow   # ~20-80 s; the default suite stays under 15 min
 def test_compare_writes_table_and_plot_at_matched_size(tmp_path):
     from experiments import compare
 
