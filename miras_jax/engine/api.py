@@ -135,11 +135,6 @@ def check_inputs(spec, params, q, k, v, gates):
     return out
 
 
-def _channel(spec, gates) -> bool:
-    """Whether one head's decay gate is channel-wise (``[T, d_k]``)."""
-    return "decay" in spec.retention.gates and jnp.ndim(gates.get("decay", 0.0)) == 2
-
-
 def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Array, v: chex.Array,
              gates: dict[str, chex.Array] | None = None, *, chunk_size: int = 1,
              implementation: str = "auto", initial_state: MemoryState | None = None,
@@ -185,7 +180,7 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
         raise ValueError(f"remat_every must be a non-negative int, got {remat_every!r}")
     horizon_lib.check_horizon(grad_horizon, chunk_size)
     gates = check_inputs(spec, params, q, k, v, gates)
-    implementation = plan_lib.resolve(spec, implementation, chunk_size, channel=_channel(spec, gates))
+    implementation = plan_lib.resolve(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates))
 
     leaves = [q, k, v, *gates.values(), *jax.tree.leaves(params)]
     # float32 accumulation, float64 only if asked for (x64 mode and a float64 input).
@@ -245,7 +240,7 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     implementation = plan_lib.resolve(spec, implementation, chunk_size,
-                                      channel=getattr((gates or {}).get("decay"), "ndim", 0) == 4)
+                                      channel=plan_lib.channel_decay(spec, gates, token_ndim=3))
     if implementation == "pallas":
         return _pallas_batched(spec, params, q, k, v, gates or {}, chunk_size, initial_state, mesh,
                                batch_axes, head_axes, grad_horizon)

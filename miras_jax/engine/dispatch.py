@@ -62,8 +62,7 @@ def run(spec, state: MemoryState, q, k, v, gates, *, chunk_size: int, implementa
         remat_every: int = 0):
     """Run one head on ``plan(spec, implementation, chunk_size)``'s engine (``"reference"`` /
     ``"xla"`` / ``"auto"`` resolved off-accelerator; pallas runs batched, ``engine/pallas.py``)."""
-    channel = "decay" in spec.retention.gates and jnp.ndim(gates.get("decay", 0.0)) == 2
-    p = plan_lib.plan(spec, implementation, chunk_size, channel=channel)
+    p = plan_lib.plan(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates))
     if p.engine == "tokens":
         return memorize_tokens(spec, state, q, k, v, gates)
     if p.engine == "chunked_reference":

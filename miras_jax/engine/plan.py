@@ -69,6 +69,12 @@ class Plan:
     __repr__ = __str__
 
 
+def channel_decay(spec, gates, token_ndim: int = 1) -> bool:
+    """Whether ``spec`` reads a channel-wise decay gate (``[..., T, d_k]``: one more axis than a
+    scalar gate's ``token_ndim``)."""
+    return "decay" in spec.retention.gates and getattr((gates or {}).get("decay"), "ndim", 0) == token_ndim + 1
+
+
 def _trait(component, name):
     return getattr(component, name, None)
 
