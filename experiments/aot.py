@@ -206,9 +206,7 @@ def check(cfg: configs.TrainConfig, mesh_text: str, topology: str = "v5e:4x4") -
     if n != chips:
         raise ValueError(f"mesh {mesh_text!r} has {n} devices but topology {topology!r} has {chips}")
     mesh = AbstractMesh(tuple(sizes[a] for a in sharding.AXES), sharding.AXES)
-    per = math.prod(sizes[a] for a in sharding.RULES["batch"])
-    if cfg.batch % per:
-        raise ValueError(f"batch={cfg.batch} is not divisible by the batch axes' {per} devices")
+    per_shard = sharding.per_batch_shard(cfg.batch, sizes)
     vocab = configs.task_vocab(cfg)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
     model = nnx.eval_shape(lambda: MirasLM(model_cfg, rngs=nnx.Rngs(0)))
@@ -240,7 +238,7 @@ def check(cfg: configs.TrainConfig, mesh_text: str, topology: str = "v5e:4x4") -
               "mesh": mesh_text, "topology": topology, "devices": n, "lowered": True,
               "num_partitions": int(m.group(1)) if m else None,
               "batch": cfg.batch, "grad_accum": cfg.grad_accum,
-              "micro_batch": cfg.batch // per // cfg.grad_accum,  # sequences per batch shard per step
+              "micro_batch": per_shard // cfg.grad_accum,  # sequences per batch shard per step
               "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
               "param_bytes_per_device": _per_device_bytes(params, p_sh),
               "opt_state_bytes_per_device": _per_device_bytes(opt, o_sh),

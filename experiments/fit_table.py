@@ -20,7 +20,6 @@ Miras layer, so it runs once (``xla``).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -73,12 +72,7 @@ def micro_batches(cap: int) -> list[int]:
 
 def cap(config: str, mesh: str) -> int:
     """Sequences per batch shard when ``config``'s whole global batch is one step on ``mesh``."""
-    sizes = sharding.parse_mesh(mesh)
-    ways = math.prod(sizes[a] for a in sharding.RULES["batch"])
-    batch = configs.get(config).batch
-    if batch % ways:
-        raise ValueError(f"{config}'s batch {batch} is not divisible by the mesh's {ways} batch shards")
-    return batch // ways
+    return sharding.per_batch_shard(configs.get(config).batch, sharding.parse_mesh(mesh))
 
 
 def run_cell(config, preset, pattern, impl, topology, mesh, sets, micro_batch, cap_) -> dict:

@@ -55,6 +55,16 @@ PARAM_AXES: tuple[tuple[str, tuple], ...] = (
 )
 
 
+def per_batch_shard(batch: int, sizes: dict[str, int]) -> int:
+    """Sequences each batch shard holds: ``batch / prod(sizes of RULES["batch"]'s axes)``; raises
+    ``ValueError`` when the batch does not divide."""
+    ways = math.prod(sizes.get(a, 1) for a in RULES["batch"])
+    if batch % ways:
+        raise ValueError(f"batch={batch} is not divisible by the mesh's {ways} batch shards "
+                         f"({' x '.join(RULES['batch'])})")
+    return batch // ways
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """``"data:2,fsdp:4"`` -> ``{"data": 2, "fsdp": 4, "tensor": 1}`` (missing axes have size 1)."""
     sizes = dict.fromkeys(AXES, 1)

@@ -27,15 +27,19 @@ EXACT = dict(grad_tol=1e-9, val_tol=dict(rtol=1e-9, atol=1e-9))   # float64: agr
 CASES = [
     ("moneta", {}), ("moneta", {"memory": "linear"}),
     pytest.param("moneta", {"depth": 3, "p": 1.5, "q": 3.0}, marks=pytest.mark.slow),
-    ("yaad", {}), ("memora", {}), ("ttt_linear", {}),
+    ("yaad", {}), ("memora", {}), ("ttt_linear", {}), ("titans", {}),
     pytest.param("moneta", {"smooth": None, "p": 2.5}, marks=pytest.mark.slow),
     pytest.param("yaad", {"memory": "linear"}, marks=pytest.mark.slow),
     pytest.param("memora", {"memory": "linear"}, marks=pytest.mark.slow),
     pytest.param("memora", {"depth": 1}, marks=pytest.mark.slow),
     pytest.param("ttt_mlp", {}, marks=pytest.mark.slow),
-    # anchored retention ("linear" and "scale"; the presets' default for an MLP memory)
-    ("moneta", {"anchor": True}), ("yaad", {"anchor": True}),
+    pytest.param("titans", {"memory": "linear"}, marks=pytest.mark.slow),
+    # anchored retention (every mode; the presets' default for an MLP memory). Memora's "lag" takes
+    # token 0's exact step toward the dual anchor z_* and the rest toward from_dual(z_*).
+    ("moneta", {"anchor": True}), ("yaad", {"anchor": True}), ("memora", {"anchor": True}),
+    ("titans", {"anchor": True}),
     pytest.param("moneta", {"anchor": True, "memory": "linear"}, marks=pytest.mark.slow),
+    pytest.param("memora", {"anchor": True, "memory": "linear"}, marks=pytest.mark.slow),
 ]
 
 
@@ -49,8 +53,7 @@ def _f64(t):
 
 
 def _get(name, **kw):
-    """The preset with the paper's retention map (``anchor=False``): the map the hand VJP covers;
-    an anchored retention runs ``chunk_step`` under autodiff (``test_anchored_specs_take_autodiff``)."""
+    """The preset with the paper's retention map unless ``anchor`` is given (``anchor=False``)."""
     if mj.presets.takes(name, "anchor"):
         kw.setdefault("anchor", False)
     return mj.presets.get(name, **kw)
@@ -134,7 +137,7 @@ def test_hand_vjp_matches_autodiff_in_float32(name):
                   _outputs_and_vjp(spec, state, args, 16, "autodiff"))
 
 
-@pytest.mark.parametrize("name,remat", [("moneta", 2), pytest.param("memora", 3, marks=pytest.mark.slow),
+@pytest.mark.parametrize("name,remat", [("moneta", 2), ("titans", 2), pytest.param("memora", 3, marks=pytest.mark.slow),
                                          pytest.param("yaad", 1, marks=pytest.mark.slow)])
 def test_remat_groups_recompute_the_same_gradients(name, remat):
     """``remat_every = R``: the backward recomputes each group of R chunks from its start state."""
@@ -152,17 +155,10 @@ def test_strong_decay_gradients_stay_finite_and_agree():
     _assert_close(got, _outputs_and_vjp(spec, state, (q, k, v, gates), 16, "autodiff"))
 
 
-def test_anchored_lag_mode_takes_autodiff():
-    """Memora's anchored "lag" mode has no hand VJP (yet); Moneta's / Yaad's anchored modes do."""
-    assert plan_lib.hand_vjp_blocker(mj.presets.get("memora")) is not None
-    assert mj.presets.get("memora").retention.anchor
-    assert plan_lib.hand_vjp_blocker(mj.presets.get("moneta")) is None
-
-
-def test_memorize_uses_the_hand_vjp_for_gd_specs_only():
+def test_memorize_uses_the_hand_vjp_for_every_minibatch_preset():
     assert plan_lib.hand_vjp_blocker(_get("moneta")) is None
-    titans = mj.presets.get("titans")
-    assert plan_lib.hand_vjp_blocker(titans) is not None
+    assert all(plan_lib.hand_vjp_blocker(mj.presets.get(n)) is None for n in ("moneta", "yaad", "memora"))
+    assert plan_lib.hand_vjp_blocker(mj.presets.get("titans")) is None   # momentum too
     with pytest.raises(ValueError, match="vjp must be"):
         spec, state, (q, k, v, gates) = _setup("moneta", {}, T=8, d=4, seed=0)
         chunked.memorize_chunked(spec, state, q, k, v, gates, 4, vjp="manual")

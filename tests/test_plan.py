@@ -22,7 +22,7 @@ from tests.helpers import random_inputs
 
 HEBBIAN = {"linear_attention", "retnet", "mamba2", "gla"}
 DELTA = {"deltanet", "gated_deltanet", "longhorn", "deltaproduct"}
-HAND_VJP = {"ttt_linear", "ttt_mlp", "moneta", "yaad"}        # the rest of the mini-batch specs: autodiff
+HAND_VJP = {"ttt_linear", "ttt_mlp", "moneta", "yaad", "memora", "titans"}   # every mini-batch preset
 NO_KERNEL = {"deltaproduct", "ttt_linear", "titans"}
 
 

@@ -125,17 +125,13 @@ def minibatch_blocker(spec) -> str | None:
 
 def hand_vjp_blocker(spec, channel: bool = False) -> str | None:
     """Why the mini-batch form's hand-written backward (``chunked_vjp``) does not cover ``spec``
-    (it then differentiates ``chunked.chunk_step``); ``None`` if it does."""
-    if _trait(spec.optimizer, "update_form") != "gd":
-        return "momentum runs under autodiff"
+    (it then differentiates the same forward, ``vjp.chunk_fwd``); ``None`` if it does."""
     if channel:
         return "channel-wise decay runs under autodiff"
     if _trait(spec.memory, "kind") not in ("linear", "mlp"):
         return f"memory kind {_trait(spec.memory, 'kind')!r} has no hand VJP"
     if spec.retention.chunk_mode not in ("linear", "scale", "lag"):
         return "retention without a chunk mode"
-    if spec.retention.anchor and spec.retention.chunk_mode == "lag":
-        return "an anchored 'lag' retention runs under autodiff"
     return None
 
 

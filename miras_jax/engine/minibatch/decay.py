@@ -28,7 +28,7 @@ def decay_matrix(log_a):
 def coefficients(lr, log_a, D):
     """``(C [c, c], beta [c])`` from the decay matrix ``D = decay.decay_matrix(log_a)``
     (``D_ij = exp(L_i - L_j)``, ``j <= i``): ``C_ij = -D_ij lr_j``, ``beta_i = exp(L_i)``,
-    ``L = cumsum(log a)`` (gradient descent; ``chunk._coefficients`` adds momentum)."""
+    ``L = cumsum(log a)`` (gradient descent; :func:`momentum_coefficients` for momentum)."""
     return -D * lr[None, :], jnp.exp(jnp.cumsum(log_a))
 
 
@@ -38,3 +38,15 @@ def coefficients_vjp(C, beta, D, dC, dbeta):
     H = dC * C
     dL = jnp.sum(H, axis=1) - jnp.sum(H, axis=0) + dbeta * beta
     return -jnp.sum(dC * D, axis=0), jnp.cumsum(dL[::-1])[::-1]
+
+
+def momentum_coefficients(lr, log_a, log_m, real, D):
+    """Momentum ``S_i = m_i S_{i-1} - lr_i g_i``, ``W_i = a_i W_{i-1} + real_i S_i`` over a chunk:
+    ``(C, beta, gamma [c], m_end, Cs_end [c])`` with ``W_i = beta_i W_0 + gamma_i S_0 + sum_j C_ij g_j``
+    and ``S_end = m_end S_0 + sum_j Cs_end_j g_j``. ``D = decay_matrix(log_a)``; ``real [c]`` is 0 on
+    padding (its ``S`` is not added)."""
+    Dm = decay_matrix(log_m)
+    D_real = D * real[None, :]
+    m_cum = jnp.exp(jnp.cumsum(log_m))
+    C = -(D_real @ Dm) * lr[None, :]
+    return C, jnp.exp(jnp.cumsum(log_a)), D_real @ m_cum, m_cum[-1], -Dm[-1] * lr

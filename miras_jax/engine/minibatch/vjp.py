@@ -1,22 +1,25 @@
-"""The mini-batch chunked form for GD specs with a hand-written VJP (the fast path of ``chunk.py``).
+"""The mini-batch chunk form: one chunk forward (:func:`chunk_fwd`) for every spec the form covers,
+and its hand-written VJP (:func:`chunk_bwd`) for every spec but channel-wise decay.
 
-Same semantics as ``chunked.chunk_step`` (and the loops of ``reference.py``), for a memory
-of ``L`` layers ``W_l: [n_{l+1}, n_l]`` (matrix memory: ``L = 1``; MLP memory: any depth, with the
-optional LayerNorm and residual of ``memory.MLPMemory``), plain or implicit GD, scalar decay and
-the retention chunk modes "linear", "scale" (Moneta) and "lag" (Memora). One chunk of ``c`` tokens,
-one head; ``P`` the chunk-start memory, ``B`` the base of the dual state (``P``; the accumulator
-``A`` in "scale" mode; the state after token 0's exact step in "lag" mode)::
+The semantics of ``reference.py``'s loops, for a memory of ``L`` layers ``W_l: [n_{l+1}, n_l]``
+(matrix memory: ``L = 1``; MLP memory: any depth, with the optional LayerNorm and residual of
+``memory.MLPMemory``), plain or implicit GD or momentum, scalar (or, matrix memory under autodiff,
+channel-wise) decay and the retention chunk modes "linear", "scale" (Moneta) and "lag" (Memora).
+One chunk of ``c`` tokens, one head; ``P`` the chunk-start memory, ``B`` the base of the dual state
+(``P``; the accumulator ``A`` in "scale" mode; the state after token 0's exact step in "lag" mode),
+``S0`` the chunk-start momentum::
 
     factors   X_0 = K;  Z_l = X_l P_l^T;  X_{l+1} = act(Z_l);  pred = [K +] [LN](Z_{L-1})
               E_{L-1} = LN'(Z_{L-1})^T phi(pred, V);  E_{l-1} = (E_l P_l) * act'(Z_{l-1})
               (grad_{W_l} l_i = E_l[i]^T X_l[i]: never materialised)
-    end       Z_end,l = beta_c B_l + (C_c * E_l)^T X_l          C = -R * lr, beta = exp(cumsum log a)
-    reads     Y_0 = Q;  U_l = s_l * [beta * (Y_l B_l^T) + (C * (Y_l X_l^T)) E_l];  Y_{l+1} = act(U_l)
-              y = [Q +] [LN](U_{L-1})                           (dual form, paper Eq. 28-32)
+    end       Z_end,l = beta_c B_l + (C_c * E_l)^T X_l [+ gamma_c S0_l]   GD: C = -D * lr, gamma = 0
+              S_end,l = m_c S0_l + (Cs * E_l)^T X_l                       (decay.momentum_coefficients)
+    reads     Y_0 = Q;  U_l = s_l * [beta * (Y_l B_l^T) + (C * (Y_l X_l^T)) E_l [+ gamma * (Y_l S0_l^T)]]
+              Y_{l+1} = act(U_l);  y = [Q +] [LN](U_{L-1})      (dual form, paper Eq. 28-32)
 
-Why not autodiff: reverse mode through ``chunk_step`` stacks about sixty residual arrays per chunk
-(the factors' own VJP is inside the differentiated function) and moves them around; that traffic
-was ~40% of Moneta's forward + backward time on the CPU. Here the forward keeps a few ``[c, n]``
+Why not autodiff: reverse mode through the forward stacks dozens of residual arrays per chunk
+(the factors' own VJP is inside the differentiated function) and moves them around
+(``experiments/bench_vjp.py`` measures both). Here the forward keeps a few ``[c, n]``
 residuals per chunk (``Z``, ``E P``, the reads' pre-activations, the ``[c, c]`` scores and decay
 matrix; ``E`` is recomputed from them; in "scale" mode ``(A, s)`` but not ``P = s A``), and the
 backward is written out: per layer two matmuls for every forward one. Closed-form VJPs: the decay
@@ -37,7 +40,8 @@ import jax.numpy as jnp
 
 from miras_jax import memory as memory_lib
 from miras_jax import retention as retention_lib
-from miras_jax.engine.minibatch.decay import coefficients, coefficients_vjp, decay_matrix
+from miras_jax.engine.minibatch.decay import (coefficients, coefficients_vjp, decay_matrix,
+                                              momentum_coefficients)
 
 
 class Layout(NamedTuple):
@@ -122,9 +126,10 @@ def _end_state(Bw, beta_c, C_c, X, E, N=()):
     return [z + n for z, n in zip(out, N)] if N else out
 
 
-def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=()):
+def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=(), mom=None):
     """Dual-form reads. ``S``: per-layer token scales ``[c]`` or ``None``; ``N``: anchors (each read
-    adds ``Y_l N_l^T``). Returns ``(y, Ys, YX, R)`` with ``R_l`` the unscaled pre-activations
+    adds ``Y_l N_l^T``); ``mom = (gamma [c], S0)``: momentum (each read adds ``gamma * Y_l S0_l^T``;
+    autodiff only). Returns ``(y, Ys, YX, R)`` with ``R_l`` the unscaled pre-activations
     (``U_l = S_l * R_l``)."""
     Y, YX, R = [Q], [], []
     for l in range(lay.depth):
@@ -132,6 +137,8 @@ def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=()):
         r = beta[:, None] * (Y[l] @ _centred(lay, Bw[l], l).T) + (C * yx) @ E[l]   # [c, n_{l+1}]
         if N:
             r = r + Y[l] @ _centred(lay, N[l], l).T
+        if mom is not None:
+            r = r + mom[0][:, None] * (Y[l] @ _centred(lay, mom[1][l], l).T)
         YX.append(yx)
         R.append(r)
         u = r if S is None else S[l][:, None] * r
@@ -143,15 +150,16 @@ def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=()):
 
 # --- one chunk, one head: backward pieces -----------------------------------------------------
 
-def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy, N=()):
+def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy, N=(), mom=None):
     """VJP of :func:`_reads` (``A1U_l = act'(U_l)`` for the hidden layers):
-    ``(dQ, dB, dbeta, dC, dS, dX, dE, dN)``."""
+    ``(dQ, dB, dbeta, dC, dS, dX, dE, dN, dmom)`` with ``dmom = (dgamma, dS0)`` (``None`` without ``mom``)."""
     L = lay.depth
     dQ = dy if lay.res else jnp.zeros_like(dy)
     u_top = R[-1] if S is None else S[-1][:, None] * R[-1]
     du = _ln_vjp(u_top, dy) if lay.ln else dy
     dB, dX, dE, dS, dN = [None] * L, [None] * L, [None] * L, [None] * L, [None] * L
     dbeta, dC = jnp.zeros_like(beta), jnp.zeros_like(C)
+    dgamma, dS0 = (jnp.zeros_like(beta), [None] * L) if mom is not None else (None, None)
     for l in range(L - 1, -1, -1):
         if S is None:
             dr = du
@@ -169,12 +177,17 @@ def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy, N=()):
         if N:   # dr is mean-free over the LayerNorm's rows, so _centred's VJP is the identity
             dN[l] = dr.T @ Y[l]
             dY = dY + dr @ N[l]
+        if mom is not None:   # r += gamma * (Y_l S0_l^T)
+            drS = dr @ mom[1][l]                                         # [c, n_l]
+            dgamma = dgamma + jnp.sum(drS * Y[l], axis=-1)
+            dS0[l] = (mom[0][:, None] * dr).T @ Y[l]
+            dY = dY + mom[0][:, None] * drS
         dX[l] = dyx.T @ Y[l]
         if l > 0:
             du = dY * A1U[l - 1]
         else:
             dQ = dQ + dY
-    return dQ, dB, dbeta, dC, dS, dX, dE, (dN if N else [])
+    return dQ, dB, dbeta, dC, dS, dX, dE, (dN if N else []), (None if mom is None else (dgamma, dS0))
 
 
 def _end_bwd(Bw, beta_c, C_c, X, E, dZ):
@@ -230,7 +243,9 @@ def _factors_bwd(lay: Layout, head_vjp, P, X, AZ, E, M, dX, dE):
 # --- one chunk, one head: the retention modes ---------------------------------------------------
 
 class Config(NamedTuple):
-    """Everything static about a run: the memory, its layout, bias, retention and chunk mode."""
+    """Everything static about a run: the memory, its layout, bias, retention and chunk mode;
+    ``momentum`` / ``channel`` (momentum GD; a channel-wise decay ``log_a [c, k]``) run under
+    autodiff only (``plan.hand_vjp_blocker``)."""
 
     memory: object
     lay: Layout
@@ -238,6 +253,8 @@ class Config(NamedTuple):
     ret: object
     mode: str
     static_q: int | None = None   # "scale" mode: l_q's q when it is a known integer constant
+    momentum: bool = False
+    channel: bool = False
 
 
 def static_q(spec) -> int | None:
@@ -250,8 +267,9 @@ def static_q(spec) -> int | None:
 
 class ChunkIn(NamedTuple):
     """Per-chunk inputs (one head): ``q, k [c, k]``, ``v [c, v]``, gates ``{name: [c, ...]}``,
-    masked ``lr [c]``, ``log_a [c]`` (0 on padding), ``first_real``: 1.0 if token 0 is a real token
-    (not padding), else 0.0."""
+    masked ``lr [c]``, ``log_a [c]`` (``[c, k]`` channel-wise; 0 on padding), ``first_real``: 1.0 if
+    token 0 is a real token (not padding), else 0.0; momentum only (else ``None``): ``log_m [c]``
+    (0 on padding) and ``real [c]`` (1.0 on real tokens)."""
 
     q: jax.Array
     k: jax.Array
@@ -260,6 +278,8 @@ class ChunkIn(NamedTuple):
     lr: jax.Array
     log_a: jax.Array
     first_real: jax.Array
+    log_m: jax.Array | None = None
+    real: jax.Array | None = None
 
 
 class ChunkResiduals(NamedTuple):
@@ -306,48 +326,53 @@ def _lag_dual(cfg: Config, hpr, P):
     return mem.leaves(ret.to_dual(ret.project(mem.from_leaves(P)), hpr))
 
 
-def _lag_z(Z0, E0, X0, lr0, la0):
-    """The first token's exact step in the dual space: ``z_l = a_0 Z0_l - lr_0 E_l[0] X_l[0]^T``."""
+def _lag_z(Z0, E0, X0, lr0, la0, Nd=()):
+    """The first token's exact step in the dual space: ``z_l = a_0 Z0_l [+ (1 - a_0) Nd_l] - lr_0 E_l[0] X_l[0]^T``
+    (``Nd``: the dual anchor ``z_*`` of an anchored retention)."""
     a = jnp.exp(la0)
-    return [a * d - lr0 * jnp.outer(e, x) for d, e, x in zip(Z0, E0, X0)]
+    z = [a * d - lr0 * jnp.outer(e, x) for d, e, x in zip(Z0, E0, X0)]
+    return [zi + (1.0 - a) * n for zi, n in zip(z, Nd)] if Nd else z
 
 
 def _from_dual(cfg: Config, hpr, z):
     return cfg.memory.leaves(cfg.ret.from_dual(cfg.memory.from_leaves(z), hpr))
 
 
-def _lag_fwd(cfg: Config, hpr, P, E0, X0, lr0, la0, first_real, Z0=None):
+def _lag_fwd(cfg: Config, hpr, P, E0, X0, lr0, la0, first_real, Nd=(), Z0=None):
     """Memora's first token: ``W1_l = from_dual(z_l)`` (``retention.step`` on ``project(P)``); the base
     is ``W1`` (``P`` itself if token 0 is padding). ``Z0``: :func:`_lag_dual` if already taken.
     Returns ``(base, W1)``."""
     Z0 = _lag_dual(cfg, hpr, P) if Z0 is None else Z0
-    W1 = _from_dual(cfg, hpr, _lag_z(Z0, E0, X0, lr0, la0))
+    W1 = _from_dual(cfg, hpr, _lag_z(Z0, E0, X0, lr0, la0, Nd))
     return [jnp.where(first_real > 0, w, p) for w, p in zip(W1, P)], W1
 
 
 def _lag_bwd(cfg: Config, hpr, lag_in, W1, Z0, dual_vjp, g):
-    """VJP of :func:`_lag_fwd` at ``lag_in = (P, E0, X0, lr0, la0, first_real)`` for the base's cotangent
-    ``g``, given ``W1``, ``Z0`` and ``Z0``'s VJP: ``(dP, dE0, dX0, dlr0, dla0, dhpr)``.
+    """VJP of :func:`_lag_fwd` at ``lag_in = (P, E0, X0, lr0, la0, first_real, Nd)`` for the base's
+    cotangent ``g``, given ``W1``, ``Z0`` and ``Z0``'s VJP: ``(dP, dE0, dX0, dlr0, dla0, dhpr, dNd)``.
     ``from_dual``'s VJP is taken in closed form from its output ``W1`` where the retention has one
     (``from_dual_vjp``: Memora's softmax); otherwise by ``jax.vjp`` at ``z``."""
-    P, E0, X0, lr0, la0, first_real = lag_in
+    P, E0, X0, lr0, la0, first_real, Nd = lag_in
     keep = first_real > 0
     g1 = [jnp.where(keep, gi, 0.0) for gi in g]
     if hasattr(cfg.ret, "from_dual_vjp"):
         dz = [cfg.ret.from_dual_vjp(w, gi) for w, gi in zip(W1, g1)]
         dh_from = jax.tree.map(jnp.zeros_like, hpr)
     else:
-        _, from_vjp = jax.vjp(lambda z, h: _from_dual(cfg, h, z), _lag_z(Z0, E0, X0, lr0, la0), hpr)
+        _, from_vjp = jax.vjp(lambda z, h: _from_dual(cfg, h, z), _lag_z(Z0, E0, X0, lr0, la0, Nd), hpr)
         dz, dh_from = from_vjp(g1)
     a = jnp.exp(la0)
     dla0 = a * sum(jnp.sum(dzi * di) for dzi, di in zip(dz, Z0))
+    dNd = [(1.0 - a) * dzi for dzi in dz] if Nd else []
+    if Nd:
+        dla0 = dla0 - a * sum(jnp.sum(dzi * n) for dzi, n in zip(dz, Nd))
     dzx = [dzi @ x for dzi, x in zip(dz, X0)]                        # [n_{l+1}]
     dlr0 = -sum(jnp.dot(e, v) for e, v in zip(E0, dzx))
     dE0 = [-lr0 * v for v in dzx]
     dX0 = [-lr0 * (e @ dzi) for e, dzi in zip(E0, dz)]
     dP, dh_to = dual_vjp([a * dzi for dzi in dz])
     dP = [dp + jnp.where(keep, 0.0, gi) for dp, gi in zip(dP, g)]
-    return dP, dE0, dX0, dlr0, dla0, jax.tree.map(jnp.add, dh_from, dh_to)
+    return dP, dE0, dX0, dlr0, dla0, jax.tree.map(jnp.add, dh_from, dh_to), dNd
 
 
 def _scales(cfg: Config, hpr, Z):
@@ -396,12 +421,36 @@ def _token_scales(s_end, s_prev, c):
     return [jnp.where(last, se, sp) for se, sp in zip(s_end, s_prev)]
 
 
-def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
-    """One chunk: ``(P_end, A_end, s_end, y [c, v], ChunkResiduals)``. ``A``, ``s`` are ``[]`` unless
-    "scale"."""
+def _channel_chunk(B, N, x: ChunkIn, delta):
+    """Matrix memory, GD, channel-wise decay ``log_a [c, k]`` (GLA-like): ``(W_end, y [c, v])`` with
+    ``D_ijk = prod_{j<l<=i} a_lk``, ``beta_ik = prod_{l<=i} a_lk``, ``delta = E_0`` ``[c, v]``:
+    ``y_i = B (beta_i * q_i) - sum_j lr_j (sum_k k_jk D_ijk q_ik) delta_j [+ N q_i]``,
+    ``W_end = B diag(beta_c) - sum_j lr_j delta_j (k_j * D_cj)^T [+ N]`` (``B`` the deviation from ``N``)."""
+    D = decay_matrix(x.log_a)                                            # [c, c, k]
+    beta = jnp.exp(jnp.cumsum(x.log_a, axis=0))                          # [c, k]
+    (W0,) = B
+    scores = jnp.einsum("jk,ijk,ik->ij", x.k, D, x.q) * (-x.lr)[None, :]
+    y = (x.q * beta) @ W0.T + scores @ delta
+    W_end = W0 * beta[-1][None, :] + jnp.einsum("jv,j,jk->vk", delta, -x.lr, x.k * D[-1])
+    if N:
+        y, W_end = y + x.q @ N[0].T, W_end + N[0]
+    return [W_end], y
+
+
+def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
+    """One chunk: ``(P_end, A_end, Mom_end, s_end, y [c, v], ChunkResiduals)``. ``A``, ``s`` are ``[]``
+    unless "scale"; ``Mom`` (the momentum state ``S``) is ``[]`` unless ``cfg.momentum``. The only
+    forward of the mini-batch form: :func:`chunk_bwd` is its VJP, and autodiff differentiates it
+    where there is none (momentum, channel-wise decay: residuals ``None``)."""
     lay, mode = cfg.lay, cfg.mode
     c = x.q.shape[0]
-    C, beta, D = _coeffs(mode, x.lr, x.log_a)
+    mom = None
+    if cfg.momentum:
+        D = decay_matrix(x.log_a)
+        C, beta, gamma, m_end, Cs_end = momentum_coefficients(x.lr, x.log_a, x.log_m, x.real, D)
+        mom = (gamma, Mom)
+    elif not cfg.channel:
+        C, beta, D = _coeffs(mode, x.lr, x.log_a)
     X, Z, E, M = _factors(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g)
     N = hp["anchor"]
     if mode == "linear":
@@ -409,35 +458,50 @@ def chunk_fwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn):
     elif mode == "scale":
         Bw = A
     else:
-        Bw, _ = _lag_fwd(cfg, hp["retention"], P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.first_real)
+        Bw, _ = _lag_fwd(cfg, hp["retention"], P, [e[0] for e in E], [z[0] for z in X], x.lr[0],
+                         x.log_a[0], x.first_real, hp["anchor_dual"])
     if N:   # anchored retention: the algebra runs on the deviation B - N
         Bw = [b - n for b, n in zip(Bw, N)]
+    if cfg.channel:
+        P_end, y = _channel_chunk(Bw, N, x, E[0])
+        return P_end, A, Mom, [], y, None
     Z_end = _end_state(Bw, beta[-1], C[-1], X, E, N)
+    if mom is not None:   # W_end += gamma_c S_0;  S_end = m_end S_0 + sum_j Cs_j E_j^T X_j
+        Z_end = [z + gamma[-1] * s for z, s in zip(Z_end, Mom)]
+        Mom = _end_state(Mom, m_end, Cs_end, X, E)
     if mode == "scale":
         s_end, sums = _scales_fwd(cfg, hp["retention"], Z_end)
         S = _token_scales(s_end, s_prev, c)
         P_end, A_end = [s * z for s, z in zip(s_end, Z_end)], Z_end
     else:
         s_end, S, P_end, A_end, sums = [], None, Z_end, A, None
-    y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E, N)
-    return P_end, A_end, s_end, y, ChunkResiduals(Z, M[1:], YX, R, D, sums)
+    y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E, N, mom)
+    return P_end, A_end, Mom, s_end, y, ChunkResiduals(Z, M[1:], YX, R, D, sums)
 
 
-def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid: ChunkResiduals, A_next, dy, dP_end, dA_end,
-              ds_end):
-    """VJP of :func:`chunk_fwd` given the cotangents of ``y``, ``P_end``, ``A_end`` and ``s_end``
-    (``A_next`` = this chunk's ``A_end``, "scale" only). Returns ``(dP, dA, ds_prev, dhp, dx)``."""
+def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResiduals, A_next, dy, dP_end,
+              dA_end, dMom_end, ds_end):
+    """VJP of :func:`chunk_fwd` (scalar decay) given the cotangents of ``y``, ``P_end``, ``A_end``,
+    ``Mom_end`` and ``s_end`` (``A_next`` = this chunk's ``A_end``, "scale" only).
+    Returns ``(dP, dA, dMom, ds_prev, dhp, dx)``. Momentum's ``[c, c]`` coefficients go through
+    ``jax.vjp`` (no matmul over the state in them)."""
     lay, mode, act = cfg.lay, cfg.mode, cfg.lay.act
-    L, c = lay.depth, x.q.shape[0]
+    c = x.q.shape[0]
     Z, M1, YX, R, D, sums = resid
     M = [None, *M1]
     AZ = [_acts(act, z, 3) for z in Z[:-1]]
     X, E, head_vjp = _factors_from(lay, cfg.bias, hp["bias"], x.k, x.v, x.g, Z, M, AZ)
-    C, beta, _ = _coeffs(mode, x.lr, x.log_a, D)
+    mom = None
+    if cfg.momentum:
+        (C, beta, gamma, m_end, Cs_end), coeff_vjp = jax.vjp(
+            lambda lr, la, lm: momentum_coefficients(lr, la, lm, x.real, decay_matrix(la)), x.lr, x.log_a, x.log_m)
+        mom = (gamma, Mom)
+    else:
+        C, beta, _ = _coeffs(mode, x.lr, x.log_a, D)
     hpr = hp["retention"]
     dhpr = jax.tree.map(jnp.zeros_like, hpr)
     if mode == "lag":
-        lag_in = (P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.first_real)
+        lag_in = (P, [e[0] for e in E], [z[0] for z in X], x.lr[0], x.log_a[0], x.first_real, hp["anchor_dual"])
         Z0, dual_vjp = jax.vjp(lambda P_, h: _lag_dual(cfg, h, P_), P, hpr)
         Bw, W1 = _lag_fwd(cfg, hpr, *lag_in, Z0=Z0)   # recomputed: as fast as keeping W1
     else:
@@ -454,8 +518,8 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid: ChunkResiduals, 
         S, dZ_end = None, list(dP_end)
     AU = [_acts(act, r if S is None else S[l][:, None] * r, 2) for l, r in enumerate(R[:-1])]
     Y = [x.q] + [a[0] for a in AU]
-    dq, dB, dbeta, dC, dS, dX, dE, dN = _reads_bwd(lay, Bw, beta, C, S, X, E, Y, [a[1] for a in AU], YX, R,
-                                                   dy, N)
+    dq, dB, dbeta, dC, dS, dX, dE, dN, dmom = _reads_bwd(lay, Bw, beta, C, S, X, E, Y, [a[1] for a in AU],
+                                                         YX, R, dy, N, mom)
     ds_prev = []
     if mode == "scale":
         last = jnp.arange(c) == c - 1
@@ -472,9 +536,18 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid: ChunkResiduals, 
     dE = [a + b for a, b in zip(dE, dE_e)]
     dbeta = dbeta.at[-1].add(dbeta_c)
     dC = dC.at[-1].add(dC_c)
+    dMom = []
+    if mom is not None:   # Z_end += gamma_c S0;  S_end = m_end S0 + (Cs * E)^T X
+        dgamma, dMom = dmom
+        dgamma = dgamma.at[-1].add(sum(jnp.sum(m * g) for m, g in zip(Mom, dZ_end)))
+        dMo, dm_end, dCs, dX_m, dE_m = _end_bwd(Mom, m_end, Cs_end, X, E, dMom_end)
+        dMom = [a + gamma[-1] * g + b for a, g, b in zip(dMom, dZ_end, dMo)]
+        dX = [a + b for a, b in zip(dX, dX_m)]
+        dE = [a + b for a, b in zip(dE, dE_m)]
     dlr0 = dla0 = 0.0
+    dNd = []
     if mode == "lag":
-        dP, dE0, dX0, dlr0, dla0, dh = _lag_bwd(cfg, hpr, lag_in, W1, Z0, dual_vjp, dB)
+        dP, dE0, dX0, dlr0, dla0, dh, dNd = _lag_bwd(cfg, hpr, lag_in, W1, Z0, dual_vjp, dB)
         dE = [e.at[0].add(g) for e, g in zip(dE, dE0)]
         dX = [z.at[0].add(g) for z, g in zip(dX, dX0)]
         dhpr = jax.tree.map(jnp.add, dhpr, dh)
@@ -485,68 +558,81 @@ def chunk_bwd(cfg: Config, hp, P, A, s_prev, x: ChunkIn, resid: ChunkResiduals, 
         dP, dA = dB, A
     dP_f, dk, dv, dg, dhpb = _factors_bwd(lay, head_vjp, P, X, AZ, E, M, dX, dE)
     dP = dP_f if dP is None else [a + b for a, b in zip(dP, dP_f)]
-    dlr, dla = _coeffs_bwd(mode, C, beta, D, dC, dbeta)
+    if mom is not None:
+        dlr, dla, dlm = coeff_vjp((dC, dbeta, dgamma, dm_end, dCs))
+        dmask = (dlm, jnp.zeros_like(x.real))
+    else:
+        dlr, dla = _coeffs_bwd(mode, C, beta, D, dC, dbeta)
+        dmask = (None, None)
     dlr, dla = dlr.at[0].add(dlr0), dla.at[0].add(dla0)
-    dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.first_real))
-    return dP, dA, ds_prev, {"bias": dhpb, "retention": dhpr, "anchor": dN}, dx
+    dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.first_real), *dmask)
+    return dP, dA, dMom, ds_prev, {"bias": dhpb, "retention": dhpr, "anchor": dN, "anchor_dual": dNd}, dx
 
 
 # --- the sequence: forward scan, reverse scan -----------------------------------------------------
 
 def _stored(cfg: Config, carry):
-    """What the forward keeps of a chunk-start state ``(P, A, s)``: in "scale" mode ``P = s A`` for
-    every chunk but the first (the forward computes ``P_end`` so: the same rounding), so ``([], A, s)``."""
-    P, A, s = carry
-    return ([] if cfg.mode == "scale" else P), A, s
+    """What the forward keeps of a chunk-start state ``(P, A, Mom, s)``: in "scale" mode ``P = s A``
+    for every chunk but the first (the forward computes ``P_end`` so: the same rounding), so
+    ``([], A, Mom, s)``."""
+    P, A, Mom, s = carry
+    return ([] if cfg.mode == "scale" else P), A, Mom, s
 
 
 def _restored(P0, stored, first):
     """Inverse of :func:`_stored`; ``first``: whether this is chunk 0 (its ``P`` is ``P0``)."""
-    P, A, s = stored
+    P, A, Mom, s = stored
     if not P:
         P = [jnp.where(first, p0, s_ * a) for p0, s_, a in zip(P0, s, A)]
-    return P, A, s
+    return P, A, Mom, s
 
 
-def _fwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, save: bool):
+def _fwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, save: bool, Mom0=(), remat: bool = False):
     """Chunks in order. ``group = 0``: with ``save`` keep every chunk's start state and residuals;
-    ``group = R``: keep only the start state of every R-th chunk. Returns ``(y, (P, A), saved)``."""
+    ``group = R``: keep only the start state of every R-th chunk (``save``: for the hand backward;
+    ``remat``: for autodiff, each group a ``jax.checkpoint``). Returns ``(y, (P, A, Mom), saved)``."""
     s0 = _scales(cfg, hp["retention"], A0) if cfg.mode == "scale" else []
+    Mom0 = list(Mom0)
 
     def step(carry, x):
-        P_end, A_end, s_end, y, resid = chunk_fwd(cfg, hp, *carry, x)
-        return (P_end, A_end, s_end), (y, (_stored(cfg, carry), resid) if (save and not group) else None)
+        P_end, A_end, Mom_end, s_end, y, resid = chunk_fwd(cfg, hp, *carry, x)
+        keep = (_stored(cfg, carry), resid) if (save and not group) else None
+        return (P_end, A_end, Mom_end, s_end), (y, keep)
 
     if not group:
-        (P, A, _), (y, saved) = jax.lax.scan(step, (P0, A0, s0), xs)
-        return y, (P, A), saved
+        (P, A, Mom, _), (y, saved) = jax.lax.scan(step, (P0, A0, Mom0, s0), xs)
+        return y, (P, A, Mom), saved
     xg = jax.tree.map(lambda a: a.reshape((-1, group) + a.shape[1:]), xs)
 
     def group_step(carry, x):
         end, (y, _) = jax.lax.scan(step, carry, x)
         return end, (y, carry if save else None)
 
-    (P, A, _), (y, saved) = jax.lax.scan(group_step, (P0, A0, s0), xg)
-    return y.reshape((-1,) + y.shape[2:]), (P, A), saved
+    if remat:
+        group_step = jax.checkpoint(group_step)
+    (P, A, Mom, _), (y, saved) = jax.lax.scan(group_step, (P0, A0, Mom0, s0), xg)
+    return y.reshape((-1,) + y.shape[2:]), (P, A, Mom), saved
 
 
-def _bwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, saved, A_final, dy, dP_end, dA_end):
+def _bwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, saved, A_final, dy, dP_end, dA_end,
+              dMom_end):
     """Chunks in reverse, carrying the cotangents of the chunk-end state and of ``s_end``; returns
-    ``(dhp, dP0, dA0, dxs)``."""
+    ``(dhp, dP0, dA0, dMom0, dxs)``."""
 
     def bstep(carry, inp):
-        dP, dA, ds, dhp, A_next = carry
+        dP, dA, dMom, ds, dhp, A_next = carry
         stored, resid, x, dy_c, first = inp
-        P, A, s = _restored(P0, stored, first)
-        dP, dA_new, ds, dh, dx = chunk_bwd(cfg, hp, P, A, s, x, resid, A_next, dy_c, dP, dA, ds)
-        return (dP, dA_new, ds, jax.tree.map(jnp.add, dhp, dh), A), dx
+        P, A, Mom, s = _restored(P0, stored, first)
+        dP, dA_new, dMom, ds, dh, dx = chunk_bwd(cfg, hp, P, A, Mom, s, x, resid, A_next, dy_c, dP, dA,
+                                                 dMom, ds)
+        return (dP, dA_new, dMom, ds, jax.tree.map(jnp.add, dhp, dh), A), dx
 
-    init = (list(dP_end), list(dA_end), [jnp.zeros((), P0[0].dtype) for _ in A0],
+    init = (list(dP_end), list(dA_end), list(dMom_end), [jnp.zeros((), P0[0].dtype) for _ in A0],
             jax.tree.map(jnp.zeros_like, hp), list(A_final))
     if not group:
         states, resid = saved
         first = jnp.arange(xs.q.shape[0]) == 0
-        (dP, dA, ds, dhp, _), dxs = jax.lax.scan(bstep, init, (states, resid, xs, dy, first), reverse=True)
+        (dP, dA, dMom, ds, dhp, _), dxs = jax.lax.scan(bstep, init, (states, resid, xs, dy, first), reverse=True)
     else:
         xg = jax.tree.map(lambda a: a.reshape((-1, group) + a.shape[1:]), (xs, dy))
 
@@ -554,39 +640,39 @@ def _bwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, saved, A_final, 
             start, (x, dy_g) = inp
 
             def step(c_, x_):   # recompute the group's chunk-start states and residuals
-                P_end, A_end, s_end, _, resid = chunk_fwd(cfg, hp, *c_, x_)
-                return (P_end, A_end, s_end), (c_, resid)
+                P_end, A_end, Mom_end, s_end, _, resid = chunk_fwd(cfg, hp, *c_, x_)
+                return (P_end, A_end, Mom_end, s_end), (c_, resid)
 
             _, (states, resid) = jax.lax.scan(step, start, x)
             return jax.lax.scan(bstep, carry, (states, resid, x, dy_g, jnp.zeros(group, bool)), reverse=True)
 
-        (dP, dA, ds, dhp, _), dxs = jax.lax.scan(bgroup, init, (saved, xg), reverse=True)
+        (dP, dA, dMom, ds, dhp, _), dxs = jax.lax.scan(bgroup, init, (saved, xg), reverse=True)
         dxs = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), dxs)
     if cfg.mode == "scale":   # s_prev of chunk 0 is s(A_0)
         _, vjp = jax.vjp(lambda a, h: _scales(cfg, h, a), A0, hp["retention"])
         dA0, dh = vjp(ds)
         dA = [a + b for a, b in zip(dA, dA0)]
         dhp = {**dhp, "retention": jax.tree.map(jnp.add, dhp["retention"], dh)}
-    return dhp, dP, dA, dxs
+    return dhp, dP, dA, dMom, dxs
 
 
 @functools.lru_cache(maxsize=None)
 def _engine(cfg: Config, group: int):
-    """``run(hp, P0, A0, xs) -> (y [n, c, v], P_end, A_end)`` with its hand-written VJP."""
+    """``run(hp, P0, A0, Mom0, xs) -> (y [n, c, v], P_end, A_end, Mom_end)`` with its hand-written VJP."""
 
     @jax.custom_vjp
-    def run(hp, P0, A0, xs):
-        y, (P, A), _ = _fwd_scan(cfg, hp, P0, A0, xs, group, save=False)
-        return y, P, A
+    def run(hp, P0, A0, Mom0, xs):
+        y, (P, A, Mom), _ = _fwd_scan(cfg, hp, P0, A0, xs, group, save=False, Mom0=Mom0)
+        return y, P, A, Mom
 
-    def fwd(hp, P0, A0, xs):
-        y, (P, A), saved = _fwd_scan(cfg, hp, P0, A0, xs, group, save=True)
-        return (y, P, A), (hp, P0, A0, xs, saved, A)
+    def fwd(hp, P0, A0, Mom0, xs):
+        y, (P, A, Mom), saved = _fwd_scan(cfg, hp, P0, A0, xs, group, save=True, Mom0=Mom0)
+        return (y, P, A, Mom), (hp, P0, A0, xs, saved, A)
 
     def bwd(res, cts):
         hp, P0, A0, xs, saved, A_final = res
-        dy, dP_end, dA_end = cts
-        return _bwd_scan(cfg, hp, P0, A0, xs, group, saved, A_final, dy, dP_end, dA_end)
+        dy, dP_end, dA_end, dMom_end = cts
+        return _bwd_scan(cfg, hp, P0, A0, xs, group, saved, A_final, dy, dP_end, dA_end, dMom_end)
 
     run.defvjp(fwd, bwd)
     return run
@@ -594,20 +680,28 @@ def _engine(cfg: Config, group: int):
 
 def memorize(spec, state, xs: ChunkIn, group: int = 0, autodiff: bool = False):
     """One head: the chunks ``xs`` (leaves ``[n, c, ...]``) from ``state``; ``group = R > 0`` keeps
-    every R-th chunk-start state only (``remat_every``). Returns ``(y [n, c, v], P_end, A_end)`` as
-    leaf lists (``A`` is ``[]`` unless the retention is "scale"). ``autodiff``: the same forward
-    (:func:`chunk_fwd` scanned), differentiated by JAX instead of the hand-written backward."""
-    mem = spec.memory
-    mode = spec.retention.chunk_mode
-    cfg = Config(mem, layout(mem), spec.bias, spec.retention, mode,
-                 static_q(spec) if mode == "scale" else None)
-    ret = spec.retention
+    every R-th chunk-start state only (``remat_every``). Returns ``(y [n, c, v], P_end, A_end, S_end)``
+    as leaf lists (``A`` is ``[]`` unless the retention is "scale", ``S`` the momentum state, ``[]``
+    without momentum). ``autodiff`` (forced where ``plan.hand_vjp_blocker`` names a blocker): the same
+    forward (:func:`chunk_fwd` scanned), differentiated by JAX instead of the hand-written backward."""
+    mem, ret = spec.memory, spec.retention
+    mode = ret.chunk_mode
+    momentum = spec.optimizer.update_form == "momentum"
+    cfg = Config(mem, layout(mem), spec.bias, ret, mode, static_q(spec) if mode == "scale" else None,
+                 momentum, xs.log_a.ndim == 3)
     anchor = ret.anchor_of(state.retention)
+    # the anchor is constant over chunks: its cotangent accumulates over the reverse scan like a
+    # hyper-parameter's. "lag" runs its linear part in the primal (anchor from_dual(z_*)) and the
+    # first token's exact step in the dual (z_*).
+    lag_anchor = anchor is not None and mode == "lag"
     hp = {"bias": spec.hparams["bias"], "retention": spec.hparams["retention"],
-          "anchor": [] if anchor is None else mem.leaves(anchor)}   # constant over chunks: its
-    # cotangent accumulates over the reverse scan like a hyper-parameter's
+          "anchor": [] if anchor is None else mem.leaves(
+              ret.from_dual(anchor, spec.hparams["retention"]) if lag_anchor else anchor),
+          "anchor_dual": mem.leaves(anchor) if lag_anchor else []}
     A0 = mem.leaves(ret.acc(state.retention)) if cfg.mode == "scale" else []
-    if autodiff:
-        y, (P, A), _ = _fwd_scan(cfg, hp, mem.leaves(state.memory), A0, xs, group, save=False)
-        return y, P, A
-    return _engine(cfg, group)(hp, mem.leaves(state.memory), A0, xs)
+    P0 = mem.leaves(state.memory)
+    Mom0 = mem.leaves(state.optimizer) if momentum else []
+    if autodiff or cfg.channel:
+        y, (P, A, S), _ = _fwd_scan(cfg, hp, P0, A0, xs, group, save=False, Mom0=Mom0, remat=True)
+        return y, P, A, S
+    return _engine(cfg, group)(hp, P0, A0, Mom0, xs)
