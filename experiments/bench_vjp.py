@@ -11,11 +11,10 @@ each in its own subprocess, one JSON line per measurement:
                   matrix) instead of ``decay.coefficients_vjp``;
   ``no_acts``     the activation's first / second derivatives by nested ``jax.jvp`` instead of
                   ``memory.activation_derivatives``' one-``tanh`` gelu forms;
-  ``no_lq_sums``  Moneta's l_q scale differentiated by ``jax.vjp`` instead of ``lq_scale_vjp`` from
-                  its two kept sums (static integer ``q``);
   ``no_softmax``  Memora's ``from_dual`` (softmax) VJP by ``jax.vjp`` instead of ``from_dual_vjp``.
 
-A variant that does not apply to a preset (no l_q, no softmax) is skipped.
+A variant that does not apply to a preset (no softmax) is skipped. (A closed form of the l_q
+scale's VJP from its two kept sums was measured the same way and dropped: it did not pay.)
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from absl import flags
 
 from experiments import bench_engine, cli
 
-flags.DEFINE_list("variants", ["hand", "autodiff", "no_coeffs", "no_acts", "no_lq_sums", "no_softmax"],
+flags.DEFINE_list("variants", ["hand", "autodiff", "no_coeffs", "no_acts", "no_softmax"],
                   "variants to measure")
 flags.DEFINE_string("variant", "", "internal: the child's variant")
 FLAGS = flags.FLAGS
@@ -41,8 +40,6 @@ def _applies(preset: str, variant: str) -> bool:
     import miras_jax as mj
 
     ret = mj.presets.get(preset).retention
-    if variant == "no_lq_sums":
-        return ret.map_kind == "lq"
     if variant == "no_softmax":
         return hasattr(ret, "from_dual_vjp")
     return True
@@ -77,8 +74,6 @@ def _patch(variant: str, preset: str) -> None:
                 f = (lambda g: lambda z: jax.jvp(g, (z,), (jnp.ones_like(z),))[1])(f)
             return out
         vjp._acts = acts
-    elif variant == "no_lq_sums":
-        vjp._sums_path = lambda cfg: False
     elif variant == "no_softmax":
         delattr(type(mj.presets.get(preset).retention), "from_dual_vjp")
     elif variant != "hand":

@@ -148,17 +148,6 @@ def lq_scale_from_sums(m, S, q, floor=0.0):
     return jnp.where(pos | has_floor, jnp.exp(-(q - 2.0) * log_norm), 1.0)
 
 
-def lq_scale_vjp(a, m, S, q: int, floor, g):
-    """VJP of :func:`lq_scale` for a static integer ``q`` from its sums: ``(dA, dfloor)``. The scalar
-    part is autodiff of :func:`lq_scale_from_sums`, ``dS/dA`` autodiff of :func:`int_pow_sum` (its
-    value unused, so not computed): one pass over ``A``, where ``jax.vjp`` of :func:`lq_scale`
-    would take the two sums again."""
-    dS, dfloor = jax.vjp(lambda S_, f: lq_scale_from_sums(m, S_, q, f), S, floor)[1](g)
-    mm = jnp.where(m > 0, m, 1.0)
-    (dA,) = jax.vjp(lambda a_: int_pow_sum(a_ / mm, q), a)[1](dS)
-    return dA, dfloor
-
-
 def lq_normalize(a, q, floor=0.0):
     """``A / max(||A||_q, floor)^(q-2)`` for one matrix; 0 stays 0."""
     return a * lq_scale(a, q, floor)

@@ -190,9 +190,9 @@ def test_static_integer_q_equals_the_traced_q_path(q):
 
 @pytest.mark.parametrize("floor", [1e-2, 3.0])
 def test_static_q_norm_floor_gradient_equals_the_traced_path(floor):
-    """With ``q`` a concrete integer the l_q scale is differentiated from its two sums
-    (``retention.lq_scale_vjp``); ``d/d norm_floor`` (traced: a grid over it) must equal the general
-    path's, below the floor (3.0: every chunk-end norm is floored) and above it."""
+    """With ``q`` a concrete integer the l_q scale takes ``int_pow_sum``; ``d/d norm_floor`` (traced:
+    a grid over it) must equal the general path's, below the floor (3.0: every chunk-end norm is
+    floored) and above it."""
     spec, state, args = _setup("moneta", {}, T=37, d=8, seed=12)
     cot = None
 

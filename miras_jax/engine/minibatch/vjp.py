@@ -23,9 +23,10 @@ Why not autodiff: reverse mode through the forward stacks dozens of residual arr
 residuals per chunk (``Z``, ``E P``, the reads' pre-activations, the ``[c, c]`` scores and decay
 matrix; ``E`` is recomputed from them; in "scale" mode ``(A, s)`` but not ``P = s A``), and the
 backward is written out: per layer two matmuls for every forward one. Closed-form VJPs: the decay
-coefficients, the activation's derivatives (one ``tanh`` per array for gelu), Memora's softmax and,
-for a static integer ``q``, the l_q scale (from its two sums). The other small pieces with no
-matmul in them (the residual map ``phi``, the dual map ``log``) go through ``jax.vjp`` locally.
+coefficients, the activation's derivatives (one ``tanh`` per array for gelu) and Memora's softmax
+(each measured by ``experiments/bench_vjp.py``). The other small pieces with no matmul in them
+(the residual map ``phi``, the dual map ``log``, the l_q scale, momentum's coefficients) go
+through ``jax.vjp`` locally.
 ``remat_every = R``: only every R-th chunk-start state is kept, and the backward recomputes each
 group's forward.
 """
@@ -288,15 +289,13 @@ class ChunkResiduals(NamedTuple):
     ``Z``: the keys' pre-activations at the chunk-start memory, ``Z_l = X_l P_l^T`` ``[c, n_{l+1}]``;
     ``M1``: ``M_l = E_l P_l`` for ``l >= 1`` (the factors' back-propagated part); ``YX``: the reads'
     ``Y_l X_l^T`` ``[c, c]``; ``R``: the reads' unscaled pre-activations ``[c, n_{l+1}]``; ``D``:
-    the decay matrix ``[c, c]``; ``sums``: the l_q scale's two sums per matrix ("scale" on the
-    static-q path) or ``None``."""
+    the decay matrix ``[c, c]``."""
 
     Z: list
     M1: list
     YX: list
     R: list
     D: jax.Array
-    sums: list | None
 
 
 def _coeff_inputs(mode, lr, log_a):
@@ -381,38 +380,10 @@ def _scales(cfg: Config, hpr, Z):
     return [cfg.ret.scale(z, hpr) for z in Z]
 
 
-def _sums_path(cfg: Config) -> bool:
-    """l_q with a static integer ``q``: the scale is kept as its two sums per matrix (a residual)
-    and differentiated by ``retention.lq_scale_vjp``."""
-    return cfg.static_q is not None and cfg.ret.map_kind == "lq"
-
-
-def _scales_from_sums(cfg: Config, hpr, sums):
-    return [retention_lib.lq_scale_from_sums(m, S, cfg.static_q, hpr["norm_floor"]) for m, S in sums]
-
-
-def _scales_fwd(cfg: Config, hpr, Z):
-    """``(s, sums)`` per matrix: on :func:`_sums_path` the two sums are kept (a residual), else
-    ``sums = None`` and the backward takes ``jax.vjp`` of :func:`_scales`."""
-    if not _sums_path(cfg):
-        return _scales(cfg, hpr, Z), None
-    sums = [retention_lib.lq_sums(z, cfg.static_q) for z in Z]
-    return _scales_from_sums(cfg, hpr, sums), sums
-
-
-def _scales_with_vjp(cfg: Config, hpr, Z, sums):
-    """``(s, vjp)`` for the scales of ``Z`` (``sums`` from :func:`_scales_fwd`); ``vjp(ds) -> (dZ, dhpr)``."""
-    if sums is None:
-        return jax.vjp(lambda z, h: _scales(cfg, h, z), Z, hpr)
-    q, floor = cfg.static_q, hpr["norm_floor"]
-    s = _scales_from_sums(cfg, hpr, sums)
-
-    def vjp(ds):
-        parts = [retention_lib.lq_scale_vjp(z, m, S, q, floor, d) for z, (m, S), d in zip(Z, sums, ds)]
-        dh = jax.tree.map(jnp.zeros_like, hpr)
-        dh["norm_floor"] = sum(p[1] for p in parts).astype(dh["norm_floor"].dtype)
-        return [p[0] for p in parts], dh
-    return s, vjp
+def _scales_with_vjp(cfg: Config, hpr, Z):
+    """``(s, vjp)`` for the scales of ``Z``; ``vjp(ds) -> (dZ, dhpr)`` (``jax.vjp``: a closed form from
+    the l_q norm's two sums measured no faster, ``experiments/bench_vjp.py``)."""
+    return jax.vjp(lambda z, h: _scales(cfg, h, z), Z, hpr)
 
 
 def _token_scales(s_end, s_prev, c):
@@ -470,13 +441,13 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
         Z_end = [z + gamma[-1] * s for z, s in zip(Z_end, Mom)]
         Mom = _end_state(Mom, m_end, Cs_end, X, E)
     if mode == "scale":
-        s_end, sums = _scales_fwd(cfg, hp["retention"], Z_end)
+        s_end = _scales(cfg, hp["retention"], Z_end)
         S = _token_scales(s_end, s_prev, c)
         P_end, A_end = [s * z for s, z in zip(s_end, Z_end)], Z_end
     else:
-        s_end, S, P_end, A_end, sums = [], None, Z_end, A, None
+        s_end, S, P_end, A_end = [], None, Z_end, A
     y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E, N, mom)
-    return P_end, A_end, Mom, s_end, y, ChunkResiduals(Z, M[1:], YX, R, D, sums)
+    return P_end, A_end, Mom, s_end, y, ChunkResiduals(Z, M[1:], YX, R, D)
 
 
 def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResiduals, A_next, dy, dP_end,
@@ -487,7 +458,7 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
     ``jax.vjp`` (no matmul over the state in them)."""
     lay, mode, act = cfg.lay, cfg.mode, cfg.lay.act
     c = x.q.shape[0]
-    Z, M1, YX, R, D, sums = resid
+    Z, M1, YX, R, D = resid
     M = [None, *M1]
     AZ = [_acts(act, z, 3) for z in Z[:-1]]
     X, E, head_vjp = _factors_from(lay, cfg.bias, hp["bias"], x.k, x.v, x.g, Z, M, AZ)
@@ -510,7 +481,7 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
     if N:
         Bw = [b - n for b, n in zip(Bw, N)]
     if mode == "scale":
-        s_end, scale_vjp = _scales_with_vjp(cfg, hpr, A_next, sums)
+        s_end, scale_vjp = _scales_with_vjp(cfg, hpr, A_next)
         S = _token_scales(s_end, s_prev, c)
         ds_end = [d + jnp.sum(g * z) for d, g, z in zip(ds_end, dP_end, A_next)]
         dZ_end = [da + s * g for da, s, g in zip(dA_end, s_end, dP_end)]
