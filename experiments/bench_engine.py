@@ -14,6 +14,7 @@ Prints one JSON line per measurement.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from experiments import cli
 
@@ -42,6 +43,8 @@ flags.DEFINE_integer("host_devices", 1, "> 1: split the batch over this many hos
                      "running single-threaded (data parallel over the cores; B must divide)")
 flags.DEFINE_bool("traced_hparams", False, "pass the spec's hyper-parameters as a jit argument (as vmapped "
                   "grids do) instead of closing over them: no static-q l_q fast path")
+flags.DEFINE_list("segments", ["0"], "packed rows: 0 = one document per row; N = documents of random "
+                  "lengths (mean N tokens) with segment_ids; several values: an A/B in one run")
 flags.DEFINE_string("child", "", "internal: run one measurement 'preset,impl,T,mode'")
 FLAGS = flags.FLAGS
 
@@ -72,6 +75,9 @@ def _program(preset: str, impl: str, T: int, mode: str):
     gates = {g: gates[g] for g in spec.required_gates}
     params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(ks[7], H))
     kw = dict(chunk_size=f.chunk if impl == "xla" else 1, implementation=impl, remat_every=f.remat_every)
+    mean = int(f.segments[0])
+    if mean:
+        kw["segment_ids"] = jnp.asarray(packed_ids(B, T, mean))
 
     def fwd(params, q, k, v, gates, hp=None):
         s = spec if hp is None else spec.replace(hparams=hp)
@@ -92,6 +98,21 @@ def _program(preset: str, impl: str, T: int, mode: str):
         args = (jax.device_put(params, NamedSharding(mesh, P())), *rows((q, k, v, gates)))
         hp = jax.device_put(hp, NamedSharding(mesh, P()))
     return fn, args + hp, kw
+
+
+def packed_ids(B: int, T: int, mean: int, seed: int = 0):
+    """``[B, T]`` int32 segment ids: documents of lengths uniform in ``[1, 2 mean - 1]`` back to back."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = np.zeros((B, T), np.int32)
+    for b in range(B):
+        t, doc = 0, 1
+        while t < T:
+            n = int(rng.integers(1, 2 * mean))
+            out[b, t:t + n] = doc
+            t, doc = t + n, doc + 1
+    return out
 
 
 def _flops(compiled) -> float:
@@ -127,7 +148,7 @@ def measure(preset: str, impl: str, T: int, mode: str) -> dict:
         "peak_frac": round(flops / med / 1e9 / f.peak_gflops, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "compile_s": round(compile_s, 2), "remat_every": f.remat_every, "host_devices": f.host_devices,
-        "traced_hparams": f.traced_hparams,
+        "traced_hparams": f.traced_hparams, "segments": int(f.segments[0]),
         "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc",
         "jax": jax.__version__,
     }
@@ -143,20 +164,18 @@ def main(argv):
         preset, impl, T, mode = f.child.split(",")
         print(json.dumps(measure(preset, impl, int(T), mode)), flush=True)
         return
-    passthrough = [a for a in sys.argv[1:] if not a.startswith(("--presets", "--impls", "--modes", "--T="))]
-    for T in f.T:
-        for preset in f.presets:
-            for impl in f.impls:
-                for mode in f.modes:
-                    cmd = [sys.executable, "-m", "experiments.bench_engine", *passthrough,
-                           f"--child={preset},{impl},{T},{mode}"]
-                    out = subprocess.run(cmd, capture_output=True, text=True)
-                    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-                    if out.returncode or not lines:
-                        print(json.dumps({"preset": preset, "impl": impl, "T": int(T), "mode": mode,
-                                          "error": out.stderr.strip().splitlines()[-1:]}), flush=True)
-                    else:
-                        print(lines[-1], flush=True)
+    passthrough = [a for a in sys.argv[1:]
+                   if not a.startswith(("--presets", "--impls", "--modes", "--T=", "--segments"))]
+    for T, preset, impl, mode, seg in itertools.product(f.T, f.presets, f.impls, f.modes, f.segments):
+        cmd = [sys.executable, "-m", "experiments.bench_engine", *passthrough, f"--segments={seg}",
+               f"--child={preset},{impl},{T},{mode}"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+        if out.returncode or not lines:
+            print(json.dumps({"preset": preset, "impl": impl, "T": int(T), "mode": mode, "segments": int(seg),
+                              "error": out.stderr.strip().splitlines()[-1:]}), flush=True)
+        else:
+            print(lines[-1], flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from miras_jax.engine import dispatch
 from miras_jax.engine import horizon as horizon_lib
 from miras_jax.engine import pallas as pallas_path
 from miras_jax.engine import plan as plan_lib
+from miras_jax.engine import segments as segments_lib
 from miras_jax.engine.plan import IMPLEMENTATIONS
 from miras_jax.engine.tokens import MemoryState, init_state
 
@@ -138,7 +139,8 @@ def check_inputs(spec, params, q, k, v, gates):
 def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Array, v: chex.Array,
              gates: dict[str, chex.Array] | None = None, *, chunk_size: int = 1,
              implementation: str = "auto", initial_state: MemoryState | None = None,
-             remat_every: int = 0, grad_horizon: int | None = None) -> tuple[chex.Array, MemoryState]:
+             remat_every: int = 0, grad_horizon: int | None = None,
+             segment_ids: chex.Array | None = None) -> tuple[chex.Array, MemoryState]:
     """Run the memory of ``spec`` over one sequence: write ``(k_t, v_t)``, read ``q_t``.
 
     Args:
@@ -166,6 +168,10 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
         backpropagation through the memory state: same forward, but gradients do not flow through
         the state across segments of ``H`` tokens (``engine/horizon.py``; optional: with the
         anchored MLP presets and gates in range the exact gradient stays bounded, README "Numerics").
+      segment_ids: ``None`` (one document) or int ``[T]`` for a packed row (``engine/segments.py``):
+        0 marks padding (no write, ``y = 0``); a change of id starts a document, which restarts the
+        memory, retention and optimizer state from ``init_state(params)``; the first document
+        starts from ``initial_state``.
 
     Returns:
       ``(y, final_state)``: ``y: [T, v]`` with ``y_t = M_{W_t}(q_t)`` read after the write of
@@ -180,27 +186,36 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
         raise ValueError(f"remat_every must be a non-negative int, got {remat_every!r}")
     horizon_lib.check_horizon(grad_horizon, chunk_size)
     gates = check_inputs(spec, params, q, k, v, gates)
-    implementation = plan_lib.resolve(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates))
+    packed = segment_ids is not None
+    if packed:
+        segment_ids = segments_lib.check_segment_ids(segment_ids, (q.shape[0],))
+    implementation = plan_lib.resolve(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates),
+                                      segments=packed)
 
     leaves = [q, k, v, *gates.values(), *jax.tree.leaves(params)]
     # float32 accumulation, float64 only if asked for (x64 mode and a float64 input).
     wide = any(jnp.result_type(x) == jnp.float64 for x in leaves)
     dtype = jnp.float64 if wide and jax.config.jax_enable_x64 else jnp.float32
     cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)  # noqa: E731
-    state = init_state(spec, cast(params)) if initial_state is None else cast(initial_state)
     spec = spec.replace(hparams=cast(spec.hparams))
+    reset_state = init_state(spec, cast(params))
+    state = reset_state if initial_state is None else cast(initial_state)
+    xs = (q, k, v, gates)
+    if packed:
+        xs = xs + segments_lib.boundaries(segment_ids)
 
     def run(st, xs):
-        q_, k_, v_, g_ = xs
+        q_, k_, v_, g_ = xs[:4]
+        segs = (*xs[4:], reset_state) if packed else None
         if implementation == "pallas":
             one = lambda x: x[None, :, None]  # noqa: E731   [T, ...] -> [1, T, 1, ...]
             y_, fin = pallas_path.run_batched(spec, jax.tree.map(lambda x: x[None, None], st), one(q_), one(k_),
                                               one(v_), {n: one(g) for n, g in g_.items()}, chunk_size=chunk_size)
             return y_[0, :, 0], jax.tree.map(lambda x: x[0, 0], fin)
         return dispatch.run(spec, st, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
-                            remat_every=remat_every)
+                            remat_every=remat_every, segments=segs)
 
-    y, final = horizon_lib.truncated(run, state, cast((q, k, v, gates)), q.shape[0], grad_horizon, axis=0)
+    y, final = horizon_lib.truncated(run, state, (*cast(xs[:4]), *xs[4:]), q.shape[0], grad_horizon, axis=0)
     param_dtypes = jax.tree.map(lambda x: jnp.result_type(x), params)
     final = final._replace(memory=jax.tree.map(lambda x, d: x.astype(d), final.memory, param_dtypes))
     return y.astype(v.dtype), final
@@ -210,7 +225,8 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
                      gates: dict[str, chex.Array] | None = None, *, chunk_size: int = 1,
                      implementation: str = "auto", initial_state: MemoryState | None = None,
                      remat_every: int = 0, mesh=None, batch_axes="data", head_axes=None,
-                     grad_horizon: int | None = None) -> tuple[chex.Array, MemoryState]:
+                     grad_horizon: int | None = None,
+                     segment_ids: chex.Array | None = None) -> tuple[chex.Array, MemoryState]:
     """Canonical batched entry point: ``q, k: [B, T, H, k]``, ``v: [B, T, H, v]``.
 
     ``params`` holds one memory per head (leading axis ``H`` on every leaf); gates are
@@ -223,6 +239,7 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     sharded: the rows are then vmapped as ``[B, H]`` (a ``B * H`` reshape across two sharded axes
     would make XLA all-gather them); the batch alone may be sharded either way. ``grad_horizon``:
     as in :func:`memorize` (truncated backpropagation through the state, segments of that many tokens).
+    ``segment_ids``: int ``[B, T]`` for packed rows (as in :func:`memorize`; shared by the heads).
     """
     if getattr(q, "ndim", None) != 4:
         raise ValueError(f"memorize_batched takes q of shape [B, T, H, d_k], got {getattr(q, 'shape', q)}")
@@ -239,22 +256,28 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    packed = segment_ids is not None
+    if packed:
+        segment_ids = segments_lib.check_segment_ids(segment_ids, (B, T))
     implementation = plan_lib.resolve(spec, implementation, chunk_size,
-                                      channel=plan_lib.channel_decay(spec, gates, token_ndim=3))
+                                      channel=plan_lib.channel_decay(spec, gates, token_ndim=3), segments=packed)
     if implementation == "pallas":
         return _pallas_batched(spec, params, q, k, v, gates or {}, chunk_size, initial_state, mesh,
                                batch_axes, head_axes, grad_horizon)
     to_bh = lambda t: jax.tree.map(lambda x: jnp.swapaxes(x, 1, 2), t)  # noqa: E731
     qh, kh, vh, gh = to_bh((q, k, v, gates or {}))
 
-    def one(p, q_, k_, v_, g_, s_):
+    def one(p, q_, k_, v_, g_, s_, seg_):
         return memorize(spec, p, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
-                        initial_state=s_, remat_every=remat_every, grad_horizon=grad_horizon)
+                        initial_state=s_, remat_every=remat_every, grad_horizon=grad_horizon,
+                        segment_ids=seg_)
 
     s_axis = 0 if initial_state is not None else None
+    seg_axis = 0 if packed else None
     if head_axes is not None:   # heads sharded: rows stay [B, H], no reshape across two sharded axes
-        heads = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, s_axis))
-        y, state = jax.vmap(heads, in_axes=(None, 0, 0, 0, 0, s_axis))(params, qh, kh, vh, gh, initial_state)
+        heads = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, s_axis, None))
+        y, state = jax.vmap(heads, in_axes=(None, 0, 0, 0, 0, s_axis, seg_axis))(
+            params, qh, kh, vh, gh, initial_state, segment_ids)
         return jnp.swapaxes(y, 1, 2), state
     # otherwise one vmap over the B*H rows (b-major: a batch split over devices stays one block per
     # device), not vmap(B) of vmap(H): with B = 1 per device the nested form has a size-1 axis, on
@@ -262,7 +285,9 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     # [4,64,256]); the MLP presets' fwd+bwd was ~30% slower
     rows = lambda t: jax.tree.map(lambda x: x.reshape((B * H,) + x.shape[2:]), t)  # noqa: E731
     pr = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), params)
-    y, state = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, s_axis))(*rows((pr, qh, kh, vh, gh)), rows(initial_state))
+    seg_rows = None if not packed else jnp.repeat(segment_ids, H, axis=0)   # b-major rows, as rows()
+    y, state = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, s_axis, seg_axis))(*rows((pr, qh, kh, vh, gh)),
+                                                                          rows(initial_state), seg_rows)
     state = jax.tree.map(lambda x: x.reshape((B, H) + x.shape[1:]), state)
     return jnp.swapaxes(y.reshape((B, H) + y.shape[1:]), 1, 2), state
 

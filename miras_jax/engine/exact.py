@@ -69,6 +69,12 @@ def _check_chunking(t: int, chunk_size: int) -> int:
     return t // chunk_size
 
 
+def _segment_cumsum(log_a: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per chunk, ``L_i = sum_{l: mask[i, l]} log a_l`` (``mask = causal & same document``) as a masked
+    sum, so ``dL_i / d log a_l`` is exactly 0 across documents. ``[n, c], [n, c, c] -> [n, c]``."""
+    return jnp.einsum("nil,nl->ni", mask.astype(log_a.dtype), log_a)
+
+
 def _masked_decay(l_rows: jax.Array, l_cols: jax.Array, mask: jax.Array) -> jax.Array:
     """``exp(L_i - L_j)`` where ``mask[i, j]``, else 0; never evaluates exp of a positive number.
 
@@ -201,6 +207,8 @@ def hebbian_chunked(
     log_decay: jax.Array | None,
     W0: jax.Array,
     chunk_size: int,
+    reset: jax.Array | None = None,
+    W_reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact chunked Hebbian (gated linear attention) recurrence.
 
@@ -219,6 +227,11 @@ def hebbian_chunked(
         (per key channel, multiplying the columns of ``W``: GLA). Expected ``<= 0`` (``a <= 1``).
       W0: ``[v, k]`` initial memory.
       chunk_size: ``c``; ``t`` must be a multiple (pad with ``lr = 0``, ``log_decay = 0``).
+      reset, W_reset: packed rows (scalar decay): ``reset [t]`` 1 where ``W`` restarts from
+        ``W_reset [v, k]`` before token t writes (``W_t = a_t W_reset + lr_t v_t k_t^T``). Inside a
+        chunk the pairs ``(i, j)`` of different documents are masked out, the entry state reaches
+        only the tokens before the chunk's first restart, and a restarted document adds
+        ``exp(L_i - L_{s-1}) W_reset q_i`` (``s`` its first token).
 
     Returns:
       ``(y: [t, v], W_T: [v, k])`` in float32. A channel-wise decay materialises ``[n, c, c, k]``.
@@ -234,12 +247,22 @@ def hebbian_chunked(
         raise ValueError(f"log_decay must have shape [t] or [t, k] = {(t,)} or {(t, d_k)}, "
                          f"got {tuple(log_decay.shape)}")
     channel = log_decay.ndim == 2
+    if reset is not None and channel:
+        raise NotImplementedError("the channel-wise Hebbian form does not take segment_ids yet")
 
     qc, kc = _chunks(q, n), _chunks(k, n)  # [n, c, k]
     bv = _chunks(v * lr[:, None], n)  # [n, c, v]
-    L = jnp.cumsum(_chunks(log_decay, n), axis=1)  # [n, c] or [n, c, k]
+    if reset is None:
+        L = jnp.cumsum(_chunks(log_decay, n), axis=1)  # [n, c] or [n, c, k]
+    else:   # documents inside a chunk: doc_i counts the restarts at or before i; L within a document
+        doc = jnp.cumsum(_chunks(_f32(reset), n), axis=1)
+        same = doc[:, :, None] == doc[:, None, :]                       # [n, i, j]
+        first = (doc == 0).astype(jnp.float32)                          # before any restart
+        L = _segment_cumsum(_chunks(log_decay, n), same & jnp.tril(jnp.ones((c, c), dtype=bool)))
     L_last = L[:, -1]  # [n] or [n, k]
     causal = jnp.tril(jnp.ones((c, c), dtype=bool))  # j <= i
+    if reset is not None:
+        causal = same & causal
 
     if channel:
         diff = L[:, :, None, :] - L[:, None, :, :]  # [n, i, j, k]
@@ -254,8 +277,17 @@ def hebbian_chunked(
         k_end = kc * jnp.exp(L_last[:, None] - L)[..., None]  # [n, c, k]
         f = jnp.exp(L_last)[:, None]  # [n, 1]
 
+    if reset is not None:   # p is masked by causal & same already
+        q_eff = q_eff * first[..., None]   # exp(L_last - L_j) only within the last document:
+        k_end = kc * jnp.exp(jnp.where(same[:, -1], L_last[:, None] - L, -jnp.inf))[..., None]
+        f = f * first[:, -1:]
+        restart = jnp.exp(L) * (1.0 - first)   # exp(L_i - L_{s-1}): W_reset's weight, [n, c]
     y_intra = jnp.einsum("nij,njv->niv", p, bv)  # [n, c, v]
     d = jnp.einsum("ncv,nck->nvk", bv, k_end)  # [n, v, k]
+    if reset is not None:
+        W_reset = _f32(W_reset)
+        y_intra = y_intra + restart[..., None] * jnp.einsum("nck,vk->ncv", qc, W_reset)
+        d = d + restart[:, -1, None, None] * W_reset
     s_start, W_T = _scan_states(W0, f, d, diagonal=True)  # [n, v, k], [v, k]
     y = y_intra + jnp.einsum("nck,nvk->ncv", q_eff, s_start)
     return y.reshape(t, d_v), W_T
@@ -275,6 +307,8 @@ def delta_chunked(
     W0: jax.Array,
     chunk_size: int,
     read_every: int = 1,
+    reset: jax.Array | None = None,
+    W_reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact chunked (gated) delta rule in the WY / UT form (Yang et al. 2024, Gated DeltaNet).
 
@@ -305,6 +339,11 @@ def delta_chunked(
       W0: ``[v, k]`` initial memory.
       chunk_size: ``c`` in steps; a multiple of ``read_every``; ``t`` a multiple of ``c``.
       read_every: reads happen at steps ``read_every - 1, 2 read_every - 1, ...``.
+      reset, W_reset: packed rows: ``reset [t]`` 1 where ``W`` restarts from ``W_reset [v, k]``
+        before step t. Each document in a chunk then has its own entry state (``S`` for the chunk's
+        first, ``W_reset`` decayed by ``e_i = exp(L_i - L_{s-1})`` for a document starting at ``s``):
+        the UT system and the reads are masked to pairs in one document, the ``W_reset`` terms are
+        state-independent and join ``U_v``, and only the first document's tokens see ``S``.
 
     Returns:
       ``(y: [t / read_every, v], W_T: [v, k])`` in float32.
@@ -328,29 +367,51 @@ def delta_chunked(
 
     qc = q.reshape(n, r, d_k)  # [n, r, k]
     kc, vc, lrc = _chunks(k, n), _chunks(v, n), _chunks(lr, n)  # [n, c, k], [n, c, v], [n, c]
-    L = jnp.cumsum(_chunks(log_decay, n), axis=1)  # [n, c]
+    pos = jnp.arange(c)
+    causal = pos[None, :] <= pos[:, None]
+    e_first = None  # packed rows: the entry state's weight in W_i, exp(L) before the first restart
+    if reset is None:
+        L = jnp.cumsum(_chunks(log_decay, n), axis=1)  # [n, c]
+    else:   # L within a document (exact zeros across documents); each document its entry state
+        doc = jnp.cumsum(_chunks(_f32(reset), n), axis=1)
+        same = doc[:, :, None] == doc[:, None, :]
+        causal = causal & same
+        L = _segment_cumsum(_chunks(log_decay, n), causal)
+        e_first = jnp.where(doc == 0, jnp.exp(L), 0.0)
+        e_reset = jnp.where(doc == 0, 0.0, jnp.exp(L))   # exp(L_i - L_{s-1}): W_reset's weight
     L_last = L[:, -1]  # [n]
     L_read = L[:, s - 1 :: s]  # [n, r]
-    pos = jnp.arange(c)
     # One exp serves both masks: the read after step i sees j <= i (rows s-1, 2s-1, ...), the
     # UT system j < i (the diagonal zeroed). Measured ~3% of fwd+bwd over two exps.
-    decay = _masked_decay(L, L, pos[None, :] <= pos[:, None])  # [n, c, c]
+    decay = _masked_decay(L, L, causal)  # [n, c, c]
 
     # The UT transform (state-independent, all chunks at once).
     kk = jnp.einsum("nik,njk->nij", kc, kc)  # [n, c, c]
     a = lrc[:, :, None] * kk * jnp.where(pos[None, :] < pos[:, None], decay, 0.0)  # [n, c, c], strictly lower
     tinv = unit_lower_inverse(a)  # [n, c, c]
     u_v = tinv @ (vc * lrc[..., None])  # [n, c, v]
-    w_wy = tinv @ (kc * (lrc * jnp.exp(L))[..., None])  # [n, c, k]
+    w_wy = tinv @ (kc * (lrc * (jnp.exp(L) if e_first is None else e_first))[..., None])  # [n, c, k]
+    if reset is not None:   # the restarted documents' entry state W_reset: known, so it joins U_v
+        W_reset = _f32(W_reset)
+        u_v = u_v - tinv @ ((lrc * e_reset)[..., None] * (kc @ W_reset.T))
 
     # Reads and chunk transitions.
     p = jnp.einsum("nrk,njk->nrj", qc, kc) * decay[:, s - 1 :: s]  # [n, r, c]
     y_intra = p @ u_v  # [n, r, v]
-    q_eff = qc * jnp.exp(L_read)[..., None] - p @ w_wy  # [n, r, k]
-    k_end = kc * jnp.exp(L_last[:, None] - L)[..., None]  # [n, c, k]
+    e_read = jnp.exp(L_read) if e_first is None else e_first[:, s - 1 :: s]
+    q_eff = qc * e_read[..., None] - p @ w_wy  # [n, r, k]
+    if reset is None:
+        k_end = kc * jnp.exp(L_last[:, None] - L)[..., None]  # [n, c, k]
+    else:   # within the last document only (doc-local L)
+        k_end = kc * jnp.exp(jnp.where(same[:, -1], L_last[:, None] - L, -jnp.inf))[..., None]
+    if reset is not None:
+        y_intra = y_intra + e_reset[:, s - 1 :: s, None] * (qc @ W_reset.T)
     d = jnp.einsum("ncv,nck->nvk", u_v, k_end)  # [n, v, k]
     eye = jnp.eye(d_k, dtype=jnp.float32)
-    f = jnp.exp(L_last)[:, None, None] * eye - jnp.einsum("nck,ncl->nkl", w_wy, k_end)  # [n, k, k]
+    e_last = jnp.exp(L_last) if e_first is None else e_first[:, -1]
+    f = e_last[:, None, None] * eye - jnp.einsum("nck,ncl->nkl", w_wy, k_end)  # [n, k, k]
+    if reset is not None:
+        d = d + e_reset[:, -1, None, None] * W_reset
 
     s_start, W_T = _scan_states(W0, f, d, diagonal=False)  # [n, v, k], [v, k]
     y = y_intra + jnp.einsum("nrk,nvk->nrv", q_eff, s_start)

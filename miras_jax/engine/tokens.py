@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from miras_jax.engine.segments import where_tree
+
 
 class MemoryState(NamedTuple):
     """What the recurrence carries: memory params, retention state (accumulator), optimizer state."""
@@ -73,16 +75,28 @@ def token_step(spec, state: MemoryState, k_t, v_t, gates_t: dict) -> MemoryState
     return MemoryState(params, rstate, ostate)
 
 
-def memorize_tokens(spec, state: MemoryState, q, k, v, gates: dict):
-    """Scan :func:`token_step` over ``T`` tokens; returns ``(y: [T, v], final MemoryState)``."""
+def memorize_tokens(spec, state: MemoryState, q, k, v, gates: dict, segments=None):
+    """Scan :func:`token_step` over ``T`` tokens; returns ``(y: [T, v], final MemoryState)``.
+
+    ``segments = (reset [T], real [T], reset_state)`` (``segments.boundaries``): at ``reset_t`` the
+    state becomes ``reset_state`` before token t writes; a pad token (``real_t`` false) leaves the
+    state unchanged and reads 0."""
 
     # checkpointed: the backward pass keeps only the carried state per token, not the step's
     # intermediates (MLP memories otherwise need O(T x layer activations x state) memory).
     @jax.checkpoint
     def body(carry, xs):
-        q_t, k_t, v_t, g_t = xs
+        q_t, k_t, v_t, g_t = xs[:4]
+        if segments is not None:
+            reset_t, real_t = xs[4:]
+            carry = where_tree(reset_t, segments[2], carry)
+            new = token_step(spec, carry, k_t, v_t, g_t)
+            carry = where_tree(real_t, new, carry)
+            y_t = spec.memory.apply(carry.memory, q_t)
+            return carry, jnp.where(real_t, y_t, jnp.zeros_like(y_t))
         carry = token_step(spec, carry, k_t, v_t, g_t)
         return carry, spec.memory.apply(carry.memory, q_t)
 
-    final, y = jax.lax.scan(body, state, (q, k, v, gates))
+    xs = (q, k, v, gates) + (() if segments is None else tuple(segments[:2]))
+    final, y = jax.lax.scan(body, state, xs)
     return y, final

@@ -112,8 +112,17 @@ def _plan(t: int, window: int | None, block: int):
     return blk, n, _schedule(n, nw)
 
 
-def _pair_scores(qb, kb, qi, kj, ok, blk: int, window: int | None):
-    """Masked scaled scores ``S: [R, b, h, B, B]`` (float32) of the pairs of one step, and the mask."""
+def _seg_blocks(segment_ids, n: int, blk: int):
+    """``[b, t] -> [n, b, B]`` (padded with 0), or ``None``."""
+    if segment_ids is None:
+        return None
+    b, t = segment_ids.shape
+    return jnp.pad(segment_ids, ((0, 0), (0, n * blk - t))).reshape(b, n, blk).transpose(1, 0, 2)
+
+
+def _pair_scores(qb, kb, qi, kj, ok, blk: int, window: int | None, sq=None, sk=None):
+    """Masked scaled scores ``S: [R, b, h, B, B]`` (float32) of the pairs of one step, and the mask.
+    ``sq, sk: [R, b, B]``: segment ids of the query / key blocks (packed rows: same document only)."""
     s = jnp.einsum("rbhqk,rbhsk->rbhqs", qb, kb, preferred_element_type=jnp.float32) / math.sqrt(qb.shape[-1])
     tq = qi[:, None] * blk + jnp.arange(blk)  # [R, B] absolute query positions
     tk = kj[:, None] * blk + jnp.arange(blk)  # [R, B] absolute key positions
@@ -123,19 +132,23 @@ def _pair_scores(qb, kb, qi, kj, ok, blk: int, window: int | None):
     # Padded keys (positions >= t) are later than every real query, so causality hides them; a
     # padded query sees at least itself, so no row has l = 0.
     vis = vis[:, None, None]
+    if sq is not None:   # a query always sees itself, so no row is empty
+        vis = vis & (sq[:, :, None, :, None] == sk[:, :, None, None, :])
     return jnp.where(vis, s, _NEG), vis
 
 
-def _flash_fwd_blocks(q, k, v, window: int | None, block: int):
+def _flash_fwd_blocks(q, k, v, window: int | None, block: int, segment_ids=None):
     """``(o [b, t, h, k] in q's dtype, lse [n, b, h, B] float32)``."""
     t = q.shape[1]
     blk, n, (qi, kj, ok) = _plan(t, window, block)
     Q, K, V = _blocks(q, n, blk), _blocks(k, n, blk), _blocks(v, n, blk)
+    SG = _seg_blocks(segment_ids, n, blk)
 
     def step(carry, pairs):
         m, l, a = carry  # [n, b, h, B], [n, b, h, B], [n, b, h, B, k]
         qi_u, kj_u, ok_u = pairs
-        s, vis = _pair_scores(Q[qi_u], K[kj_u], qi_u, kj_u, ok_u, blk, window)
+        sq, sk = (None, None) if SG is None else (SG[qi_u], SG[kj_u])
+        s, vis = _pair_scores(Q[qi_u], K[kj_u], qi_u, kj_u, ok_u, blk, window, sq, sk)
         m_old, l_old, a_old = m[qi_u], l[qi_u], a[qi_u]
         m_new = jnp.maximum(m_old, s.max(-1))
         p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
@@ -153,20 +166,21 @@ def _flash_fwd_blocks(q, k, v, window: int | None, block: int):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _flash(q, k, v, window, block):
-    return _flash_fwd_blocks(q, k, v, window, block)[0]
+def _flash(q, k, v, window, block, segment_ids=None):
+    return _flash_fwd_blocks(q, k, v, window, block, segment_ids)[0]
 
 
-def _flash_fwd(q, k, v, window, block):
-    o, lse = _flash_fwd_blocks(q, k, v, window, block)
-    return o, (q, k, v, o, lse)
+def _flash_fwd(q, k, v, window, block, segment_ids=None):
+    o, lse = _flash_fwd_blocks(q, k, v, window, block, segment_ids)
+    return o, (q, k, v, o, lse, segment_ids)
 
 
 def _flash_bwd(window, block, res, do):
-    q, k, v, o, lse = res
+    q, k, v, o, lse, segment_ids = res
     t, dk = q.shape[1], q.shape[3]
     blk, n, (qi, kj, ok) = _plan(t, window, block)
     Q, K, V, dO = (_blocks(x, n, blk) for x in (q, k, v, do))
+    SG = _seg_blocks(segment_ids, n, blk)
     # rowsum(dO o) per query: [n, b, h, B]
     D = jnp.einsum("nbhqk,nbhqk->nbhq", dO, _blocks(o, n, blk), preferred_element_type=jnp.float32)
 
@@ -174,7 +188,8 @@ def _flash_bwd(window, block, res, do):
         dq, dk_, dv = carry  # float32 [n, b, h, B, k]
         qi_u, kj_u, ok_u = pairs
         qb, kb, vb, dob = Q[qi_u], K[kj_u], V[kj_u], dO[qi_u]
-        s, vis = _pair_scores(qb, kb, qi_u, kj_u, ok_u, blk, window)
+        sq, sk = (None, None) if SG is None else (SG[qi_u], SG[kj_u])
+        s, vis = _pair_scores(qb, kb, qi_u, kj_u, ok_u, blk, window, sq, sk)
         p = jnp.where(vis, jnp.exp(s - lse[qi_u][..., None]), 0.0)  # [R, b, h, B, B]
         dp = jnp.einsum("rbhqk,rbhsk->rbhqs", dob, vb, preferred_element_type=jnp.float32)
         ds = (p * (dp - D[qi_u][..., None]) / math.sqrt(dk)).astype(q.dtype)
@@ -187,22 +202,26 @@ def _flash_bwd(window, block, res, do):
 
     init = tuple(jnp.zeros_like(x, jnp.float32) for x in (Q, K, V))
     (dq, dk_, dv), _ = jax.lax.scan(step, init, (qi, kj, ok))
-    return _unblock(dq, t).astype(q.dtype), _unblock(dk_, t).astype(k.dtype), _unblock(dv, t).astype(v.dtype)
+    return (_unblock(dq, t).astype(q.dtype), _unblock(dk_, t).astype(k.dtype), _unblock(dv, t).astype(v.dtype),
+            None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attend(q, k, v, *, window: int | None = None, block: int = 128):
+def flash_attend(q, k, v, *, window: int | None = None, block: int = 128, segment_ids=None):
     """Causal self-attention of ``q, k, v: [b, t, h, k]`` at positions ``0..t-1``: equal to
     ``attend(q, k, v, arange(t), arange(t), window)`` in memory O(t (block + k)), forward and
-    backward (custom VJP).
+    backward (custom VJP). ``segment_ids [b, t]`` (packed rows): a query sees keys of its own
+    document only (block-diagonal; pad tokens, id 0, see only pads).
 
     Blocked online softmax (``block`` tokens a block), float32 accumulation, output in ``q``'s
     dtype; on GPU float16 / bfloat16 go to cuDNN when it accepts the shapes.
     """
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive int or None, got {window}")
+    if segment_ids is not None:
+        return _flash(q, k, v, window, block, jnp.asarray(segment_ids, jnp.int32))
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:  # cuDNN checks dtype / head dim / version when traced, and raises if unsupported
             return jax.nn.dot_product_attention(
@@ -244,10 +263,10 @@ class Attention(nnx.Module):
         split = lambda y: y.reshape(b, t, self.h, self.k)
         return rope(split(self.wq(x)), pos, self.base), rope(split(self.wk(x)), pos, self.base), split(self.wv(x))
 
-    def __call__(self, x):
+    def __call__(self, x, segment_ids=None):
         pos = jnp.arange(x.shape[1])
         q, k, v = self._proj(x, pos)
-        y = flash_attend(q, k, v, window=self.window)
+        y = flash_attend(q, k, v, window=self.window, segment_ids=segment_ids)
         return self.wo(y.reshape(x.shape[0], x.shape[1], -1))
 
     def prefill(self, x, max_len: int):

@@ -74,18 +74,24 @@ def decay_bias(num_heads: int, lo: float, hi: float):
     return jnp.log(d) - jnp.log1p(-d)
 
 
-def causal_conv(x, w, buf=None):
+def causal_conv(x, w, buf=None, segment_ids=None):
     """Depthwise causal convolution: ``y_t = sum_j w_j x_{t - K + 1 + j}``.
 
     ``x: [b, t, c]``, ``w: [K, c]``, ``buf: [b, K - 1, c]`` (the previous ``K - 1`` inputs; zeros
     at the start of a sequence). Returns ``(y [b, t, c], new_buf [b, K - 1, c])``.
+    ``segment_ids [b, t]`` (packed rows, no ``buf``): a tap reaches only inputs of ``t``'s document.
     """
     K = w.shape[0]
     if buf is None:
         buf = jnp.zeros((x.shape[0], K - 1, x.shape[2]), x.dtype)
     xp = jnp.concatenate([buf.astype(x.dtype), x], axis=1)  # [b, K - 1 + t, c]
     t = x.shape[1]
-    y = sum(xp[:, j:j + t] * w[j] for j in range(K))
+    if segment_ids is None:
+        y = sum(xp[:, j:j + t] * w[j] for j in range(K))
+    else:
+        sp = jnp.concatenate([jnp.full((x.shape[0], K - 1), -1, jnp.int32), segment_ids.astype(jnp.int32)], axis=1)
+        y = sum(jnp.where((sp[:, j:j + t] == segment_ids)[..., None], xp[:, j:j + t] * w[j], 0.0)
+                for j in range(K))
     return y, xp[:, xp.shape[1] - (K - 1):]
 
 
@@ -194,7 +200,7 @@ class MirasLayer(nnx.Module):
         """The initial memory ``W_0`` of every head (leaves ``[h, out, in]``)."""
         return self.spec.memory.from_leaves([w[...] for w in self.memory_w0])
 
-    def _qkv(self, x, conv_bufs):
+    def _qkv(self, x, conv_bufs, segment_ids=None):
         """``q [b, t, h, k]``, ``k, v [b, t, h, k]`` (``[b, t, h, n, k]`` for ``n > 1`` keys per
         token), conv buffers (one per stream: q, the n keys, the n values)."""
         b, t, _ = x.shape
@@ -205,7 +211,8 @@ class MirasLayer(nnx.Module):
             streams += [y[..., j * hk:(j + 1) * hk] for j in range(self.n)]
         outs, bufs = [], []
         for i, y in enumerate(streams):
-            y, nb = causal_conv(y, self.conv[...][i].astype(y.dtype), None if conv_bufs is None else conv_bufs[i])
+            y, nb = causal_conv(y, self.conv[...][i].astype(y.dtype), None if conv_bufs is None else conv_bufs[i],
+                                segment_ids)
             outs.append(jax.nn.silu(y).reshape(b, t, self.h, self.k))
             bufs.append(nb)
         q, ks, vs = outs[0], outs[1:1 + self.n], outs[1 + self.n:]
@@ -249,14 +256,20 @@ class MirasLayer(nnx.Module):
 
     # -- full sequence, prefill, step --------------------------------------------------------
 
-    def __call__(self, x):
-        q, k, v, _ = self._qkv(x, None)
+    def __call__(self, x, segment_ids=None):
+        """``x [b, t, d] -> [b, t, d]``; ``segment_ids [b, t]``: packed rows (``mj.memorize``: each
+        document restarts the memory; the convolution and the memory see only their document)."""
+        q, k, v, _ = self._qkv(x, None, segment_ids)
         # heads over the mesh's tensor axis, batch over data/fsdp (no-op without an active mesh)
         q, k, v = (sharding.constrain(a, ("batch", "seq", "heads", "dim")) for a in (q, k, v))
+        impl = self.plan.implementation
+        if segment_ids is not None:   # "auto" may resolve elsewhere for packed rows
+            impl = plan_lib.resolve(self.spec, self.implementation, self.chunk_size, channel=self.channel_decay,
+                                    segments=True)
         y, _ = memorize_batched(self.spec, self.memory_init(), q, k, v, self._gates(x),
-                                chunk_size=self.chunk_size, implementation=self.plan.implementation,
+                                chunk_size=self.chunk_size, implementation=impl,
                                 remat_every=self.remat_every, grad_horizon=self.grad_horizon,
-                                **self._mesh_kw(q.shape[0]))
+                                segment_ids=segment_ids, **self._mesh_kw(q.shape[0]))
         y = sharding.constrain(y, ("batch", "seq", "heads", "dim"))
         return self._out(x, y)
 

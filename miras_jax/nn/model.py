@@ -18,6 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from miras_jax import presets
+from miras_jax.engine import segments as segments_lib
 from miras_jax.nn.attention import Attention
 from miras_jax.nn.layer import MirasLayer, default_lr_max
 
@@ -146,8 +147,9 @@ class MirasBlock(nnx.Module):
         self.norm2 = nnx.RMSNorm(cfg.d_model, rngs=rngs)
         self.mlp = SwiGLU(cfg.d_model, cfg.hidden, dtype=dt, rngs=rngs)
 
-    def __call__(self, x):
-        x = x + self.mixer(checkpoint_name(normed(self.norm1, x, self.dtype), "mixer_in")).astype(x.dtype)
+    def __call__(self, x, segment_ids=None):
+        x = x + self.mixer(checkpoint_name(normed(self.norm1, x, self.dtype), "mixer_in"),
+                           segment_ids).astype(x.dtype)
         return x + self.mlp(checkpoint_name(normed(self.norm2, x, self.dtype), "mlp_in")).astype(x.dtype)
 
     def prefill(self, x, max_len: int):
@@ -187,10 +189,10 @@ class MirasLM(nnx.Module):
 
     def _apply(self, graphdef):
         """``(state, h) -> block(h)`` for blocks of ``graphdef``, rematerialised per ``cfg.remat``."""
-        run = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731 - a pure function of the block's state
+        run = lambda s, x, seg: nnx.merge(graphdef, s)(x, seg)  # noqa: E731 - a pure function of the block's state
         return run if self.cfg.remat == "none" else jax.checkpoint(run, policy=REMAT_POLICIES[self.cfg.remat])
 
-    def _blocks(self, h):
+    def _blocks(self, h, segment_ids=None):
         """All blocks on ``h``. ``cfg.scan_blocks``: the blocks of each whole pattern period (``"M"``:
         one block, ``"MS"``: two) are one ``lax.scan`` step over their states stacked on the fly, so
         the program holds one period whatever the depth (a 24-block model compiles like one block;
@@ -206,20 +208,23 @@ class MirasLM(nnx.Module):
 
             def period_step(h, states):
                 for gd, st in zip(graphdefs, states):
-                    h = self._apply(gd)(st, h)
+                    h = self._apply(gd)(st, h, segment_ids)
                 return h, None
 
             h, _ = jax.lax.scan(period_step, h, stacked)
         for gd, st in split[n:]:
-            h = self._apply(gd)(st, h)
+            h = self._apply(gd)(st, h, segment_ids)
         return h
 
-    def __call__(self, tokens, positions=None):
+    def __call__(self, tokens, positions=None, segment_ids=None):
         """Logits ``[b, t, V]`` (float32); with ``positions: [b, n]`` (int) only those positions'
         ``[b, n, V]`` (the head is the costly part with a large vocabulary and few scored tokens, e.g.
-        MQAR)."""
+        MQAR). ``segment_ids [b, t]`` (int; 0 = padding): packed rows, every mixer (memory,
+        convolution, attention) restricted to each token's document (``mj.memorize``)."""
         self._check(tokens)
-        h = self._blocks(self._embed(tokens))
+        if segment_ids is not None:
+            segment_ids = segments_lib.check_segment_ids(segment_ids, tokens.shape)
+        h = self._blocks(self._embed(tokens), segment_ids)
         if positions is not None:
             h = jnp.take_along_axis(h, positions[..., None], axis=1)
         return self._logits(h)

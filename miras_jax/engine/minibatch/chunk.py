@@ -26,7 +26,7 @@ from miras_jax.engine.tokens import MemoryState
 
 
 def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int,
-                     remat_every: int = 0, valid_len=None, vjp: str = "hand"):
+                     remat_every: int = 0, valid_len=None, vjp: str = "hand", segments=None):
     """Mini-batch chunked form of one head: ``(y [T, v], final MemoryState)``.
 
     ``remat_every = R > 0`` checkpoints groups of ``R`` chunks: activation memory
@@ -35,7 +35,8 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     meaningless) — recurrent decoding runs a partly filled chunk this way. Every spec runs the one
     chunk forward ``vjp.chunk_fwd``, differentiated by its hand-written backward (``vjp="hand"``,
     where ``plan.hand_vjp_blocker`` names no blocker: GD, scalar decay) or by autodiff of that same
-    forward (``"autodiff"``; always for momentum and channel-wise decay).
+    forward (``"autodiff"``; always for channel-wise decay and packed rows). ``segments = (reset [T],
+    real [T], reset_state)``: packed rows, with ``reference.py``'s semantics at document starts.
     """
     if vjp not in ("hand", "autodiff"):
         raise ValueError(f"vjp must be 'hand' or 'autodiff', got {vjp!r}")
@@ -49,6 +50,11 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     group = max(remat_every, 1)
     n = -(-T // (c * group)) * group
     mask = (jnp.arange(n * c) < (T if valid_len is None else valid_len)).astype(q.dtype)
+    reset = None
+    if segments is not None:
+        reset, real, reset_state = segments
+        mask = mask * pad_to_chunks(real.astype(q.dtype), n * c)
+        reset = pad_to_chunks(reset.astype(q.dtype), n * c)
 
     # per-token gate arrays (padded tokens: lr 0, decay 1, momentum 1)
     lr = jax.vmap(lambda g, k_i: spec.optimizer.lr(g, hp["optimizer"], k_i))(gates, k)
@@ -61,6 +67,8 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     if channel and (momentum or spec.memory.kind != "linear" or mode != "linear"):
         raise NotImplementedError("channel-wise decay in the chunked form needs a matrix memory, GD and "
                                   "a linear retention map")
+    if channel and segments is not None:
+        raise NotImplementedError("channel-wise decay in the mini-batch form does not take segment_ids yet")
     m = gates["momentum"] if momentum else jnp.ones((T,), q.dtype)
     q, k, v, gates, lr, a, m = pad_to_chunks((q, k, v, gates, lr, a, m), n * c)
     lr = lr * mask
@@ -69,12 +77,18 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
 
     chunks = lambda x: x.reshape((n, c) + x.shape[1:])  # noqa: E731
     xs = chunked_vjp.ChunkIn(*jax.tree.map(chunks, (q, k, v, gates, lr, log_a)), mask[::c],
-                             *((chunks(log_m), chunks(mask)) if momentum else (None, None)))
+                             chunks(log_m) if momentum else None,
+                             chunks(mask) if (momentum or reset is not None) else None,
+                             None if reset is None else chunks(reset))
     autodiff = vjp == "autodiff" or plan_lib.hand_vjp_blocker(spec, channel) is not None
-    y, P_end, A_end, S_end = chunked_vjp.memorize(spec, state, xs, remat_every, autodiff=autodiff)
+    y, P_end, A_end, S_end = chunked_vjp.memorize(spec, state, xs, remat_every, autodiff=autodiff,
+                                                  reset_state=None if reset is None else reset_state)
     ret_state = state.retention
     if mode == "scale":
         ret_state = spec.retention.with_acc(ret_state, spec.memory.from_leaves(A_end))
     opt_state = spec.memory.from_leaves(S_end) if momentum else state.optimizer
     final = MemoryState(spec.memory.from_leaves(P_end), ret_state, opt_state)
-    return y.reshape((n * c,) + y.shape[2:])[:T], final
+    y = y.reshape((n * c,) + y.shape[2:])
+    if segments is not None:   # pad tokens read 0
+        y = jnp.where(mask[:, None] > 0, y, 0.0)
+    return y[:T], final

@@ -18,6 +18,14 @@ Chunks of ``c`` tokens; inside a chunk every gradient is taken at the chunk-star
 
 With ``c = 1`` all three reduce to the token-level engine. Padded tokens (``mask = 0``) leave
 the state unchanged.
+
+Packed rows (``segments``, ``engine/segments.py``): the chunk grid is the row's. A document that
+starts at token ``s`` of a chunk restarts the state from the reset state ``(W_*, A_*, S_*)`` at ``s``
+and takes the gradients of its tokens in this chunk at ``W_*`` (its own start memory: the
+chunk-start memory of a document that starts there); "scale" reads use ``s(A_*)`` for them; "lag"
+takes its exact step at chunk position 0 only (a document starting later in the chunk runs the
+linear form from ``W_*``). A document that starts at a chunk boundary therefore runs exactly as
+it would alone. Pad tokens neither write nor read (``y = 0``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from miras_jax.engine.segments import where_tree
 from miras_jax.engine.tokens import MemoryState
 
 
@@ -33,12 +42,13 @@ def pad_to_chunks(x, T_pad):
     return jax.tree.map(lambda a: jnp.pad(a, [(0, T_pad - a.shape[0])] + [(0, 0)] * (a.ndim - 1)), x)
 
 
-def _where(c, a, b):
-    return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
+_where = where_tree
 
 
-def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int):
-    """``(y [T, v], final MemoryState)`` under the mini-batch semantics above (one head)."""
+def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int,
+                               segments=None):
+    """``(y [T, v], final MemoryState)`` under the mini-batch semantics above (one head);
+    ``segments = (reset [T], real [T], reset_state)`` or ``None``."""
     mode = spec.retention.chunk_mode
     if mode is None:
         raise NotImplementedError(f"retention {spec.retention.name!r} has no chunked form; use chunk_size=1")
@@ -49,19 +59,24 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
     T, c = q.shape[0], chunk_size
     n = -(-T // c)
     mask = jnp.arange(n * c) < T
-    xs = pad_to_chunks((q, k, v, gates), n * c)
+    if segments is None:
+        reset, init = jnp.zeros((T,), bool), state
+    else:
+        reset, real, init = segments
+        mask = mask & pad_to_chunks(real, n * c)
+    xs = pad_to_chunks((q, k, v, gates, reset), n * c)
     xs = jax.tree.map(lambda a: a.reshape((n, c) + a.shape[1:]), (*xs, mask))
 
     def chunk(st: MemoryState, xs_c):
-        qc, kc, vc, gc, mc = xs_c
-        P = st.memory
-        R0 = st.retention
-        A0 = ret.acc(R0)
-        z_anchor = ret.anchor_of(R0)
+        qc, kc, vc, gc, rc, mc = xs_c
 
         def token(carry, xs_i):
-            W, A, S = carry
-            i, q_i, k_i, v_i, g_i, m_i = xs_i
+            W, A, S, P, R0 = carry   # P: where this token's gradient is taken; R0: its base retention state
+            i, q_i, k_i, v_i, g_i, r_i, m_i = xs_i
+            W, A, S, P, R0 = _where(r_i, (init.memory, ret.acc(init.retention), init.optimizer, init.memory,
+                                          init.retention), (W, A, S, P, R0))
+            A0 = ret.acc(R0)
+            z_anchor = ret.anchor_of(R0)
             pred, vjp = jax.vjp(lambda w: mem.apply(w, k_i), P)
             (grad,) = vjp(spec.bias.residual_map(pred, v_i, hp["bias"], g_i))
             u, S_new = opt.update(grad, S, P, gates=g_i, hparams=hp["optimizer"], key=k_i)
@@ -82,13 +97,14 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
                 W_lin = jax.tree.map(jnp.add, ret.retain(W, a, anchor_primal), u)
                 W_new = _where(i == 0, W_exact, W_lin)
                 A_new, W_read = A, W_new
-            y = mem.apply(W_read, q_i)
+            y = jnp.where(m_i, mem.apply(W_read, q_i), 0.0)
             keep = lambda new, old: _where(m_i, new, old)  # noqa: E731
-            return (keep(W_new, W), keep(A_new, A), keep(S_new, S)), y
+            return (keep(W_new, W), keep(A_new, A), keep(S_new, S), P, R0), y
 
-        (W, A, S), y = jax.lax.scan(token, (P, A0, st.optimizer),
-                                    (jnp.arange(c), qc, kc, vc, gc, mc))
-        return MemoryState(W, ret.with_acc(R0, A), S), y
+        R0 = st.retention
+        (W, A, S, _, R_base), y = jax.lax.scan(token, (st.memory, ret.acc(R0), st.optimizer, st.memory, R0),
+                                               (jnp.arange(c), qc, kc, vc, gc, rc, mc))
+        return MemoryState(W, ret.with_acc(R_base, A), S), y
 
     final, y = jax.lax.scan(chunk, state, xs)
     return y.reshape((n * c,) + y.shape[2:])[:T], final

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from miras_jax import memory as memory_lib
 from miras_jax import retention as retention_lib
 from miras_jax.engine.minibatch.decay import (coefficients, coefficients_vjp, decay_matrix,
-                                              momentum_coefficients)
+                                              momentum_coefficients, segment_cumsum)
 
 
 class Layout(NamedTuple):
@@ -127,10 +127,11 @@ def _end_state(Bw, beta_c, C_c, X, E, N=()):
     return [z + n for z, n in zip(out, N)] if N else out
 
 
-def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=(), mom=None):
+def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=(), mom=None, extra=()):
     """Dual-form reads. ``S``: per-layer token scales ``[c]`` or ``None``; ``N``: anchors (each read
     adds ``Y_l N_l^T``); ``mom = (gamma [c], S0)``: momentum (each read adds ``gamma * Y_l S0_l^T``;
-    autodiff only). Returns ``(y, Ys, YX, R)`` with ``R_l`` the unscaled pre-activations
+    ``extra``: more ``(coef [c], bases)`` terms of the same form (packed rows' reset state; autodiff
+    only). Returns ``(y, Ys, YX, R)`` with ``R_l`` the unscaled pre-activations
     (``U_l = S_l * R_l``)."""
     Y, YX, R = [Q], [], []
     for l in range(lay.depth):
@@ -138,8 +139,8 @@ def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=(), mom=None):
         r = beta[:, None] * (Y[l] @ _centred(lay, Bw[l], l).T) + (C * yx) @ E[l]   # [c, n_{l+1}]
         if N:
             r = r + Y[l] @ _centred(lay, N[l], l).T
-        if mom is not None:
-            r = r + mom[0][:, None] * (Y[l] @ _centred(lay, mom[1][l], l).T)
+        for coef, bases in ((mom,) if mom is not None else ()) + tuple(extra):
+            r = r + coef[:, None] * (Y[l] @ _centred(lay, bases[l], l).T)
         YX.append(yx)
         R.append(r)
         u = r if S is None else S[l][:, None] * r
@@ -270,7 +271,9 @@ class ChunkIn(NamedTuple):
     """Per-chunk inputs (one head): ``q, k [c, k]``, ``v [c, v]``, gates ``{name: [c, ...]}``,
     masked ``lr [c]``, ``log_a [c]`` (``[c, k]`` channel-wise; 0 on padding), ``first_real``: 1.0 if
     token 0 is a real token (not padding), else 0.0; momentum only (else ``None``): ``log_m [c]``
-    (0 on padding) and ``real [c]`` (1.0 on real tokens)."""
+    (0 on padding) and ``real [c]`` (1.0 on real tokens; also for packed rows); packed rows only
+    (else ``None``): ``reset [c]``
+    (1.0 where a document restarts the state, ``engine/segments.py``)."""
 
     q: jax.Array
     k: jax.Array
@@ -281,6 +284,7 @@ class ChunkIn(NamedTuple):
     first_real: jax.Array
     log_m: jax.Array | None = None
     real: jax.Array | None = None
+    reset: jax.Array | None = None
 
 
 class ChunkResiduals(NamedTuple):
@@ -408,6 +412,14 @@ def _channel_chunk(B, N, x: ChunkIn, delta):
     return [W_end], y
 
 
+def _documents(reset):
+    """Packed rows, one chunk: ``(same [c, c], first [c])``: ``same_ij`` 1 where tokens i, j are in one
+    document, ``first_i`` 1 for the chunk's first document (a restart at position 0 swaps the
+    chunk-start state instead, so it does not count)."""
+    doc = jnp.cumsum(reset.at[0].set(0.0))
+    return (doc[:, None] == doc[None, :]).astype(reset.dtype), (doc == 0).astype(reset.dtype)
+
+
 def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
     """One chunk: ``(P_end, A_end, Mom_end, s_end, y [c, v], ChunkResiduals)``. ``A``, ``s`` are ``[]``
     unless "scale"; ``Mom`` (the momentum state ``S``) is ``[]`` unless ``cfg.momentum``. The only
@@ -415,14 +427,35 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
     where there is none (momentum, channel-wise decay: residuals ``None``)."""
     lay, mode = cfg.lay, cfg.mode
     c = x.q.shape[0]
+    packed = x.reset is not None
+    if packed:   # a document starting at position 0 starts the chunk from the reset state
+        rs, r0 = hp["reset"], x.reset[0] > 0
+        P = [jnp.where(r0, a, b) for a, b in zip(rs["P"], P)]
+        A = [jnp.where(r0, a, b) for a, b in zip(rs["A"], A)]
+        s_prev = [jnp.where(r0, a, b) for a, b in zip(rs["s"], s_prev)]
+        Mom = [jnp.where(r0, 0.0, m) for m in Mom]
+        same, first = _documents(x.reset)
     mom = None
     if cfg.momentum:
-        D = decay_matrix(x.log_a)
-        C, beta, gamma, m_end, Cs_end = momentum_coefficients(x.lr, x.log_a, x.log_m, x.real, D)
+        D = decay_matrix(x.log_a, same if packed else None)
+        C, beta, gamma, m_end, Cs_end = momentum_coefficients(x.lr, x.log_a, x.log_m, x.real, D,
+                                                              same if packed else None)
+        if packed:
+            beta, gamma, m_end = beta * first, gamma * first, m_end * first[-1]
         mom = (gamma, Mom)
     elif not cfg.channel:
-        C, beta, D = _coeffs(mode, x.lr, x.log_a)
+        if packed:   # decays within a document only (exact zeros across: segment_cumsum)
+            _, la_ = _coeff_inputs(mode, x.lr, x.log_a)
+            C, beta, D = _coeffs(mode, x.lr, x.log_a, decay_matrix(la_, same))
+            beta = jnp.exp(segment_cumsum(la_, same)) * first
+        else:
+            C, beta, D = _coeffs(mode, x.lr, x.log_a)
     X, Z, E, M = _factors(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g)
+    if packed:   # later documents' gradients at the reset memory
+        X2, _, E2, _ = _factors(lay, cfg.bias, hp["bias"], rs["P"], x.k, x.v, x.g)
+        at_P = first[:, None] > 0
+        X = [jnp.where(at_P, a, b) for a, b in zip(X, X2)]
+        E = [jnp.where(at_P, a, b) for a, b in zip(E, E2)]
     N = hp["anchor"]
     if mode == "linear":
         Bw = P
@@ -436,17 +469,28 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
     if cfg.channel:
         P_end, y = _channel_chunk(Bw, N, x, E[0])
         return P_end, A, Mom, [], y, None
+    extra = []
+    if packed:   # W_i += beta*_i W_*: the reset state, decayed from its document's start
+        B_star = rs["A"] if mode == "scale" else rs["P"]
+        B_star = [b - n for b, n in zip(B_star, N)] if N else B_star
+        extra = [(jnp.exp(segment_cumsum(x.log_a, same)) * (1.0 - first), B_star)]   # exp(L_i - L_{s-1})
     Z_end = _end_state(Bw, beta[-1], C[-1], X, E, N)
+    for coef, bases in extra:
+        Z_end = [z + coef[-1] * b for z, b in zip(Z_end, bases)]
     if mom is not None:   # W_end += gamma_c S_0;  S_end = m_end S_0 + sum_j Cs_j E_j^T X_j
         Z_end = [z + gamma[-1] * s for z, s in zip(Z_end, Mom)]
         Mom = _end_state(Mom, m_end, Cs_end, X, E)
     if mode == "scale":
         s_end = _scales(cfg, hp["retention"], Z_end)
+        if packed:   # later documents read with s(A_*)
+            s_prev = [jnp.where(first > 0, sp, si) for sp, si in zip(s_prev, rs["s"])]
         S = _token_scales(s_end, s_prev, c)
         P_end, A_end = [s * z for s, z in zip(s_end, Z_end)], Z_end
+        if packed:   # a chunk of pad tokens only keeps P (reference.py: P = W_0 need not be s(A_0) A_0)
+            P_end = [jnp.where(jnp.any(x.real > 0), pe, p) for pe, p in zip(P_end, P)]
     else:
         s_end, S, P_end, A_end = [], None, Z_end, A
-    y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E, N, mom)
+    y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E, N, mom, extra)
     return P_end, A_end, Mom, s_end, y, ChunkResiduals(Z, M[1:], YX, R, D)
 
 
@@ -536,7 +580,7 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
         dlr, dla = _coeffs_bwd(mode, C, beta, D, dC, dbeta)
         dmask = (None, None)
     dlr, dla = dlr.at[0].add(dlr0), dla.at[0].add(dla0)
-    dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.first_real), *dmask)
+    dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.first_real), *dmask, None)
     return dP, dA, dMom, ds_prev, {"bias": dhpb, "retention": dhpr, "anchor": dN, "anchor_dual": dNd}, dx
 
 
@@ -649,12 +693,13 @@ def _engine(cfg: Config, group: int):
     return run
 
 
-def memorize(spec, state, xs: ChunkIn, group: int = 0, autodiff: bool = False):
+def memorize(spec, state, xs: ChunkIn, group: int = 0, autodiff: bool = False, reset_state=None):
     """One head: the chunks ``xs`` (leaves ``[n, c, ...]``) from ``state``; ``group = R > 0`` keeps
     every R-th chunk-start state only (``remat_every``). Returns ``(y [n, c, v], P_end, A_end, S_end)``
     as leaf lists (``A`` is ``[]`` unless the retention is "scale", ``S`` the momentum state, ``[]``
     without momentum). ``autodiff`` (forced where ``plan.hand_vjp_blocker`` names a blocker): the same
-    forward (:func:`chunk_fwd` scanned), differentiated by JAX instead of the hand-written backward."""
+    forward (:func:`chunk_fwd` scanned), differentiated by JAX instead of the hand-written backward.
+    ``reset_state``: packed rows (``xs.reset``), the state a document restarts from (autodiff)."""
     mem, ret = spec.memory, spec.retention
     mode = ret.chunk_mode
     momentum = spec.optimizer.update_form == "momentum"
@@ -671,6 +716,11 @@ def memorize(spec, state, xs: ChunkIn, group: int = 0, autodiff: bool = False):
           "anchor_dual": mem.leaves(anchor) if lag_anchor else []}
     A0 = mem.leaves(ret.acc(state.retention)) if cfg.mode == "scale" else []
     P0 = mem.leaves(state.memory)
+    if xs.reset is not None:
+        A_star = mem.leaves(ret.acc(reset_state.retention)) if cfg.mode == "scale" else []
+        hp["reset"] = {"P": mem.leaves(reset_state.memory), "A": A_star,
+                       "s": _scales(cfg, spec.hparams["retention"], A_star) if A_star else []}
+        autodiff = True
     Mom0 = mem.leaves(state.optimizer) if momentum else []
     if autodiff or cfg.channel:
         y, (P, A, S), _ = _fwd_scan(cfg, hp, P0, A0, xs, group, save=False, Mom0=Mom0, remat=True)
