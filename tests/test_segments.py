@@ -8,9 +8,10 @@ import pytest
 
 import miras_jax as mj
 from miras_jax.engine import segments
-from tests.helpers import random_inputs
+from tests.helpers import random_inputs, some_slow
 
 MINIBATCH = ["moneta", "yaad", "memora", "titans", "ttt_linear", "ttt_mlp"]
+SLOW = pytest.mark.slow
 TOL = dict(rtol=1e-9, atol=1e-9)   # float64
 F32 = dict(rtol=2e-4, atol=2e-5)   # the exact chunk forms compute in float32
 
@@ -103,7 +104,7 @@ def _values_and_grads(spec, params, xs, seg, impl, c):
     return out, vjp(ct)
 
 
-@pytest.mark.parametrize("name", MINIBATCH)
+@pytest.mark.parametrize("name", some_slow(MINIBATCH, {"ttt_linear", "ttt_mlp", "memora"}))
 def test_minibatch_xla_equals_its_reference_on_random_boundaries(name, x64):
     """The mini-batch chunk form on packed rows equals the reference loops (values and gradients),
     documents of random lengths (length 1 included), boundaries on and off the chunk grid, padding."""
@@ -134,9 +135,10 @@ def _no_leak(spec, params, xs, seg, impl, c):
         assert any(np.any(np.asarray(leaf)[ids == j] != 0.0) for leaf in jax.tree.leaves(g))
 
 
-@pytest.mark.parametrize("name,impl,c", [("moneta", "xla", 4), ("titans", "xla", 4), ("memora", "xla", 4),
-                                         ("moneta", "reference", 4), ("gated_deltanet", "xla", 4),
-                                         ("retnet", "xla", 4), ("yaad", "reference", 1)])
+@pytest.mark.parametrize("name,impl,c", [("moneta", "xla", 4), pytest.param("titans", "xla", 4, marks=SLOW),
+                                         pytest.param("memora", "xla", 4, marks=SLOW),
+                                         pytest.param("moneta", "reference", 4, marks=SLOW),
+                                         ("gated_deltanet", "xla", 4), ("retnet", "xla", 4), ("yaad", "reference", 1)])
 def test_no_leak_into_earlier_documents(name, impl, c, x64):
     spec, params, xs = _setup(name, 19)
     _no_leak(spec, params, xs, _ids([5, 1, 6, 7]), impl, c)
@@ -144,9 +146,9 @@ def test_no_leak_into_earlier_documents(name, impl, c, x64):
 
 @pytest.mark.parametrize("name,impl,c,pads", [
     ("moneta", "xla", 4, ((4, 0), (0, 5), (8, 3))),          # mini-batch: left pads keep the chunk grid
-    ("titans", "xla", 4, ((4, 0), (0, 5), (4, 2))),
+    pytest.param("titans", "xla", 4, ((4, 0), (0, 5), (4, 2)), marks=SLOW),
     ("yaad", "reference", 1, ((3, 0), (0, 5), (2, 2))),      # token engine: any padding
-    ("gated_deltanet", "xla", 4, ((3, 0), (0, 5), (2, 2))),  # exact forms (float32 inside): any padding
+    pytest.param("gated_deltanet", "xla", 4, ((3, 0), (0, 5), (2, 2)), marks=SLOW),  # exact forms: any padding
     ("retnet", "xla", 4, ((3, 0), (0, 5), (2, 2)))])
 def test_padding_changes_no_real_output_or_gradient(name, impl, c, pads, x64):
     """Pad tokens (id 0, random inputs) change no output or gradient of a real token. The mini-batch
@@ -212,7 +214,7 @@ def test_plan_routes_packed_rows_to_the_paths_that_take_them():
 EXACT = ["linear_attention", "retnet", "mamba2", "deltanet", "gated_deltanet", "longhorn", "deltaproduct"]
 
 
-@pytest.mark.parametrize("name", EXACT)
+@pytest.mark.parametrize("name", some_slow(EXACT, {"deltaproduct"}))
 def test_exact_forms_equal_the_token_engine_on_packed_rows(name, x64):
     """The exact Hebbian / delta chunk forms on packed rows (restarts on and off the chunk grid,
     length-1 documents, padding) equal the token recurrence, values and gradients."""
@@ -244,7 +246,8 @@ def _lm(preset, pattern, chunk=4, **kw):
     return MirasLM(cfg, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("preset,pattern", [("moneta", "MS"), ("gated_deltanet", "MA"), ("titans", "M")])
+@pytest.mark.parametrize("preset,pattern", [pytest.param("moneta", "MS", marks=SLOW),
+                                            pytest.param("gated_deltanet", "MA", marks=SLOW), ("titans", "M")])
 def test_lm_packed_row_equals_documents_run_alone(preset, pattern):
     """``MirasLM`` on a packed row (documents on the chunk grid, then padding) gives each document
     the logits it gets alone: the memory restarts, the short convolution and the attention
@@ -267,7 +270,7 @@ def test_block_outputs_of_a_document_do_not_depend_on_earlier_documents(kind):
 
     from miras_jax.nn import LMConfig
     from miras_jax.nn.model import MirasBlock
-    cfg = LMConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2, preset="moneta", pattern=kind,
+    cfg = LMConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2, preset="gated_deltanet", pattern=kind,
                    chunk_size=4, window=5, gate_rank=4)
     block = MirasBlock(cfg, kind, rngs=nnx.Rngs(0))
     seg = _ids([5, 1, 7, 6])[None]
