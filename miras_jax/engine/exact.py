@@ -35,6 +35,8 @@ import operator
 import jax
 import jax.numpy as jnp
 
+from miras_jax.engine.minibatch.decay import segment_cumsum
+
 __all__ = ["delta_chunked", "hebbian_chunked", "unit_lower_inverse"]
 
 
@@ -69,10 +71,9 @@ def _check_chunking(t: int, chunk_size: int) -> int:
     return t // chunk_size
 
 
-def _segment_cumsum(log_a: jax.Array, mask: jax.Array) -> jax.Array:
-    """Per chunk, ``L_i = sum_{l: mask[i, l]} log a_l`` (``mask = causal & same document``) as a masked
-    sum, so ``dL_i / d log a_l`` is exactly 0 across documents. ``[n, c], [n, c, c] -> [n, c]``."""
-    return jnp.einsum("nil,nl->ni", mask.astype(log_a.dtype), log_a)
+def _segment_cumsum(log_a: jax.Array, same: jax.Array) -> jax.Array:
+    """Per chunk, ``L_i`` within ``i``'s document (``decay.segment_cumsum``): ``[n, c], [n, c, c] -> [n, c]``."""
+    return jax.vmap(segment_cumsum)(log_a, same.astype(log_a.dtype))
 
 
 def _masked_decay(l_rows: jax.Array, l_cols: jax.Array, mask: jax.Array) -> jax.Array:
@@ -258,7 +259,7 @@ def hebbian_chunked(
         doc = jnp.cumsum(_chunks(_f32(reset), n), axis=1)
         same = doc[:, :, None] == doc[:, None, :]                       # [n, i, j]
         first = (doc == 0).astype(jnp.float32)                          # before any restart
-        L = _segment_cumsum(_chunks(log_decay, n), same & jnp.tril(jnp.ones((c, c), dtype=bool)))
+        L = _segment_cumsum(_chunks(log_decay, n), same)
     L_last = L[:, -1]  # [n] or [n, k]
     causal = jnp.tril(jnp.ones((c, c), dtype=bool))  # j <= i
     if reset is not None:
@@ -376,7 +377,7 @@ def delta_chunked(
         doc = jnp.cumsum(_chunks(_f32(reset), n), axis=1)
         same = doc[:, :, None] == doc[:, None, :]
         causal = causal & same
-        L = _segment_cumsum(_chunks(log_decay, n), causal)
+        L = _segment_cumsum(_chunks(log_decay, n), same)
         e_first = jnp.where(doc == 0, jnp.exp(L), 0.0)
         e_reset = jnp.where(doc == 0, 0.0, jnp.exp(L))   # exp(L_i - L_{s-1}): W_reset's weight
     L_last = L[:, -1]  # [n]

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from miras_jax import memory as memory_lib
 from miras_jax import retention as retention_lib
+from miras_jax.engine.segments import where_tree
 from miras_jax.engine.minibatch.decay import (coefficients, coefficients_vjp, decay_matrix,
                                               momentum_coefficients, segment_cumsum)
 
@@ -127,20 +128,19 @@ def _end_state(Bw, beta_c, C_c, X, E, N=()):
     return [z + n for z, n in zip(out, N)] if N else out
 
 
-def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=(), mom=None, extra=()):
+def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=(), extra=()):
     """Dual-form reads. ``S``: per-layer token scales ``[c]`` or ``None``; ``N``: anchors (each read
-    adds ``Y_l N_l^T``); ``mom = (gamma [c], S0)``: momentum (each read adds ``gamma * Y_l S0_l^T``;
-    ``extra``: more ``(coef [c], bases)`` terms of the same form (packed rows' reset state; autodiff
-    only). Returns ``(y, Ys, YX, R)`` with ``R_l`` the unscaled pre-activations
-    (``U_l = S_l * R_l``)."""
+    adds ``Y_l N_l^T``); ``extra``: more bases, ``(coef [c], G)`` each adding ``coef * Y_l G_l^T``
+    (momentum: ``(gamma, S0)``; packed rows: the reset state). Returns ``(y, Ys, YX, R)`` with ``R_l``
+    the unscaled pre-activations (``U_l = S_l * R_l``)."""
     Y, YX, R = [Q], [], []
     for l in range(lay.depth):
         yx = Y[l] @ X[l].T                                               # [c, c]
         r = beta[:, None] * (Y[l] @ _centred(lay, Bw[l], l).T) + (C * yx) @ E[l]   # [c, n_{l+1}]
         if N:
             r = r + Y[l] @ _centred(lay, N[l], l).T
-        for coef, bases in ((mom,) if mom is not None else ()) + tuple(extra):
-            r = r + coef[:, None] * (Y[l] @ _centred(lay, bases[l], l).T)
+        for coef, G in extra:
+            r = r + coef[:, None] * (Y[l] @ _centred(lay, G[l], l).T)
         YX.append(yx)
         R.append(r)
         u = r if S is None else S[l][:, None] * r
@@ -152,16 +152,16 @@ def _reads(lay: Layout, Bw, beta, C, S, Q, X, E, N=(), mom=None, extra=()):
 
 # --- one chunk, one head: backward pieces -----------------------------------------------------
 
-def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy, N=(), mom=None):
+def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy, N=(), extra=()):
     """VJP of :func:`_reads` (``A1U_l = act'(U_l)`` for the hidden layers):
-    ``(dQ, dB, dbeta, dC, dS, dX, dE, dN, dmom)`` with ``dmom = (dgamma, dS0)`` (``None`` without ``mom``)."""
+    ``(dQ, dB, dbeta, dC, dS, dX, dE, dN, dextra)`` with ``dextra = [(dcoef, dG), ...]``."""
     L = lay.depth
     dQ = dy if lay.res else jnp.zeros_like(dy)
     u_top = R[-1] if S is None else S[-1][:, None] * R[-1]
     du = _ln_vjp(u_top, dy) if lay.ln else dy
     dB, dX, dE, dS, dN = [None] * L, [None] * L, [None] * L, [None] * L, [None] * L
     dbeta, dC = jnp.zeros_like(beta), jnp.zeros_like(C)
-    dgamma, dS0 = (jnp.zeros_like(beta), [None] * L) if mom is not None else (None, None)
+    dextra = [(jnp.zeros_like(beta), [None] * L) for _ in extra]
     for l in range(L - 1, -1, -1):
         if S is None:
             dr = du
@@ -179,17 +179,19 @@ def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy, N=(), mom=N
         if N:   # dr is mean-free over the LayerNorm's rows, so _centred's VJP is the identity
             dN[l] = dr.T @ Y[l]
             dY = dY + dr @ N[l]
-        if mom is not None:   # r += gamma * (Y_l S0_l^T)
-            drS = dr @ mom[1][l]                                         # [c, n_l]
-            dgamma = dgamma + jnp.sum(drS * Y[l], axis=-1)
-            dS0[l] = (mom[0][:, None] * dr).T @ Y[l]
-            dY = dY + mom[0][:, None] * drS
+        for i, (coef, G) in enumerate(extra):   # r += coef * (Y_l G_l^T)
+            drG = dr @ G[l]                                              # [c, n_l]
+            dcoef, dG = dextra[i]
+            dcoef = dcoef + jnp.sum(drG * Y[l], axis=-1)
+            dG[l] = (coef[:, None] * dr).T @ Y[l]
+            dextra[i] = (dcoef, dG)
+            dY = dY + coef[:, None] * drG
         dX[l] = dyx.T @ Y[l]
         if l > 0:
             du = dY * A1U[l - 1]
         else:
             dQ = dQ + dY
-    return dQ, dB, dbeta, dC, dS, dX, dE, (dN if N else []), (None if mom is None else (dgamma, dS0))
+    return dQ, dB, dbeta, dC, dS, dX, dE, (dN if N else []), dextra
 
 
 def _end_bwd(Bw, beta_c, C_c, X, E, dZ):
@@ -246,8 +248,8 @@ def _factors_bwd(lay: Layout, head_vjp, P, X, AZ, E, M, dX, dE):
 
 class Config(NamedTuple):
     """Everything static about a run: the memory, its layout, bias, retention and chunk mode;
-    ``momentum`` / ``channel`` (momentum GD; a channel-wise decay ``log_a [c, k]``) run under
-    autodiff only (``plan.hand_vjp_blocker``)."""
+    ``momentum`` (momentum GD) and ``channel`` (a channel-wise decay ``log_a [c, k]``, autodiff only:
+    ``plan.hand_vjp_blocker``)."""
 
     memory: object
     lay: Layout
@@ -272,8 +274,7 @@ class ChunkIn(NamedTuple):
     masked ``lr [c]``, ``log_a [c]`` (``[c, k]`` channel-wise; 0 on padding), ``first_real``: 1.0 if
     token 0 is a real token (not padding), else 0.0; momentum only (else ``None``): ``log_m [c]``
     (0 on padding) and ``real [c]`` (1.0 on real tokens; also for packed rows); packed rows only
-    (else ``None``): ``reset [c]``
-    (1.0 where a document restarts the state, ``engine/segments.py``)."""
+    (else ``None``): ``reset [c]`` (1.0 where a document restarts the state, ``engine/segments.py``)."""
 
     q: jax.Array
     k: jax.Array
@@ -424,17 +425,17 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
     """One chunk: ``(P_end, A_end, Mom_end, s_end, y [c, v], ChunkResiduals)``. ``A``, ``s`` are ``[]``
     unless "scale"; ``Mom`` (the momentum state ``S``) is ``[]`` unless ``cfg.momentum``. The only
     forward of the mini-batch form: :func:`chunk_bwd` is its VJP, and autodiff differentiates it
-    where there is none (momentum, channel-wise decay: residuals ``None``)."""
+    where there is none (channel-wise decay: residuals ``None``; packed rows, ``hp["reset"]``)."""
     lay, mode = cfg.lay, cfg.mode
     c = x.q.shape[0]
     packed = x.reset is not None
     if packed:   # a document starting at position 0 starts the chunk from the reset state
-        rs, r0 = hp["reset"], x.reset[0] > 0
-        P = [jnp.where(r0, a, b) for a, b in zip(rs["P"], P)]
-        A = [jnp.where(r0, a, b) for a, b in zip(rs["A"], A)]
-        s_prev = [jnp.where(r0, a, b) for a, b in zip(rs["s"], s_prev)]
-        Mom = [jnp.where(r0, 0.0, m) for m in Mom]
+        rs = hp["reset"]
+        P, A, s_prev, Mom = where_tree(x.reset[0] > 0, (rs["P"], rs["A"], rs["s"], [jnp.zeros_like(m) for m in Mom]),
+                                       (P, A, s_prev, Mom))
         same, first = _documents(x.reset)
+        # L_i within a document (exact zeros across); "lag" leaves token 0 (the first document's) out
+        L_doc = segment_cumsum(_coeff_inputs(mode, x.lr, x.log_a)[1], same)
     mom = None
     if cfg.momentum:
         D = decay_matrix(x.log_a, same if packed else None)
@@ -444,10 +445,9 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
             beta, gamma, m_end = beta * first, gamma * first, m_end * first[-1]
         mom = (gamma, Mom)
     elif not cfg.channel:
-        if packed:   # decays within a document only (exact zeros across: segment_cumsum)
-            _, la_ = _coeff_inputs(mode, x.lr, x.log_a)
-            C, beta, D = _coeffs(mode, x.lr, x.log_a, decay_matrix(la_, same))
-            beta = jnp.exp(segment_cumsum(la_, same)) * first
+        if packed:   # decays within a document only
+            C, _, D = _coeffs(mode, x.lr, x.log_a, decay_matrix(_coeff_inputs(mode, x.lr, x.log_a)[1], same))
+            beta = jnp.exp(L_doc) * first
         else:
             C, beta, D = _coeffs(mode, x.lr, x.log_a)
     X, Z, E, M = _factors(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g)
@@ -469,16 +469,14 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
     if cfg.channel:
         P_end, y = _channel_chunk(Bw, N, x, E[0])
         return P_end, A, Mom, [], y, None
-    extra = []
-    if packed:   # W_i += beta*_i W_*: the reset state, decayed from its document's start
+    extra = [] if mom is None else [mom]   # more bases: W_i += coef_i G
+    if packed:   # the reset state, decayed from its document's start: exp(L_i - L_{s-1})
         B_star = rs["A"] if mode == "scale" else rs["P"]
-        B_star = [b - n for b, n in zip(B_star, N)] if N else B_star
-        extra = [(jnp.exp(segment_cumsum(x.log_a, same)) * (1.0 - first), B_star)]   # exp(L_i - L_{s-1})
+        extra.append((jnp.exp(L_doc) * (1.0 - first), [b - n for b, n in zip(B_star, N)] if N else B_star))
     Z_end = _end_state(Bw, beta[-1], C[-1], X, E, N)
-    for coef, bases in extra:
-        Z_end = [z + coef[-1] * b for z, b in zip(Z_end, bases)]
-    if mom is not None:   # W_end += gamma_c S_0;  S_end = m_end S_0 + sum_j Cs_j E_j^T X_j
-        Z_end = [z + gamma[-1] * s for z, s in zip(Z_end, Mom)]
+    for coef, G in extra:
+        Z_end = [z + coef[-1] * g for z, g in zip(Z_end, G)]
+    if mom is not None:   # S_end = m_end S_0 + sum_j Cs_j E_j^T X_j
         Mom = _end_state(Mom, m_end, Cs_end, X, E)
     if mode == "scale":
         s_end = _scales(cfg, hp["retention"], Z_end)
@@ -490,7 +488,7 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
             P_end = [jnp.where(jnp.any(x.real > 0), pe, p) for pe, p in zip(P_end, P)]
     else:
         s_end, S, P_end, A_end = [], None, Z_end, A
-    y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E, N, mom, extra)
+    y, _, YX, R = _reads(lay, Bw, beta, C, S, x.q, X, E, N, extra)
     return P_end, A_end, Mom, s_end, y, ChunkResiduals(Z, M[1:], YX, R, D)
 
 
@@ -533,8 +531,8 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
         S, dZ_end = None, list(dP_end)
     AU = [_acts(act, r if S is None else S[l][:, None] * r, 2) for l, r in enumerate(R[:-1])]
     Y = [x.q] + [a[0] for a in AU]
-    dq, dB, dbeta, dC, dS, dX, dE, dN, dmom = _reads_bwd(lay, Bw, beta, C, S, X, E, Y, [a[1] for a in AU],
-                                                         YX, R, dy, N, mom)
+    dq, dB, dbeta, dC, dS, dX, dE, dN, dextra = _reads_bwd(lay, Bw, beta, C, S, X, E, Y, [a[1] for a in AU],
+                                                           YX, R, dy, N, [] if mom is None else [mom])
     ds_prev = []
     if mode == "scale":
         last = jnp.arange(c) == c - 1
@@ -553,7 +551,7 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
     dC = dC.at[-1].add(dC_c)
     dMom = []
     if mom is not None:   # Z_end += gamma_c S0;  S_end = m_end S0 + (Cs * E)^T X
-        dgamma, dMom = dmom
+        ((dgamma, dMom),) = dextra
         dgamma = dgamma.at[-1].add(sum(jnp.sum(m * g) for m, g in zip(Mom, dZ_end)))
         dMo, dm_end, dCs, dX_m, dE_m = _end_bwd(Mom, m_end, Cs_end, X, E, dMom_end)
         dMom = [a + gamma[-1] * g + b for a, g, b in zip(dMom, dZ_end, dMo)]
