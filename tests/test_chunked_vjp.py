@@ -212,3 +212,72 @@ def test_static_q_norm_floor_gradient_equals_the_traced_path(floor):
     np.testing.assert_allclose(g_static, g_traced, rtol=2e-4, atol=1e-6)
     if floor > 1:
         assert abs(float(g_traced)) > 1e-3   # the floor is active: the comparison is not of zeros
+
+
+PACKED = [("moneta", {}), ("memora", {}), ("titans", {}), ("yaad", {}), ("moneta", {"anchor": True}),
+          pytest.param("memora", {"anchor": True}, marks=pytest.mark.slow),
+          pytest.param("titans", {"anchor": True}, marks=pytest.mark.slow),
+          pytest.param("moneta", {"memory": "linear"}, marks=pytest.mark.slow),
+          pytest.param("ttt_mlp", {}, marks=pytest.mark.slow), ("ttt_linear", {}),
+          pytest.param("memora", {"memory": "linear"}, marks=pytest.mark.slow)]
+
+
+def _packed_ids(rng, T, c):
+    """A whole chunk of left padding, a document and a pad ending the next chunk, so that the next
+    document starts on the chunk grid; then 2-4 documents of random lengths (one of length 1) and
+    right padding."""
+    ids = [0] * c + [1] * (c - 1) + [0]
+    body = T - len(ids) - 1
+    n = int(rng.integers(2, 5))
+    cuts = sorted(set(rng.choice(np.arange(2, body), size=n - 1, replace=False).tolist()) | {1})
+    bounds = [0, *cuts, body]
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        ids += [i + 2] * (b - a)
+    return np.array(ids + [0] * (T - len(ids)), np.int32)
+
+
+@pytest.mark.parametrize("name,kw", PACKED, ids=[_id(c) for c in PACKED])
+def test_packed_rows_hand_vjp_equals_autodiff(name, kw, x64):
+    """Packed rows (``segment_ids``): the hand-written VJP of the packed chunk forward (position-0
+    state swap, document masks, the reset state as a read base, the later documents' factors at
+    the reset memory) equals autodiff of that forward, w.r.t. every input including the reset state
+    (distinct from the initial state here), float64."""
+    from miras_jax.engine.segments import boundaries
+    rng = np.random.default_rng(zlib.crc32(repr(("packed", name, sorted(kw.items()))).encode()))
+    c = int(rng.choice([4, 8]))
+    T, d = int(rng.integers(3 * c + 4, 6 * c)), int(rng.choice([4, 8]))
+    spec, state, args = _setup(name, kw, T, d, seed=int(rng.integers(100)), wide=True)
+    reset, real = boundaries(jnp.asarray(_packed_ids(rng, T, c)))
+    reset_state = jax.tree.map(lambda a: 0.8 * a + 0.01, state)
+
+    def run(vjp):
+        def f(hp, memory, retention, r_mem, r_ret, q, k, v, gates):
+            st = MemoryState(memory, retention, state.optimizer)
+            rs = MemoryState(r_mem, r_ret, reset_state.optimizer)
+            y, fin = chunked.memorize_chunked(spec.replace(hparams=hp), st, q, k, v, gates, c, vjp=vjp,
+                                              segments=(reset, real, rs))
+            return y, fin.memory, fin.retention, fin.optimizer
+
+        out, fn = jax.vjp(f, spec.hparams, state.memory, state.retention, reset_state.memory,
+                          reset_state.retention, *args)
+        return out, fn(_random_cotangent(out, 42))
+
+    _assert_close(run("hand"), run("autodiff"), **EXACT)
+
+
+@pytest.mark.parametrize("name", ["moneta", pytest.param("titans", marks=pytest.mark.slow)])
+def test_packed_rows_remat_groups(name):
+    from miras_jax.engine.segments import boundaries
+    spec, state, args = _setup(name, {}, T=45, d=8, seed=6)
+    reset, real = boundaries(jnp.asarray(_packed_ids(np.random.default_rng(1), 45, 4)))
+    segs = (reset, real, init_state(spec, state.memory))
+
+    def run(remat):
+        def f(memory, q, k, v, gates):
+            y, fin = chunked.memorize_chunked(spec, MemoryState(memory, state.retention, state.optimizer),
+                                              q, k, v, gates, 4, remat_every=remat, segments=segs)
+            return y, fin.memory
+        out, fn = jax.vjp(f, state.memory, *args)
+        return out, fn(_random_cotangent(out, 3))
+
+    _assert_close(run(2), run(0))

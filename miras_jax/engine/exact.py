@@ -390,11 +390,12 @@ def delta_chunked(
     kk = jnp.einsum("nik,njk->nij", kc, kc)  # [n, c, c]
     a = lrc[:, :, None] * kk * jnp.where(pos[None, :] < pos[:, None], decay, 0.0)  # [n, c, c], strictly lower
     tinv = unit_lower_inverse(a)  # [n, c, c]
-    u_v = tinv @ (vc * lrc[..., None])  # [n, c, v]
-    w_wy = tinv @ (kc * (lrc * (jnp.exp(L) if e_first is None else e_first))[..., None])  # [n, c, k]
+    rhs = vc * lrc[..., None]
     if reset is not None:   # the restarted documents' entry state W_reset: known, so it joins U_v
         W_reset = _f32(W_reset)
-        u_v = u_v - tinv @ ((lrc * e_reset)[..., None] * (kc @ W_reset.T))
+        rhs = rhs - (lrc * e_reset)[..., None] * (kc @ W_reset.T)
+    u_v = tinv @ rhs  # [n, c, v]
+    w_wy = tinv @ (kc * (lrc * (jnp.exp(L) if e_first is None else e_first))[..., None])  # [n, c, k]
 
     # Reads and chunk transitions.
     p = jnp.einsum("nrk,njk->nrj", qc, kc) * decay[:, s - 1 :: s]  # [n, r, c]

@@ -267,8 +267,6 @@ def plan(spec, implementation: str = "auto", chunk_size: int = 64, *, backend: s
     why.append(f"no exact form ({exact_blocker(spec)}): mini-batch form, gradients at each chunk's "
                "start memory")
     blocker = hand_vjp_blocker(spec, channel)
-    if blocker is None and segments:
-        blocker = "packed rows (segment_ids) run under autodiff"
     why.append("hand-written VJP" if blocker is None else f"autodiff backward ({blocker})")
     return Plan(engine="minibatch", chunk=chunk_size, vjp="hand" if blocker is None else "autodiff",
                 why=tuple(why), **common)

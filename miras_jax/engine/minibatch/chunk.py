@@ -35,7 +35,7 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     meaningless) — recurrent decoding runs a partly filled chunk this way. Every spec runs the one
     chunk forward ``vjp.chunk_fwd``, differentiated by its hand-written backward (``vjp="hand"``,
     where ``plan.hand_vjp_blocker`` names no blocker: GD, scalar decay) or by autodiff of that same
-    forward (``"autodiff"``; always for channel-wise decay and packed rows). ``segments = (reset [T],
+    forward (``"autodiff"``; always for channel-wise decay). ``segments = (reset [T],
     real [T], reset_state)``: packed rows, with ``reference.py``'s semantics at document starts.
     """
     if vjp not in ("hand", "autodiff"):

@@ -103,12 +103,21 @@ def _centred(lay: Layout, W, l):
     return W
 
 
-def _factors(lay: Layout, bias, hpb, P, K, V, G):
-    """Factors of the chunk's gradients at ``P``: ``(X, Z, E, M)`` per layer (``M_l = E_l P_l``)."""
+def _per_token(keep, a, b):
+    """``a`` on the tokens where ``keep`` (``[c, 1]`` bool), ``b`` on the others; ``a`` if no ``keep``."""
+    return a if keep is None else jnp.where(keep, a, b())
+
+
+def _factors(lay: Layout, bias, hpb, P, K, V, G, alt=None):
+    """Factors of the chunk's gradients at ``P``: ``(X, Z, E, M)`` per layer (``M_l = E_l P_l``).
+    ``alt = (P_*, keep [c, 1])`` (packed rows): the tokens not in ``keep`` take theirs at ``P_*``; only
+    the products with the weights run twice, the elementwise work once."""
+    Ps, keep = (None, None) if alt is None else alt
     L = lay.depth
     X, Z, A1 = [K], [], []
     for l in range(L):
-        Z.append(X[l] @ _centred(lay, P[l], l).T)                        # [c, n_{l+1}]
+        Z.append(_per_token(keep, X[l] @ _centred(lay, P[l], l).T,
+                            lambda: X[l] @ _centred(lay, Ps[l], l).T))               # [c, n_{l+1}]
         if l < L - 1:
             x_next, a1 = _acts(lay.act, Z[l], 2)
             X.append(x_next)
@@ -116,7 +125,7 @@ def _factors(lay: Layout, bias, hpb, P, K, V, G):
     E, M = [None] * L, [None] * L
     E[L - 1] = _head(lay, bias, Z[-1], K, V, G, hpb)
     for l in range(L - 1, 0, -1):
-        M[l] = E[l] @ P[l]                                               # [c, n_l]
+        M[l] = _per_token(keep, E[l] @ P[l], lambda: E[l] @ Ps[l])        # [c, n_l]
         E[l - 1] = M[l] * A1[l - 1]
     return X, Z, E, M
 
@@ -221,35 +230,51 @@ def _factors_from(lay: Layout, bias, hpb, K, V, G, Z, M, AZ):
     return [K] + [a[0] for a in AZ], E, head_vjp
 
 
-def _factors_bwd(lay: Layout, head_vjp, P, X, AZ, E, M, dX, dE):
+def _factors_bwd(lay: Layout, head_vjp, P, X, AZ, E, M, dX, dE, alt=None):
     """VJP of :func:`_factors` for cotangents on ``X`` and ``E`` (``AZ_l = (act, act', act'')(Z_l)``
-    for the hidden layers, ``head_vjp`` from :func:`_factors_from`): ``(dP, dK, dV, dG, dhpb)``."""
+    for the hidden layers, ``head_vjp`` from :func:`_factors_from`): ``(dP, dK, dV, dG, dhpb, dP_*)``
+    (``dP_* = []`` without ``alt``)."""
+    Ps, keep = (None, None) if alt is None else alt
     L = lay.depth
-    dP, dZ = [None] * L, [None] * L
+    dP, dPs, dZ = [None] * L, [None] * L, [None] * L
     dX, dE = list(dX), list(dE)
+
+    def weights_vjp(l, d, a):   # z = a @ W^T (W = P_l; P*_l off keep), d = dz: (d @ W, dW, dW*)
+        if keep is None:
+            return d @ P[l], d.T @ a, None
+        d_in = jnp.where(keep, d, 0.0)
+        return jnp.where(keep, d @ P[l], d @ Ps[l]), d_in.T @ a, (d - d_in).T @ a
+
+    def add(acc, l, g):
+        acc[l] = g if acc[l] is None else acc[l] + g
+
     for l in range(1, L):            # E_{l-1} = (E_l P_l) * act'(Z_{l-1}), computed top-down
         dM = dE[l - 1] * AZ[l - 1][1]
         dZ[l - 1] = dE[l - 1] * M[l] * AZ[l - 1][2]
-        dE[l] = dE[l] + dM @ P[l].T
-        dP[l] = E[l].T @ dM
+        dE[l] = dE[l] + (dM @ P[l].T if keep is None else jnp.where(keep, dM @ P[l].T, dM @ Ps[l].T))
+        add(dP, l, E[l].T @ (dM if keep is None else jnp.where(keep, dM, 0.0)))
+        if keep is not None:
+            add(dPs, l, E[l].T @ jnp.where(keep, 0.0, dM))
     do, dK, dV, dG, dhpb = head_vjp(dE[L - 1])
     dZ[L - 1] = do if dZ[L - 1] is None else dZ[L - 1] + do
     for l in range(L - 1, -1, -1):   # Z_l = X_l P_l^T, X_{l+1} = act(Z_l)
-        dX[l] = dX[l] + dZ[l] @ P[l]
-        dPl = dZ[l].T @ X[l]
-        dP[l] = dPl if dP[l] is None else dP[l] + dPl
+        dXl, dPl, dPsl = weights_vjp(l, dZ[l], X[l])
+        dX[l] = dX[l] + dXl
+        add(dP, l, dPl)
+        if keep is not None:
+            add(dPs, l, dPsl)
         if l > 0:
             extra = dX[l] * AZ[l - 1][1]
             dZ[l - 1] = extra if dZ[l - 1] is None else dZ[l - 1] + extra
-    return dP, dK + dX[0], dV, dG, dhpb
+    return dP, dK + dX[0], dV, dG, dhpb, ([] if keep is None else dPs)
 
 
 # --- one chunk, one head: the retention modes ---------------------------------------------------
 
 class Config(NamedTuple):
     """Everything static about a run: the memory, its layout, bias, retention and chunk mode;
-    ``momentum`` (momentum GD) and ``channel`` (a channel-wise decay ``log_a [c, k]``, autodiff only:
-    ``plan.hand_vjp_blocker``)."""
+    ``momentum`` (momentum GD), ``channel`` (a channel-wise decay ``log_a [c, k]``, autodiff only:
+    ``plan.hand_vjp_blocker``) and ``packed`` (rows with document boundaries)."""
 
     memory: object
     lay: Layout
@@ -259,6 +284,7 @@ class Config(NamedTuple):
     static_q: int | None = None   # "scale" mode: l_q's q when it is a known integer constant
     momentum: bool = False
     channel: bool = False
+    packed: bool = False          # packed rows (``ChunkIn.reset``)
 
 
 def static_q(spec) -> int | None:
@@ -421,41 +447,74 @@ def _documents(reset):
     return (doc[:, None] == doc[None, :]).astype(reset.dtype), (doc == 0).astype(reset.dtype)
 
 
+def _packed_coefficients(cfg: Config, lr, log_a, log_m, real, reset):
+    """Packed rows: ``(C, beta, rho[, gamma, m_end, Cs_end])``, the coefficients of one chunk within
+    documents: ``C`` and momentum's ``Cs_end`` are 0 across documents, ``beta``, ``gamma`` and ``m_end``
+    reach the chunk-start state from the chunk's first document only, and ``rho_i = exp(L_i)`` (``L_i``
+    the decay since token i's document start) weighs the reset state for the later documents (0 in
+    the first). ``[c, c]`` / ``[c]``; scalars for ``m_end``."""
+    same, first = _documents(reset)
+    lr_, la_ = _coeff_inputs(cfg.mode, lr, log_a)
+    e = jnp.exp(segment_cumsum(la_, same))    # "lag" leaves token 0 (the first document's) out
+    if not cfg.momentum:
+        return -decay_matrix(la_, same) * lr_[None, :], e * first, e * (1.0 - first)
+    C, _, gamma, m_end, Cs_end = momentum_coefficients(lr, log_a, log_m, real, decay_matrix(log_a, same), same)
+    return C, e * first, e * (1.0 - first), gamma * first, m_end * first[-1], Cs_end
+
+
+def _swap(hp, x: ChunkIn, state):
+    """Packed rows: a document starting at the chunk's position 0 starts it from the reset state
+    (``state = (P, A, Mom, s)``; momentum restarts at 0)."""
+    rs = hp["reset"]
+    return where_tree(x.reset[0] > 0, (rs["P"], rs["A"], [jnp.zeros_like(m) for m in state[2]], rs["s"]), state)
+
+
+def _swap_bwd(x: ChunkIn, d):
+    """VJP of :func:`_swap` for ``d = (dP, dA, dMom, ds)``: ``(d_state, d_reset {"P", "A", "s"})``."""
+    r0 = x.reset[0] > 0
+    dP, dA, dMom, ds = d
+    zero = lambda t: jax.tree.map(jnp.zeros_like, t)   # noqa: E731
+    kept = where_tree(r0, zero(d), d)
+    to_reset = where_tree(r0, (dP, dA, ds), zero((dP, dA, ds)))
+    return kept, dict(zip(("P", "A", "s"), to_reset))
+
+
+def _bases(cfg: Config, hp, Bw, N, mom, rho):
+    """The extra read bases ``(coef [c], G)``: momentum's ``(gamma, S0)``, packed rows' reset state
+    ``(rho, B_* [- N])`` (the accumulator in "scale" mode)."""
+    extra = [] if mom is None else [mom]
+    if rho is not None:
+        B_star = hp["reset"]["A"] if cfg.mode == "scale" else hp["reset"]["P"]
+        extra.append((rho, [b - n for b, n in zip(B_star, N)] if N else B_star))
+    return extra
+
+
 def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
     """One chunk: ``(P_end, A_end, Mom_end, s_end, y [c, v], ChunkResiduals)``. ``A``, ``s`` are ``[]``
     unless "scale"; ``Mom`` (the momentum state ``S``) is ``[]`` unless ``cfg.momentum``. The only
     forward of the mini-batch form: :func:`chunk_bwd` is its VJP, and autodiff differentiates it
-    where there is none (channel-wise decay: residuals ``None``; packed rows, ``hp["reset"]``)."""
+    where there is none (channel-wise decay: residuals ``None``). Packed rows (``x.reset``): the
+    chunk's first document continues from the chunk-start state, a later one from ``hp["reset"]``
+    (``reference.py``'s semantics)."""
     lay, mode = cfg.lay, cfg.mode
     c = x.q.shape[0]
     packed = x.reset is not None
-    if packed:   # a document starting at position 0 starts the chunk from the reset state
-        rs = hp["reset"]
-        P, A, s_prev, Mom = where_tree(x.reset[0] > 0, (rs["P"], rs["A"], rs["s"], [jnp.zeros_like(m) for m in Mom]),
-                                       (P, A, s_prev, Mom))
-        same, first = _documents(x.reset)
-        # L_i within a document (exact zeros across); "lag" leaves token 0 (the first document's) out
-        L_doc = segment_cumsum(_coeff_inputs(mode, x.lr, x.log_a)[1], same)
-    mom = None
-    if cfg.momentum:
-        D = decay_matrix(x.log_a, same if packed else None)
-        C, beta, gamma, m_end, Cs_end = momentum_coefficients(x.lr, x.log_a, x.log_m, x.real, D,
-                                                              same if packed else None)
-        if packed:
-            beta, gamma, m_end = beta * first, gamma * first, m_end * first[-1]
-        mom = (gamma, Mom)
+    if packed:
+        P, A, Mom, s_prev = _swap(hp, x, (P, A, Mom, s_prev))
+        first = _documents(x.reset)[1]
+    mom = rho = D = None
+    if packed:
+        C, beta, rho, *m = _packed_coefficients(cfg, x.lr, x.log_a, x.log_m, x.real, x.reset)
+    elif cfg.momentum:
+        C, beta, *m = momentum_coefficients(x.lr, x.log_a, x.log_m, x.real, decay_matrix(x.log_a))
     elif not cfg.channel:
-        if packed:   # decays within a document only
-            C, _, D = _coeffs(mode, x.lr, x.log_a, decay_matrix(_coeff_inputs(mode, x.lr, x.log_a)[1], same))
-            beta = jnp.exp(L_doc) * first
-        else:
-            C, beta, D = _coeffs(mode, x.lr, x.log_a)
-    X, Z, E, M = _factors(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g)
-    if packed:   # later documents' gradients at the reset memory
-        X2, _, E2, _ = _factors(lay, cfg.bias, hp["bias"], rs["P"], x.k, x.v, x.g)
-        at_P = first[:, None] > 0
-        X = [jnp.where(at_P, a, b) for a, b in zip(X, X2)]
-        E = [jnp.where(at_P, a, b) for a, b in zip(E, E2)]
+        C, beta, D = _coeffs(mode, x.lr, x.log_a)
+    if cfg.momentum:
+        gamma, m_end, Cs_end = m
+        mom = (gamma, Mom)
+    # packed rows: the chunk's later documents take their gradients at the reset memory
+    alt = (hp["reset"]["P"], first[:, None] > 0) if packed else None
+    X, Z, E, M = _factors(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g, alt)
     N = hp["anchor"]
     if mode == "linear":
         Bw = P
@@ -469,10 +528,7 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
     if cfg.channel:
         P_end, y = _channel_chunk(Bw, N, x, E[0])
         return P_end, A, Mom, [], y, None
-    extra = [] if mom is None else [mom]   # more bases: W_i += coef_i G
-    if packed:   # the reset state, decayed from its document's start: exp(L_i - L_{s-1})
-        B_star = rs["A"] if mode == "scale" else rs["P"]
-        extra.append((jnp.exp(L_doc) * (1.0 - first), [b - n for b, n in zip(B_star, N)] if N else B_star))
+    extra = _bases(cfg, hp, Bw, N, mom, rho)   # more bases: W_i += coef_i G
     Z_end = _end_state(Bw, beta[-1], C[-1], X, E, N)
     for coef, G in extra:
         Z_end = [z + coef[-1] * g for z, g in zip(Z_end, G)]
@@ -481,7 +537,7 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
     if mode == "scale":
         s_end = _scales(cfg, hp["retention"], Z_end)
         if packed:   # later documents read with s(A_*)
-            s_prev = [jnp.where(first > 0, sp, si) for sp, si in zip(s_prev, rs["s"])]
+            s_prev = [jnp.where(first > 0, sp, si) for sp, si in zip(s_prev, hp["reset"]["s"])]
         S = _token_scales(s_end, s_prev, c)
         P_end, A_end = [s * z for s, z in zip(s_end, Z_end)], Z_end
         if packed:   # a chunk of pad tokens only keeps P (reference.py: P = W_0 need not be s(A_0) A_0)
@@ -496,19 +552,29 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
               dA_end, dMom_end, ds_end):
     """VJP of :func:`chunk_fwd` (scalar decay) given the cotangents of ``y``, ``P_end``, ``A_end``,
     ``Mom_end`` and ``s_end`` (``A_next`` = this chunk's ``A_end``, "scale" only).
-    Returns ``(dP, dA, dMom, ds_prev, dhp, dx)``. Momentum's ``[c, c]`` coefficients go through
-    ``jax.vjp`` (no matmul over the state in them)."""
+    Returns ``(dP, dA, dMom, ds_prev, dhp, dx)``. Momentum's and packed rows' ``[c, c]`` coefficients
+    go through ``jax.vjp`` (no matmul over the state in them)."""
     lay, mode, act = cfg.lay, cfg.mode, cfg.lay.act
     c = x.q.shape[0]
+    packed = x.reset is not None
+    if packed:
+        P, A, Mom, s_prev = _swap(hp, x, (P, A, Mom, s_prev))
+        first = _documents(x.reset)[1]
     Z, M1, YX, R, D = resid
     M = [None, *M1]
     AZ = [_acts(act, z, 3) for z in Z[:-1]]
     X, E, head_vjp = _factors_from(lay, cfg.bias, hp["bias"], x.k, x.v, x.g, Z, M, AZ)
-    mom = None
-    if cfg.momentum:
-        (C, beta, gamma, m_end, Cs_end), coeff_vjp = jax.vjp(
-            lambda lr, la, lm: momentum_coefficients(lr, la, lm, x.real, decay_matrix(la)), x.lr, x.log_a, x.log_m)
-        mom = (gamma, Mom)
+    mom = rho = None
+    if packed or cfg.momentum:
+        coeffs = functools.partial(_packed_coefficients, cfg) if packed else (
+            lambda lr, la, lm, real, _: momentum_coefficients(lr, la, lm, real, decay_matrix(la)))
+        (C, beta, *m), coeff_vjp = jax.vjp(lambda lr, la, lm: coeffs(lr, la, lm, x.real, x.reset),
+                                           x.lr, x.log_a, x.log_m)
+        if packed:
+            rho, *m = m
+        if cfg.momentum:
+            gamma, m_end, Cs_end = m
+            mom = (gamma, Mom)
     else:
         C, beta, _ = _coeffs(mode, x.lr, x.log_a, D)
     hpr = hp["retention"]
@@ -522,9 +588,16 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
     N = hp["anchor"]
     if N:
         Bw = [b - n for b, n in zip(Bw, N)]
+    extra = _bases(cfg, hp, Bw, N, mom, rho)
+    dP_keep = None
     if mode == "scale":
+        if packed:   # an all-pad chunk keeps P
+            any_real = jnp.any(x.real > 0)
+            dP_keep = [jnp.where(any_real, 0.0, g) for g in dP_end]
+            dP_end = [jnp.where(any_real, g, 0.0) for g in dP_end]
         s_end, scale_vjp = _scales_with_vjp(cfg, hpr, A_next)
-        S = _token_scales(s_end, s_prev, c)
+        s_tok = [jnp.where(first > 0, sp, si) for sp, si in zip(s_prev, hp["reset"]["s"])] if packed else s_prev
+        S = _token_scales(s_end, s_tok, c)
         ds_end = [d + jnp.sum(g * z) for d, g, z in zip(ds_end, dP_end, A_next)]
         dZ_end = [da + s * g for da, s, g in zip(dA_end, s_end, dP_end)]
     else:
@@ -532,29 +605,37 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
     AU = [_acts(act, r if S is None else S[l][:, None] * r, 2) for l, r in enumerate(R[:-1])]
     Y = [x.q] + [a[0] for a in AU]
     dq, dB, dbeta, dC, dS, dX, dE, dN, dextra = _reads_bwd(lay, Bw, beta, C, S, X, E, Y, [a[1] for a in AU],
-                                                           YX, R, dy, N, [] if mom is None else [mom])
-    ds_prev = []
+                                                           YX, R, dy, N, extra)
+    ds_prev, ds_reset = [], []
     if mode == "scale":
         last = jnp.arange(c) == c - 1
         ds_end = [d + jnp.sum(jnp.where(last, g, 0.0)) for d, g in zip(ds_end, dS)]
-        ds_prev = [jnp.sum(jnp.where(last, 0.0, g)) for g in dS]
+        if packed:
+            ds_prev = [jnp.sum(jnp.where(last | (first == 0), 0.0, g)) for g in dS]
+            ds_reset = [jnp.sum(jnp.where(last | (first > 0), 0.0, g)) for g in dS]
+        else:
+            ds_prev = [jnp.sum(jnp.where(last, 0.0, g)) for g in dS]
         dZ_s, dh = scale_vjp(ds_end)
         dZ_end = [a + b for a, b in zip(dZ_end, dZ_s)]
         dhpr = jax.tree.map(jnp.add, dhpr, dh)
     dB_e, dbeta_c, dC_c, dX_e, dE_e = _end_bwd(Bw, beta[-1], C[-1], X, E, dZ_end)
     dB = [a + b for a, b in zip(dB, dB_e)]
-    if N:   # Z_end = ... + N directly, and B - N everywhere B entered
+    dcoefs, dG = [], []
+    for (coef, G), (dcoef, dGi) in zip(extra, dextra):   # Z_end += coef_c G
+        dcoefs.append(dcoef.at[-1].add(sum(jnp.sum(g * z) for g, z in zip(G, dZ_end))))
+        dG.append([a + coef[-1] * z for a, z in zip(dGi, dZ_end)])
+    if N:   # Z_end = ... + N directly, and B - N everywhere B entered (the reset base too)
         dN = [r + z - b for r, z, b in zip(dN, dZ_end, dB)]
+        if packed:
+            dN = [a - b for a, b in zip(dN, dG[-1])]
     dX = [a + b for a, b in zip(dX, dX_e)]
     dE = [a + b for a, b in zip(dE, dE_e)]
     dbeta = dbeta.at[-1].add(dbeta_c)
     dC = dC.at[-1].add(dC_c)
     dMom = []
-    if mom is not None:   # Z_end += gamma_c S0;  S_end = m_end S0 + (Cs * E)^T X
-        ((dgamma, dMom),) = dextra
-        dgamma = dgamma.at[-1].add(sum(jnp.sum(m * g) for m, g in zip(Mom, dZ_end)))
+    if mom is not None:   # S_end = m_end S0 + (Cs * E)^T X
         dMo, dm_end, dCs, dX_m, dE_m = _end_bwd(Mom, m_end, Cs_end, X, E, dMom_end)
-        dMom = [a + gamma[-1] * g + b for a, g, b in zip(dMom, dZ_end, dMo)]
+        dMom = [a + b for a, b in zip(dG[0], dMo)]
         dX = [a + b for a, b in zip(dX, dX_m)]
         dE = [a + b for a, b in zip(dE, dE_m)]
     dlr0 = dla0 = 0.0
@@ -569,17 +650,34 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
         dP, dA = None, dB
     else:
         dP, dA = dB, A
-    dP_f, dk, dv, dg, dhpb = _factors_bwd(lay, head_vjp, P, X, AZ, E, M, dX, dE)
+    alt = (hp["reset"]["P"], first[:, None] > 0) if packed else None
+    dP_f, dk, dv, dg, dhpb, dP_star = _factors_bwd(lay, head_vjp, P, X, AZ, E, M, dX, dE, alt)
     dP = dP_f if dP is None else [a + b for a, b in zip(dP, dP_f)]
-    if mom is not None:
-        dlr, dla, dlm = coeff_vjp((dC, dbeta, dgamma, dm_end, dCs))
+    if dP_keep is not None:
+        dP = [a + b for a, b in zip(dP, dP_keep)]
+    dmask = (None, None)
+    if packed or cfg.momentum:
+        dcoef_out = (dC, dbeta) + ((dcoefs[-1],) if packed else ()) + (
+            (dcoefs[0], dm_end, dCs) if cfg.momentum else ())
+        dlr, dla, dlm = coeff_vjp(dcoef_out)
         dmask = (dlm, jnp.zeros_like(x.real))
     else:
         dlr, dla = _coeffs_bwd(mode, C, beta, D, dC, dbeta)
-        dmask = (None, None)
     dlr, dla = dlr.at[0].add(dlr0), dla.at[0].add(dla0)
-    dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.first_real), *dmask, None)
-    return dP, dA, dMom, ds_prev, {"bias": dhpb, "retention": dhpr, "anchor": dN, "anchor_dual": dNd}, dx
+    dhp = {"bias": dhpb, "retention": dhpr, "anchor": dN, "anchor_dual": dNd}
+    reset = None
+    if packed:
+        (dP, dA, dMom, ds_prev), d_rs = _swap_bwd(x, (dP, dA, dMom, ds_prev))
+        if mode == "scale":
+            d_rs["A"] = [a + b for a, b in zip(d_rs["A"], dG[-1])]
+            d_rs["s"] = [a + b for a, b in zip(d_rs["s"], ds_reset)]
+        else:
+            d_rs["P"] = [a + b for a, b in zip(d_rs["P"], dG[-1])]
+        d_rs["P"] = [a + b for a, b in zip(d_rs["P"], dP_star)]
+        dhp["reset"] = d_rs
+        reset = jnp.zeros_like(x.reset)
+    dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.first_real), *dmask, reset)
+    return dP, dA, dMom, ds_prev, dhp, dx
 
 
 # --- the sequence: forward scan, reverse scan -----------------------------------------------------
@@ -587,9 +685,9 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
 def _stored(cfg: Config, carry):
     """What the forward keeps of a chunk-start state ``(P, A, Mom, s)``: in "scale" mode ``P = s A``
     for every chunk but the first (the forward computes ``P_end`` so: the same rounding), so
-    ``([], A, Mom, s)``."""
+    ``([], A, Mom, s)``; not for packed rows (a chunk of padding keeps ``P``)."""
     P, A, Mom, s = carry
-    return ([] if cfg.mode == "scale" else P), A, Mom, s
+    return ([] if cfg.mode == "scale" and not cfg.packed else P), A, Mom, s
 
 
 def _restored(P0, stored, first):
@@ -697,12 +795,12 @@ def memorize(spec, state, xs: ChunkIn, group: int = 0, autodiff: bool = False, r
     as leaf lists (``A`` is ``[]`` unless the retention is "scale", ``S`` the momentum state, ``[]``
     without momentum). ``autodiff`` (forced where ``plan.hand_vjp_blocker`` names a blocker): the same
     forward (:func:`chunk_fwd` scanned), differentiated by JAX instead of the hand-written backward.
-    ``reset_state``: packed rows (``xs.reset``), the state a document restarts from (autodiff)."""
+    ``reset_state``: packed rows (``xs.reset``), the state a document restarts from."""
     mem, ret = spec.memory, spec.retention
     mode = ret.chunk_mode
     momentum = spec.optimizer.update_form == "momentum"
     cfg = Config(mem, layout(mem), spec.bias, ret, mode, static_q(spec) if mode == "scale" else None,
-                 momentum, xs.log_a.ndim == 3)
+                 momentum, xs.log_a.ndim == 3, xs.reset is not None)
     anchor = ret.anchor_of(state.retention)
     # the anchor is constant over chunks: its cotangent accumulates over the reverse scan like a
     # hyper-parameter's. "lag" runs its linear part in the primal (anchor from_dual(z_*)) and the
@@ -718,7 +816,6 @@ def memorize(spec, state, xs: ChunkIn, group: int = 0, autodiff: bool = False, r
         A_star = mem.leaves(ret.acc(reset_state.retention)) if cfg.mode == "scale" else []
         hp["reset"] = {"P": mem.leaves(reset_state.memory), "A": A_star,
                        "s": _scales(cfg, spec.hparams["retention"], A_star) if A_star else []}
-        autodiff = True
     Mom0 = mem.leaves(state.optimizer) if momentum else []
     if autodiff or cfg.channel:
         y, (P, A, S), _ = _fwd_scan(cfg, hp, P0, A0, xs, group, save=False, Mom0=Mom0, remat=True)
