@@ -282,3 +282,20 @@ def test_block_outputs_of_a_document_do_not_depend_on_earlier_documents(kind):
         first = int(np.argmax(ids == j))
         assert np.all(np.asarray(g[0, :first]) == 0.0), f"{kind}: document {j} leaks into earlier tokens"
         assert np.any(np.asarray(g[0, ids == j]) != 0.0)
+
+
+def test_packed_initial_state_needs_the_reset_anchor_on_the_minibatch_form(x64):
+    """An anchored retention runs a packed row with the initial state's anchor; restarted documents
+    decay toward ``init_state(params)``'s: an initial state with another anchor is refused (the
+    token engine takes it)."""
+    from miras_jax.engine.tokens import init_state
+    spec, params, xs = _setup("moneta", 12)
+    seg = _ids([5, 7])
+    y, _ = mj.memorize(spec, params, *xs, chunk_size=4, implementation="xla", segment_ids=seg,
+                       initial_state=init_state(spec, params))
+    want, _ = _run(spec, params, xs, seg, "xla", 4)
+    np.testing.assert_array_equal(y, want)
+    other = init_state(spec, jax.tree.map(lambda w: 1.1 * w, params))
+    with pytest.raises(NotImplementedError, match="anchor"):
+        mj.memorize(spec, params, *xs, chunk_size=4, implementation="xla", segment_ids=seg, initial_state=other)
+    mj.memorize(spec, params, *xs, chunk_size=4, implementation="reference", segment_ids=seg, initial_state=other)

@@ -200,6 +200,8 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
     spec = spec.replace(hparams=cast(spec.hparams))
     reset_state = init_state(spec, cast(params))
     state = reset_state if initial_state is None else cast(initial_state)
+    if packed and initial_state is not None:
+        _check_packed_anchor(spec, implementation, chunk_size, state, reset_state)
     xs = (q, k, v, gates)
     if packed:
         xs = xs + segments_lib.boundaries(segment_ids)
@@ -219,6 +221,27 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
     param_dtypes = jax.tree.map(lambda x: jnp.result_type(x), params)
     final = final._replace(memory=jax.tree.map(lambda x, d: x.astype(d), final.memory, param_dtypes))
     return y.astype(v.dtype), final
+
+
+def _check_packed_anchor(spec, implementation, chunk_size, state, reset_state) -> None:
+    """Packed rows on the mini-batch form run every document of a row with one anchor (an anchored
+    retention's ``z_*``): the initial state's. Restarted documents decay toward ``init_state(params)``'s,
+    so the two must agree (they do unless ``initial_state`` was built from other params); a
+    ``NotImplementedError`` unless both are known and equal."""
+    ret = spec.retention
+    if not getattr(ret, "anchor", False) or implementation != "xla" or chunk_size == 1 \
+            or plan_lib.exact_family(spec) is not None:
+        return
+    a, b = (jax.tree.map(concrete, ret.anchor_of(s.retention)) for s in (state, reset_state))
+    if all(x is not None and y is not None and np.array_equal(x, y)
+           for x, y in zip(jax.tree.leaves(a, is_leaf=lambda x: x is None),
+                           jax.tree.leaves(b, is_leaf=lambda x: x is None))):
+        return
+    raise NotImplementedError(
+        f"spec {spec.name!r}: packed rows (segment_ids) with an initial_state on the mini-batch form need "
+        "the initial state's retention anchor to equal init_state(params)'s (restarted documents decay "
+        "toward the latter); it differs or is not known at trace time. Pass initial_state=None, or "
+        "implementation='reference'")
 
 
 def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Array, v: chex.Array,
