@@ -257,6 +257,10 @@ class Retention:
         """The dual anchor ``z_*`` held in a retention ``state`` (``None`` without ``anchor``)."""
         return state["anchor"] if self.anchor else None
 
+    def with_anchor(self, state, z_anchor):
+        """``state`` with its anchor ``z_*`` replaced (``state`` itself without ``anchor``)."""
+        return {**state, "anchor": z_anchor} if self.anchor else state
+
     def with_acc(self, state, acc):
         """``state`` with its accumulator replaced by ``acc``."""
         return {"acc": acc, "anchor": state["anchor"]} if self.anchor else acc

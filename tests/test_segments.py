@@ -156,7 +156,7 @@ def test_padding_changes_no_real_output_or_gradient(name, impl, c, pads, x64):
     padding moves the grid: a different, equally valid, stale-gradient schedule)."""
     spec, params, xs = _setup(name, 17)
     lengths = [6, 11]
-    tol = TOL if mj.plan(spec, impl, c, segments=True).engine in ("tokens", "minibatch") else F32
+    tol = TOL if mj.plan(spec, impl, c).engine in ("tokens", "minibatch") else F32
     base_y, (base_dp, base_dx) = _padded(spec, params, xs, lengths, 0, 0, impl, c)
     for left, right in pads:
         y, (dp, dx) = _padded(spec, params, xs, lengths, left, right, impl, c)
@@ -197,18 +197,6 @@ def test_batched_rows_take_their_own_segment_ids():
             np.testing.assert_allclose(y[b, :, h], y1, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="segment_ids"):
         mj.memorize_batched(spec, params, q, k, v, gates, chunk_size=4, segment_ids=seg[0])
-
-
-def test_plan_routes_packed_rows_to_the_paths_that_take_them():
-    gdn, moneta, gla = mj.presets.get("gated_deltanet"), mj.presets.get("moneta"), mj.presets.get("gla")
-    assert mj.plan(gdn, "auto", 64, segments=True).engine == "delta"
-    assert mj.plan(moneta, "auto", 64, segments=True).engine == "minibatch"
-    assert mj.plan(moneta, "auto", 64, backend="gpu", segments=True).engine == "minibatch"
-    assert mj.plan(gla, "auto", 64, channel=True, segments=True).engine == "tokens"
-    with pytest.raises(NotImplementedError, match="segment_ids"):
-        mj.plan(gla, "xla", 64, channel=True, segments=True)
-    with pytest.raises(NotImplementedError, match="segment_ids"):
-        mj.plan(moneta, "pallas", 64, segments=True)
 
 
 EXACT = ["linear_attention", "retnet", "mamba2", "deltanet", "gated_deltanet", "longhorn", "deltaproduct"]
@@ -284,18 +272,30 @@ def test_block_outputs_of_a_document_do_not_depend_on_earlier_documents(kind):
         assert np.any(np.asarray(g[0, ids == j]) != 0.0)
 
 
-def test_packed_initial_state_needs_the_reset_anchor_on_the_minibatch_form(x64):
-    """An anchored retention runs a packed row with the initial state's anchor; restarted documents
-    decay toward ``init_state(params)``'s: an initial state with another anchor is refused (the
-    token engine takes it)."""
+def test_a_rows_anchor_is_its_initial_states(x64):
+    """An anchored retention: a row has one anchor, the initial state's (``api.row_reset_state``), so
+    with an initial state built from other params the mini-batch form equals its reference loops."""
     from miras_jax.engine.tokens import init_state
     spec, params, xs = _setup("moneta", 12)
-    seg = _ids([5, 7])
-    y, _ = mj.memorize(spec, params, *xs, chunk_size=4, implementation="xla", segment_ids=seg,
-                       initial_state=init_state(spec, params))
-    want, _ = _run(spec, params, xs, seg, "xla", 4)
-    np.testing.assert_array_equal(y, want)
     other = init_state(spec, jax.tree.map(lambda w: 1.1 * w, params))
-    with pytest.raises(NotImplementedError, match="anchor"):
-        mj.memorize(spec, params, *xs, chunk_size=4, implementation="xla", segment_ids=seg, initial_state=other)
-    mj.memorize(spec, params, *xs, chunk_size=4, implementation="reference", segment_ids=seg, initial_state=other)
+    run = lambda impl: mj.memorize(spec, params, *xs, chunk_size=4, implementation=impl,  # noqa: E731
+                                   segment_ids=_ids([5, 7]), initial_state=other)
+    (y, st), (y_ref, st_ref) = run("xla"), run("reference")
+    np.testing.assert_allclose(y, y_ref, **TOL)
+    for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(st_ref)):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_a_returning_id_is_a_new_document_for_conv_and_attention():
+    """Every token mixer follows ``boundaries``: ids ``[3, 3, 5, 3]`` are three documents."""
+    from miras_jax.nn.attention import flash_attend
+    from miras_jax.nn.layer import causal_conv
+    seg = jnp.array([[3, 3, 5, 3]], jnp.int32)
+    np.testing.assert_array_equal(segments.document_ids(seg), [[1, 1, 2, 3]])
+    np.testing.assert_array_equal(segments.document_ids(jnp.array([0, 3, 0, 3, 4, 0], jnp.int32)), [0, 1, 0, 1, 2, 0])
+    y, _ = causal_conv(jnp.ones((1, 4, 1)), jnp.ones((4, 1)), segment_ids=seg)
+    np.testing.assert_array_equal(y[0, :, 0], [1, 2, 1, 1])
+    q = jax.random.normal(jax.random.key(0), (1, 4, 1, 8))
+    v = jax.random.normal(jax.random.key(1), (1, 4, 1, 8))
+    y = flash_attend(q, q, v, segment_ids=seg, block=2)
+    np.testing.assert_allclose(y[0, 3], v[0, 3], rtol=1e-6)   # alone in its document

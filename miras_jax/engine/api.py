@@ -189,8 +189,7 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
     packed = segment_ids is not None
     if packed:
         segment_ids = segments_lib.check_segment_ids(segment_ids, (q.shape[0],))
-    implementation = plan_lib.resolve(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates),
-                                      segments=packed)
+    implementation = plan_lib.resolve(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates))
 
     leaves = [q, k, v, *gates.values(), *jax.tree.leaves(params)]
     # float32 accumulation, float64 only if asked for (x64 mode and a float64 input).
@@ -200,8 +199,8 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
     spec = spec.replace(hparams=cast(spec.hparams))
     reset_state = init_state(spec, cast(params))
     state = reset_state if initial_state is None else cast(initial_state)
-    if packed and initial_state is not None:
-        _check_packed_anchor(spec, implementation, chunk_size, state, reset_state)
+    if packed:
+        reset_state = row_reset_state(spec, reset_state, state)
     xs = (q, k, v, gates)
     if packed:
         xs = xs + segments_lib.boundaries(segment_ids)
@@ -211,8 +210,11 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
         segs = (*xs[4:], reset_state) if packed else None
         if implementation == "pallas":
             one = lambda x: x[None, :, None]  # noqa: E731   [T, ...] -> [1, T, 1, ...]
+            segs1 = None if not packed else (xs[4][None], xs[5][None],
+                                             jax.tree.map(lambda x: x[None, None], reset_state))
             y_, fin = pallas_path.run_batched(spec, jax.tree.map(lambda x: x[None, None], st), one(q_), one(k_),
-                                              one(v_), {n: one(g) for n, g in g_.items()}, chunk_size=chunk_size)
+                                              one(v_), {n: one(g) for n, g in g_.items()}, chunk_size=chunk_size,
+                                              segments=segs1)
             return y_[0, :, 0], jax.tree.map(lambda x: x[0, 0], fin)
         return dispatch.run(spec, st, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
                             remat_every=remat_every, segments=segs)
@@ -223,25 +225,12 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
     return y.astype(v.dtype), final
 
 
-def _check_packed_anchor(spec, implementation, chunk_size, state, reset_state) -> None:
-    """Packed rows on the mini-batch form run every document of a row with one anchor (an anchored
-    retention's ``z_*``): the initial state's. Restarted documents decay toward ``init_state(params)``'s,
-    so the two must agree (they do unless ``initial_state`` was built from other params); a
-    ``NotImplementedError`` unless both are known and equal."""
-    ret = spec.retention
-    if not getattr(ret, "anchor", False) or implementation != "xla" or chunk_size == 1 \
-            or plan_lib.exact_family(spec) is not None:
-        return
-    a, b = (jax.tree.map(concrete, ret.anchor_of(s.retention)) for s in (state, reset_state))
-    if all(x is not None and y is not None and np.array_equal(x, y)
-           for x, y in zip(jax.tree.leaves(a, is_leaf=lambda x: x is None),
-                           jax.tree.leaves(b, is_leaf=lambda x: x is None))):
-        return
-    raise NotImplementedError(
-        f"spec {spec.name!r}: packed rows (segment_ids) with an initial_state on the mini-batch form need "
-        "the initial state's retention anchor to equal init_state(params)'s (restarted documents decay "
-        "toward the latter); it differs or is not known at trace time. Pass initial_state=None, or "
-        "implementation='reference'")
+def row_reset_state(spec, reset_state: MemoryState, state: MemoryState) -> MemoryState:
+    """Packed rows: the state a document restarts from, ``init_state(params)`` with an anchored
+    retention's anchor ``z_*`` taken from the row's initial ``state``: a row has one anchor (equal to
+    ``init_state(params)``'s unless ``initial_state`` was built from other params)."""
+    return reset_state._replace(retention=spec.retention.with_anchor(
+        reset_state.retention, spec.retention.anchor_of(state.retention)))
 
 
 def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Array, v: chex.Array,
@@ -283,10 +272,10 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     if packed:
         segment_ids = segments_lib.check_segment_ids(segment_ids, (B, T))
     implementation = plan_lib.resolve(spec, implementation, chunk_size,
-                                      channel=plan_lib.channel_decay(spec, gates, token_ndim=3), segments=packed)
+                                      channel=plan_lib.channel_decay(spec, gates, token_ndim=3))
     if implementation == "pallas":
         return _pallas_batched(spec, params, q, k, v, gates or {}, chunk_size, initial_state, mesh,
-                               batch_axes, head_axes, grad_horizon)
+                               batch_axes, head_axes, grad_horizon, segment_ids)
     to_bh = lambda t: jax.tree.map(lambda x: jnp.swapaxes(x, 1, 2), t)  # noqa: E731
     qh, kh, vh, gh = to_bh((q, k, v, gates or {}))
 
@@ -316,8 +305,9 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
 
 
 def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mesh, batch_axes, head_axes,
-                    grad_horizon=None):
-    """``memorize_batched`` on the Pallas kernels (one grid over all batch x head rows)."""
+                    grad_horizon=None, segment_ids=None):
+    """``memorize_batched`` on the Pallas kernels (one grid over all batch x head rows); ``segment_ids``
+    ``[B, T]`` (checked): packed rows."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     horizon_lib.check_horizon(grad_horizon, chunk_size)
@@ -328,19 +318,25 @@ def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mes
     if missing:
         raise ValueError(f"spec {spec.name!r} needs gates {missing}")
     f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)  # noqa: E731
-    if initial_state is None:
+    reset_state = None
+    if initial_state is None or segment_ids is not None:
         st = jax.vmap(lambda p: init_state(spec, p))(f32(params))
-        state = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), st)
-    else:
-        state = f32(initial_state)
+        reset_state = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), st)
+    state = reset_state if initial_state is None else f32(initial_state)
+    if segment_ids is not None:
+        reset_state = row_reset_state(spec, reset_state, state)
     spec = spec.replace(hparams=f32(spec.hparams))
     g = {n: f32(gates[n]) for n in spec.required_gates}
+    xs = (f32(q), f32(k), f32(v), g)
+    if segment_ids is not None:
+        xs += jax.vmap(segments_lib.boundaries)(segment_ids)      # (reset, real) [B, T]
 
     def run(st, xs):
-        return pallas_path.run_batched(spec, st, *xs, chunk_size=chunk_size, mesh=mesh, batch_axes=batch_axes,
-                                       head_axes=head_axes)
+        segs = None if segment_ids is None else (*xs[4:], reset_state)
+        return pallas_path.run_batched(spec, st, *xs[:4], chunk_size=chunk_size, mesh=mesh, batch_axes=batch_axes,
+                                       head_axes=head_axes, segments=segs)
 
-    y, final = horizon_lib.truncated(run, state, (f32(q), f32(k), f32(v), g), q.shape[1], grad_horizon, axis=1)
+    y, final = horizon_lib.truncated(run, state, xs, q.shape[1], grad_horizon, axis=1)
     param_dtypes = jax.tree.map(lambda x: jnp.result_type(x), params)
     final = final._replace(memory=jax.tree.map(lambda x, d: x.astype(d), final.memory, param_dtypes))
     return y.astype(v.dtype), final

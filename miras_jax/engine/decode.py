@@ -12,6 +12,14 @@ One sequence, one head (``vmap`` over batch and heads). Two cases:
   the chunked engine on the partly filled chunk (``valid_len = n + 1``); token ``n``'s read is
   causal, so it equals the full-sequence forward's. When the chunk fills, its end state becomes
   the new chunk start. O(C) time and O(state + C) memory per token.
+
+Packed documents (``engine/segments.py``): a step with ``reset_t`` starts a new document before
+the token writes. Exact specs restart from the reset state ``init_state(spec, W_0)``. Buffered
+specs keep the row's chunk grid (``minibatch/reference.py``): the chunk-start state becomes the
+reset state, the buffer tokens before the reset become padding (``real``), and the engine runs
+the chunk with a restart flag at ``lo``, the reset's buffer position, so the new document's tokens
+take their gradients at ``W_0`` exactly as in the packed full forward. Decoding takes real tokens
+only (no pad tokens); a packed prompt's pads are handled by :func:`decode_prefill`.
 """
 
 from __future__ import annotations
@@ -23,17 +31,24 @@ import jax.numpy as jnp
 
 from miras_jax.engine.minibatch import chunk as chunked
 from miras_jax.engine import plan as plan_lib
+from miras_jax.engine import segments as segments_lib
+from miras_jax.engine.minibatch.reference import pad_to_chunks
+from miras_jax.engine.segments import where_tree
 from miras_jax.engine.tokens import MemoryState, token_step
 
 
 class DecodeState(NamedTuple):
     """``start``: running state (exact) or chunk-start state (mini-batch); ``buf``: the current
     chunk's ``(q [C, k], k [C, k], v [C, v], gates {name: [C, ...]})`` or ``()``; ``n``: tokens
-    in the buffer (int32)."""
+    in the buffer (int32). Packed documents, buffered specs only (else ``None``): ``lo`` (int32)
+    the buffer position where the current document starts (0: at or before the chunk start) and
+    ``real [C]`` (bool) the buffer tokens that write (the current document's, no pads)."""
 
     start: MemoryState
     buf: Any
     n: jax.Array
+    lo: jax.Array | None = None
+    real: jax.Array | None = None
 
 
 def buffered(spec, chunk_size: int, implementation: str) -> bool:
@@ -42,6 +57,14 @@ def buffered(spec, chunk_size: int, implementation: str) -> bool:
     a kernel running a spec with no exact form)."""
     p = plan_lib.plan(spec, implementation, chunk_size)
     return p.family is None and p.chunk > 1 and p.engine in ("minibatch", "chunked_reference", "pallas")
+
+
+def last_document(segment_ids) -> jax.Array:
+    """``[t] bool``: the real tokens of the row's last document (``segments.boundaries``), the ones
+    a decode that continues the row may still see (conv taps, attention keys)."""
+    reset, real = segments_lib.boundaries(segment_ids)
+    doc = jnp.cumsum(reset.astype(jnp.int32))
+    return real & (doc == doc[-1])
 
 
 def decode_init(spec, state: MemoryState, *, chunk_size: int, implementation: str, d_k: int,
@@ -59,17 +82,69 @@ def decode_init(spec, state: MemoryState, *, chunk_size: int, implementation: st
     return DecodeState(state, buf, jnp.zeros((), jnp.int32))
 
 
+def decode_prefill(spec, state: MemoryState, q, k, v, gates: dict, reset, real, reset_state: MemoryState, *,
+                   chunk_size: int) -> tuple[jax.Array, DecodeState]:
+    """A packed prompt's last partial chunk (buffered specs): ``(y [r, v], DecodeState)``.
+
+    ``state``: the state after the prompt's full chunks; ``q, k: [r, k]``, ``v: [r, v]``, gates,
+    ``reset, real: [r]`` (``segments.boundaries`` of the whole row, sliced) for the ``r < C``
+    remaining tokens. ``y`` is the packed forward's (one engine call on the partial chunk); the
+    decode state continues the row's last document: if it starts at buffer position ``p``, the
+    chunk start becomes ``reset_state``, ``lo = p`` and the tokens before ``p`` (and pads) stop writing.
+    """
+    c, r = chunk_size, q.shape[0]
+    dtype = jax.tree.leaves(state.memory)[0].dtype
+    pad = lambda a: pad_to_chunks(a, c)  # noqa: E731
+    buf = jax.tree.map(lambda a: pad(a).astype(dtype), (q, k, v, gates))
+    reset, real = pad(reset), pad(real)
+    if r:
+        y, _ = chunked.memorize_chunked(spec, state, *buf, c, valid_len=r,
+                                        segments=(reset, real, reset_state))
+    else:
+        y = jnp.zeros((c, v.shape[-1]), v.dtype)
+    idx = jnp.arange(c)
+    p = jnp.max(jnp.where(reset, idx, -1))       # the last document start in the buffer, or -1
+    start = where_tree(p >= 0, reset_state, state)
+    lo = jnp.maximum(p, 0).astype(jnp.int32)
+    ds = DecodeState(start, buf, jnp.asarray(r, jnp.int32), lo, real & (idx >= lo))
+    return y[:r], ds
+
+
 def decode_step(spec, ds: DecodeState, q_t, k_t, v_t, gates_t: dict, *, chunk_size: int,
-                implementation: str):
-    """``(y_t [v], DecodeState)`` for one token: ``q_t, k_t: [k]``, ``v_t: [v]``, gates per token."""
+                implementation: str, reset_t=None, reset_state: MemoryState | None = None):
+    """``(y_t [v], DecodeState)`` for one (real) token: ``q_t, k_t: [k]``, ``v_t: [v]``, gates per token.
+
+    ``reset_t`` (bool scalar, or ``None``): the token starts a new document; the state restarts
+    from ``reset_state`` (``init_state(spec, W_0)``) before it writes. ``reset_state`` is needed
+    with ``reset_t`` and on a buffered state that tracks documents (``ds.lo`` set).
+    """
     if not buffered(spec, chunk_size, implementation):
-        st = token_step(spec, ds.start, k_t, v_t, gates_t)
-        return spec.memory.apply(st.memory, q_t), DecodeState(st, (), ds.n)
+        start = ds.start if reset_t is None else where_tree(reset_t, reset_state, ds.start)
+        st = token_step(spec, start, k_t, v_t, gates_t)
+        return spec.memory.apply(st.memory, q_t), ds._replace(start=st)
     c, n = chunk_size, ds.n
-    put = lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), n, 0)
+    put = lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), n, 0)  # noqa: E731
     bq, bk, bv, bg = ds.buf
     buf = (put(bq, q_t), put(bk, k_t), put(bv, v_t), {g: put(bg[g], gates_t[g]) for g in bg})
-    y, st = chunked.memorize_chunked(spec, ds.start, *buf, c, valid_len=n + 1)
     full = n + 1 == c
-    start = jax.tree.map(lambda new, old: jnp.where(full, new, old), st, ds.start)
-    return y[n], DecodeState(start, buf, jnp.where(full, 0, n + 1).astype(jnp.int32))
+    if reset_t is None and ds.lo is None:   # one document throughout
+        y, st = chunked.memorize_chunked(spec, ds.start, *buf, c, valid_len=n + 1)
+        start = jax.tree.map(lambda new, old: jnp.where(full, new, old), st, ds.start)
+        return y[n], DecodeState(start, buf, jnp.where(full, 0, n + 1).astype(jnp.int32))
+    if reset_state is None:
+        raise ValueError("decode_step needs reset_state to decode packed documents")
+    idx = jnp.arange(c)
+    start, lo, real = ds.start, ds.lo, ds.real
+    if lo is None:
+        lo, real = jnp.zeros((), jnp.int32), idx < n
+    if reset_t is not None:   # the buffer tokens before n belong to the finished document
+        start = where_tree(reset_t, reset_state, start)
+        lo = jnp.where(reset_t, n, lo).astype(jnp.int32)
+        real = real & ~(reset_t & (idx < n))
+    real = real | (idx == n)
+    # a restart flag at lo > 0 (a document starting at position 0 already starts from reset_state)
+    segs = ((idx == lo) & (lo > 0), real, reset_state)
+    y, st = chunked.memorize_chunked(spec, start, *buf, c, valid_len=n + 1, segments=segs)
+    start = where_tree(full, st, start)
+    return y[n], DecodeState(start, buf, jnp.where(full, 0, n + 1).astype(jnp.int32),
+                             jnp.where(full, 0, lo).astype(jnp.int32), real & ~full)

@@ -83,8 +83,7 @@ def run(spec, state: MemoryState, q, k, v, gates, *, chunk_size: int, implementa
     """Run one head on ``plan(spec, implementation, chunk_size)``'s engine (``"reference"`` /
     ``"xla"`` / ``"auto"`` resolved off-accelerator; pallas runs batched, ``engine/pallas.py``).
     ``segments = (reset [T], real [T], reset_state)`` for a packed row (``engine/segments.py``)."""
-    p = plan_lib.plan(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates),
-                      segments=segments is not None)
+    p = plan_lib.plan(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates))
     if p.engine == "tokens":
         return memorize_tokens(spec, state, q, k, v, gates, segments)
     if p.engine == "chunked_reference":

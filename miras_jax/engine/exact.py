@@ -228,11 +228,12 @@ def hebbian_chunked(
         (per key channel, multiplying the columns of ``W``: GLA). Expected ``<= 0`` (``a <= 1``).
       W0: ``[v, k]`` initial memory.
       chunk_size: ``c``; ``t`` must be a multiple (pad with ``lr = 0``, ``log_decay = 0``).
-      reset, W_reset: packed rows (scalar decay): ``reset [t]`` 1 where ``W`` restarts from
-        ``W_reset [v, k]`` before token t writes (``W_t = a_t W_reset + lr_t v_t k_t^T``). Inside a
-        chunk the pairs ``(i, j)`` of different documents are masked out, the entry state reaches
-        only the tokens before the chunk's first restart, and a restarted document adds
-        ``exp(L_i - L_{s-1}) W_reset q_i`` (``s`` its first token).
+      reset, W_reset: packed rows: ``reset [t]`` 1 where ``W`` restarts from ``W_reset [v, k]``
+        before token t writes (``W_t = W_reset Diag(a_t) + lr_t v_t k_t^T``). Inside a chunk ``L`` is
+        taken within each document (zero across them, per channel if channel-wise), the pairs
+        ``(i, j)`` of different documents are masked out, the entry state reaches only the tokens
+        before the chunk's first restart, and a restarted document adds
+        ``W_reset (exp(L_i - L_{s-1}) * q_i)`` (``s`` its first token).
 
     Returns:
       ``(y: [t, v], W_T: [v, k])`` in float32. A channel-wise decay materialises ``[n, c, c, k]``.
@@ -248,8 +249,6 @@ def hebbian_chunked(
         raise ValueError(f"log_decay must have shape [t] or [t, k] = {(t,)} or {(t, d_k)}, "
                          f"got {tuple(log_decay.shape)}")
     channel = log_decay.ndim == 2
-    if reset is not None and channel:
-        raise NotImplementedError("the channel-wise Hebbian form does not take segment_ids yet")
 
     qc, kc = _chunks(q, n), _chunks(k, n)  # [n, c, k]
     bv = _chunks(v * lr[:, None], n)  # [n, c, v]
@@ -259,7 +258,7 @@ def hebbian_chunked(
         doc = jnp.cumsum(_chunks(_f32(reset), n), axis=1)
         same = doc[:, :, None] == doc[:, None, :]                       # [n, i, j]
         first = (doc == 0).astype(jnp.float32)                          # before any restart
-        L = _segment_cumsum(_chunks(log_decay, n), same)
+        L = _segment_cumsum(_chunks(log_decay, n), same)               # [n, c] or [n, c, k]
     L_last = L[:, -1]  # [n] or [n, k]
     causal = jnp.tril(jnp.ones((c, c), dtype=bool))  # j <= i
     if reset is not None:
@@ -267,7 +266,8 @@ def hebbian_chunked(
 
     if channel:
         diff = L[:, :, None, :] - L[:, None, :, :]  # [n, i, j, k]
-        decay = jnp.exp(jnp.where(causal[None, :, :, None], diff, -jnp.inf))
+        mask = causal[None, :, :, None] if reset is None else causal[..., None]   # packed: [n, i, j, 1]
+        decay = jnp.exp(jnp.where(mask, diff, -jnp.inf))
         p = jnp.sum(qc[:, :, None, :] * kc[:, None, :, :] * decay, axis=-1)  # [n, i, j]
         q_eff = qc * jnp.exp(L)  # [n, c, k]
         k_end = kc * jnp.exp(L_last[:, None, :] - L)  # [n, c, k]
@@ -280,15 +280,23 @@ def hebbian_chunked(
 
     if reset is not None:   # p is masked by causal & same already
         q_eff = q_eff * first[..., None]   # exp(L_last - L_j) only within the last document:
-        k_end = kc * jnp.exp(jnp.where(same[:, -1], L_last[:, None] - L, -jnp.inf))[..., None]
+        if channel:   # per channel; W_reset's weight exp(L_i - L_{s-1}) too: [n, c, k]
+            k_end = kc * jnp.exp(jnp.where(same[:, -1, :, None], L_last[:, None, :] - L, -jnp.inf))
+            restart = jnp.exp(L) * (1.0 - first)[..., None]
+        else:
+            k_end = kc * jnp.exp(jnp.where(same[:, -1], L_last[:, None] - L, -jnp.inf))[..., None]
+            restart = jnp.exp(L) * (1.0 - first)   # exp(L_i - L_{s-1}): W_reset's weight, [n, c]
         f = f * first[:, -1:]
-        restart = jnp.exp(L) * (1.0 - first)   # exp(L_i - L_{s-1}): W_reset's weight, [n, c]
     y_intra = jnp.einsum("nij,njv->niv", p, bv)  # [n, c, v]
     d = jnp.einsum("ncv,nck->nvk", bv, k_end)  # [n, v, k]
     if reset is not None:
         W_reset = _f32(W_reset)
-        y_intra = y_intra + restart[..., None] * jnp.einsum("nck,vk->ncv", qc, W_reset)
-        d = d + restart[:, -1, None, None] * W_reset
+        if channel:   # W_reset Diag(exp(L_i)) q_i; the chunk's end: W_reset Diag(exp(L_last))
+            y_intra = y_intra + jnp.einsum("nck,vk->ncv", qc * restart, W_reset)
+            d = d + restart[:, -1, None, :] * W_reset
+        else:
+            y_intra = y_intra + restart[..., None] * jnp.einsum("nck,vk->ncv", qc, W_reset)
+            d = d + restart[:, -1, None, None] * W_reset
     s_start, W_T = _scan_states(W0, f, d, diagonal=True)  # [n, v, k], [v, k]
     y = y_intra + jnp.einsum("nck,nvk->ncv", q_eff, s_start)
     return y.reshape(t, d_v), W_T

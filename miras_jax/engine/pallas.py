@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from miras_jax.engine.minibatch import decay
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.tokens import MemoryState
-from pallas_kernels import MatrixChunkConfig, matrix_chunk, mlp_chunk, sharded
+from pallas_kernels import MatrixChunkConfig, Segments, matrix_chunk, mlp_chunk, sharded
 
 
 def _hparams(spec) -> dict:
@@ -25,11 +25,14 @@ def _hparams(spec) -> dict:
 
 
 def run_batched(spec, state: MemoryState, q, k, v, gates: dict, *, chunk_size: int,
-                interpret: bool | None = None, mesh=None, batch_axes="data", head_axes=None):
+                interpret: bool | None = None, mesh=None, batch_axes="data", head_axes=None, segments=None):
     """One Pallas sweep over ``q, k: [B, T, H, k]``, ``v: [B, T, H, v]``, gates ``[B, T, H]``, with
     ``state`` leaves ``[B, H, ...]`` (float32, checked by the caller). Returns ``(y [B, T, H, v],
     MemoryState)``. With a ``mesh``, the kernel runs under ``shard_map`` with batch sharded over
-    ``batch_axes`` and heads over ``head_axes``."""
+    ``batch_axes`` and heads over ``head_axes``. ``segments = (reset [B, T], real [B, T],
+    reset_state)`` (``engine/segments.py``; ``reset_state`` leaves ``[B, H, ...]``): packed rows, the
+    kernels' ``Segments`` (memory and, for l_q, accumulator of the reset state; the anchor and the
+    optimizer state are the ones of ``state``, as in the XLA path)."""
     bh = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731   [B, T, H, ...] -> [B, H, T, ...]
     qh, kh, vh = bh(q), bh(k), bh(v)
     g = {name: bh(x) for name, x in gates.items()}
@@ -47,19 +50,30 @@ def run_batched(spec, state: MemoryState, q, k, v, gates: dict, *, chunk_size: i
     mem = spec.memory.leaves(state.memory)
     acc = spec.memory.leaves(ret.acc(state.retention)) if mode == "scale" else None
     anc = None if ret.anchor_of(state.retention) is None else spec.memory.leaves(ret.anchor_of(state.retention))
+    seg = None
+    if segments is not None:
+        reset, real, reset_state = segments
+        B, H = lr.shape[:2]
+        rows = lambda x: jnp.broadcast_to(x[:, None, :], (B, H, x.shape[-1]))  # noqa: E731   [B, T] -> [B, H, T]
+        seg = (rows(reset), rows(real), spec.memory.leaves(reset_state.memory),
+               spec.memory.leaves(ret.acc(reset_state.retention)) if mode == "scale" else None)
 
-    def kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, hps):
+    def kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, seg, hps):
         if isinstance(cfg, MatrixChunkConfig):
+            packed = None if seg is None else Segments(seg[0], seg[1], seg[2][0],
+                                                       None if seg[3] is None else seg[3][0])
             y, st = matrix_chunk(qh, kh, vh, lr, mem[0], log_decay, None if acc is None else acc[0], gate, hps,
-                                 config=cfg, interpret=interpret)
+                                 config=cfg, interpret=interpret, segments=packed)
             return y, [st.memory], None if st.accumulator is None else [st.accumulator]
+        packed = None if seg is None else Segments(seg[0], seg[1], tuple(seg[2]),
+                                                   None if seg[3] is None else tuple(seg[3]))
         y, st = mlp_chunk(qh, kh, vh, lr, tuple(mem), log_decay, None if acc is None else tuple(acc), gate, hps,
-                          None if anc is None else tuple(anc), config=cfg, interpret=interpret)
+                          None if anc is None else tuple(anc), config=cfg, interpret=interpret, segments=packed)
         return y, list(st.memory), None if st.accumulator is None else list(st.accumulator)
 
     if mesh is not None:
         kernel = sharded(kernel, mesh, batch_axes, head_axes, replicated=("hps",))
-    y, new_mem, new_acc = kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, hps)
+    y, new_mem, new_acc = kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, seg, hps)
     memory = spec.memory.from_leaves(new_mem)
     ret_state = state.retention
     if mode == "scale":

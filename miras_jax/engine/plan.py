@@ -190,34 +190,20 @@ def kernel_blocker(spec, channel: bool = False) -> str | None:
     return None
 
 
-def segments_blocker(spec, implementation: str, channel: bool = False) -> str | None:
-    """Why ``implementation`` cannot run packed rows (``segment_ids``) of ``spec`` (``None`` if it can)."""
-    if implementation == "pallas":
-        return "the Pallas kernels do not take segment_ids yet"
-    if implementation == "xla" and channel:
-        return "channel-wise decay's chunk forms do not take segment_ids yet"
-    return None
-
-
 def resolve(spec, implementation: str, chunk_size: int = 64, backend: str | None = None,
-            channel: bool = False, segments: bool = False) -> str:
+            channel: bool = False) -> str:
     """``implementation`` with ``"auto"`` resolved (see the module docstring); ``"xla"`` /
-    ``"pallas"`` for a spec they cannot run raise ``NotImplementedError`` naming the blocker.
-    ``segments``: packed rows (``segment_ids``); "auto" then skips the paths that do not take them."""
+    ``"pallas"`` for a spec they cannot run raise ``NotImplementedError`` naming the blocker. Every
+    implementation takes packed rows (``segment_ids``)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
         backend = backend or jax.default_backend()
-        ok = lambda impl: not segments or segments_blocker(spec, impl, channel) is None  # noqa: E731
-        if backend in ("tpu", "gpu") and kernel_blocker(spec, channel) is None and ok("pallas"):
+        if backend in ("tpu", "gpu") and kernel_blocker(spec, channel) is None:
             return "pallas"
-        if chunk_size > 1 and (exact_family(spec) is not None or minibatch_blocker(spec) is None) and ok("xla"):
+        if chunk_size > 1 and (exact_family(spec) is not None or minibatch_blocker(spec) is None):
             return "xla"
         return "reference"
-    if segments and segments_blocker(spec, implementation, channel):
-        raise NotImplementedError(f"implementation={implementation!r} cannot run packed rows of spec "
-                                  f"{spec.name!r}: {segments_blocker(spec, implementation, channel)}; use "
-                                  "implementation='auto' or 'reference'")
     if implementation == "pallas":
         reason = kernel_blocker(spec, channel)
         if reason is not None:
@@ -232,13 +218,12 @@ def resolve(spec, implementation: str, chunk_size: int = 64, backend: str | None
 
 
 def plan(spec, implementation: str = "auto", chunk_size: int = 64, *, backend: str | None = None,
-         channel: bool = False, segments: bool = False) -> Plan:
-    """The :class:`Plan` for ``spec`` (``channel``: the decay gate is channel-wise ``[T, d_k]``;
-    ``segments``: packed rows with ``segment_ids``)."""
+         channel: bool = False) -> Plan:
+    """The :class:`Plan` for ``spec`` (``channel``: the decay gate is channel-wise ``[T, d_k]``)."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     asked = implementation
-    impl = resolve(spec, implementation, chunk_size, backend, channel, segments)
+    impl = resolve(spec, implementation, chunk_size, backend, channel)
     family = exact_family(spec)
     common = dict(spec=spec.name, implementation=impl, chunk_size=chunk_size, family=family,
                   chunk_mode=_trait(spec.retention, "chunk_mode"),

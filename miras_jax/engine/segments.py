@@ -49,6 +49,17 @@ def boundaries(segment_ids) -> tuple[jax.Array, jax.Array]:
     return real & (prev_seg != PAD) & (seg != prev_seg), real
 
 
+def document_ids(segment_ids) -> jax.Array:
+    """``segment_ids [..., T]`` renumbered by :func:`boundaries`: the row's documents ``1, 2, ...`` in
+    order, pads ``0``. Token mixers that compare ids (the convolution, attention) take these, so a
+    document id that comes back later in a row (``[3, 3, 5, 3]``) is a new document there too."""
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    if seg.ndim > 1:
+        return jax.vmap(document_ids)(seg)
+    reset, real = boundaries(seg)
+    return jnp.where(real, jnp.cumsum(reset.astype(jnp.int32)) + 1, PAD)
+
+
 def where_tree(c, a, b):
     """Leafwise ``where(c, a, b)`` (``c`` a scalar bool)."""
     return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)

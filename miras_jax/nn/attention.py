@@ -3,7 +3,9 @@
 Axis letters: ``b`` batch, ``t`` / ``s`` query / key tokens, ``h`` heads, ``k`` head dim, ``d``
 model width. ``window = w`` lets token ``t`` attend to keys ``t - w < s <= t``. Recurrent state:
 a key/value cache of ``L`` slots (``L = w`` for a window: O(1) per token; ``L = max_len``
-otherwise), written at ``pos mod L``, with the absolute position of each slot.
+otherwise), written at ``pos mod L``, with the absolute position of each slot. Packed rows decode
+by emptying slots (``pos = -1``): a packed ``prefill`` keeps the last document's keys only, and
+``step(reset=...)`` empties its row's slots before a new document's first token.
 
 Full sequences (``__call__``, ``prefill``) use ``flash_attend``, never a ``[t, s]`` array: blocks
 of ``B`` tokens, a static schedule of the visible (query block, key block) pairs run by a scan, and
@@ -31,6 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from miras_jax.engine import decode as decode_lib
+from miras_jax.engine import segments as segments_lib
 
 
 def rope(x, pos, base: float = 10000.0):
@@ -221,7 +226,7 @@ def flash_attend(q, k, v, *, window: int | None = None, block: int = 128, segmen
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive int or None, got {window}")
     if segment_ids is not None:
-        return _flash(q, k, v, window, block, jnp.asarray(segment_ids, jnp.int32))
+        return _flash(q, k, v, window, block, segments_lib.document_ids(segment_ids))
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:  # cuDNN checks dtype / head dim / version when traced, and raises if unsupported
             return jax.nn.dot_product_attention(
@@ -233,8 +238,8 @@ def flash_attend(q, k, v, *, window: int | None = None, block: int = 128, segmen
 
 
 class KVCache(NamedTuple):
-    """``k, v: [b, L, h, k]``; ``pos: [b, L]`` absolute position of each slot (-1: empty);
-    ``t``: tokens seen so far (int32)."""
+    """``k, v: [b, L, h, k]``; ``pos: [b, L]`` absolute position of each slot (-1: empty, or a key
+    of an earlier document of a packed row); ``t``: tokens seen so far (int32)."""
 
     k: jax.Array
     v: jax.Array
@@ -269,32 +274,47 @@ class Attention(nnx.Module):
         y = flash_attend(q, k, v, window=self.window, segment_ids=segment_ids)
         return self.wo(y.reshape(x.shape[0], x.shape[1], -1))
 
-    def prefill(self, x, max_len: int):
-        """``(y, KVCache)``; the cache holds ``window`` slots (or ``max_len`` for global)."""
+    def prefill(self, x, max_len: int, segment_ids=None):
+        """``(y, KVCache)``; the cache holds ``window`` slots (or ``max_len`` for global).
+
+        ``segment_ids [b, t]``: a packed prompt (``y`` as ``self(x, segment_ids)``); the cache keeps
+        the keys of the row's last document only (the other slots are empty, ``pos = -1``), so a
+        ``step`` continues that document. Positions stay the row's (RoPE and the window as in the
+        packed forward)."""
         b, t, _ = x.shape
         L = self.window if self.window is not None else max_len
         if self.window is None and t > max_len:
             raise ValueError(f"prompt of {t} tokens exceeds max_len={max_len}")
         pos = jnp.arange(t)
         q, k, v = self._proj(x, pos)
-        y = self.wo(flash_attend(q, k, v, window=self.window).reshape(b, t, -1))
+        y = self.wo(flash_attend(q, k, v, window=self.window, segment_ids=segment_ids).reshape(b, t, -1))
         keep = min(t, L)  # the last `keep` tokens go to slots pos mod L
         slots = (jnp.arange(t - keep, t)) % L
         zeros = jnp.zeros((b, L, self.h, self.k), k.dtype)
         ck = zeros.at[:, slots].set(k[:, t - keep:])
         cv = zeros.at[:, slots].set(v[:, t - keep:])
-        cpos = jnp.full((b, L), -1, jnp.int32).at[:, slots].set(jnp.arange(t - keep, t, dtype=jnp.int32))
+        kept = jnp.broadcast_to(jnp.arange(t - keep, t, dtype=jnp.int32), (b, keep))
+        if segment_ids is not None:   # only the last document's keys stay visible
+            last = jax.vmap(decode_lib.last_document)(jnp.asarray(segment_ids, jnp.int32))[:, t - keep:]
+            kept = jnp.where(last, kept, -1)
+        cpos = jnp.full((b, L), -1, jnp.int32).at[:, slots].set(kept)
         return y, KVCache(ck, cv, cpos, jnp.asarray(t, jnp.int32))
 
-    def step(self, x_t, cache: KVCache):
-        """One token ``x_t: [b, d] -> (y_t [b, d], KVCache)``."""
+    def step(self, x_t, cache: KVCache, reset=None):
+        """One token ``x_t: [b, d] -> (y_t [b, d], KVCache)``. ``reset [b]`` (bool): the token starts a
+        new document (packed rows): its row's cache forgets every earlier key (slots emptied,
+        ``pos = -1``) before the token is written; positions keep counting. Decoding takes real
+        tokens only (no pad token)."""
         b = x_t.shape[0]
         L = cache.k.shape[1]
         t = cache.t
         q, k, v = self._proj(x_t[:, None], t[None])
         slot = t % L
+        cpos = cache.pos
+        if reset is not None:
+            cpos = jnp.where(jnp.asarray(reset, bool)[:, None], -1, cpos)
         ck = jax.lax.dynamic_update_index_in_dim(cache.k, k[:, 0], slot, 1)
         cv = jax.lax.dynamic_update_index_in_dim(cache.v, v[:, 0], slot, 1)
-        cpos = jax.lax.dynamic_update_index_in_dim(cache.pos, jnp.full((b,), t, jnp.int32), slot, 1)
+        cpos = jax.lax.dynamic_update_index_in_dim(cpos, jnp.full((b,), t, jnp.int32), slot, 1)
         y = attend(q, ck, cv, t[None], cpos, self.window, k_valid=cpos >= 0)
         return self.wo(y.reshape(b, -1)), KVCache(ck, cv, cpos, t + 1)

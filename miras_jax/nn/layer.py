@@ -33,6 +33,7 @@ from flax import nnx
 from miras_jax import presets, sharding
 from miras_jax.engine import decode as decode_lib
 from miras_jax.engine import plan as plan_lib
+from miras_jax.engine import segments as segments_lib
 from miras_jax.engine.api import memorize_batched
 from miras_jax.engine.horizon import check_horizon
 from miras_jax.engine.tokens import init_state
@@ -89,7 +90,8 @@ def causal_conv(x, w, buf=None, segment_ids=None):
     if segment_ids is None:
         y = sum(xp[:, j:j + t] * w[j] for j in range(K))
     else:
-        sp = jnp.concatenate([jnp.full((x.shape[0], K - 1), -1, jnp.int32), segment_ids.astype(jnp.int32)], axis=1)
+        segment_ids = segments_lib.document_ids(segment_ids)
+        sp = jnp.concatenate([jnp.full((x.shape[0], K - 1), -1, jnp.int32), segment_ids], axis=1)
         y = sum(jnp.where((sp[:, j:j + t] == segment_ids)[..., None], xp[:, j:j + t] * w[j], 0.0)
                 for j in range(K))
     return y, xp[:, xp.shape[1] - (K - 1):]
@@ -262,12 +264,8 @@ class MirasLayer(nnx.Module):
         q, k, v, _ = self._qkv(x, None, segment_ids)
         # heads over the mesh's tensor axis, batch over data/fsdp (no-op without an active mesh)
         q, k, v = (sharding.constrain(a, ("batch", "seq", "heads", "dim")) for a in (q, k, v))
-        impl = self.plan.implementation
-        if segment_ids is not None:   # "auto" may resolve elsewhere for packed rows
-            impl = plan_lib.resolve(self.spec, self.implementation, self.chunk_size, channel=self.channel_decay,
-                                    segments=True)
         y, _ = memorize_batched(self.spec, self.memory_init(), q, k, v, self._gates(x),
-                                chunk_size=self.chunk_size, implementation=impl,
+                                chunk_size=self.chunk_size, implementation=self.plan.implementation,
                                 remat_every=self.remat_every, grad_horizon=self.grad_horizon,
                                 segment_ids=segment_ids, **self._mesh_kw(q.shape[0]))
         y = sharding.constrain(y, ("batch", "seq", "heads", "dim"))
@@ -280,8 +278,20 @@ class MirasLayer(nnx.Module):
     def _vmap_bh(self, fn, *args):
         return jax.vmap(jax.vmap(fn))(*args)
 
-    def prefill(self, x):
-        """``(y [b, t, d], LayerCache)``: the full-sequence forward plus the state after it."""
+    def _reset_state(self):
+        """``init_state(spec, W_0)`` of every head (leaves ``[h, ...]``): where a document restarts."""
+        w0 = jax.tree.map(lambda a: a.astype(jnp.float32), self.memory_init())
+        return jax.vmap(lambda p: init_state(self.spec, p))(w0)
+
+    def prefill(self, x, segment_ids=None):
+        """``(y [b, t, d], LayerCache)``: the full-sequence forward plus the state after it.
+
+        ``segment_ids [b, t]``: a packed prompt (``y`` as ``self(x, segment_ids)``); the cache
+        continues the row's last document: conv buffers hold only its inputs (others zeroed), the
+        memory is the packed forward's state (buffered specs: the last chunk's tokens of earlier
+        documents and pads no longer write, ``decode.decode_prefill``)."""
+        if segment_ids is not None:
+            return self._prefill_packed(x, segment_ids)
         q, k, v, bufs = self._qkv(x, None)
         gates = self._gates(x)
         c, impl = self.chunk_size, self.plan.implementation
@@ -312,17 +322,74 @@ class MirasLayer(nnx.Module):
             ys.append(y_i[:, None])
         return self._out(x, jnp.concatenate(ys, axis=1)), LayerCache(bufs, ds)
 
-    def _memory_step(self, ds, q_t, k_t, v_t, gates_t):
-        """``q_t, k_t, v_t: [b, h, k]``, gates ``[b, h(, k)]`` -> ``(y [b, h, v], ds)``."""
-        def one(ds, q, k, v, g):
-            return decode_lib.decode_step(self.spec, ds, q, k, v, g, chunk_size=self.chunk_size,
-                                          implementation=self.plan.implementation)
-        return self._vmap_bh(one, ds, q_t, k_t, v_t, gates_t)
+    def _prefill_packed(self, x, segment_ids):
+        """``prefill`` of a packed prompt: full chunks through the engine with ``segment_ids``, the
+        remainder through ``decode.decode_prefill`` (one engine call on the partial chunk)."""
+        q, k, v, bufs = self._qkv(x, None, segment_ids)
+        b, T = x.shape[:2]
+        # conv buffers: the last K - 1 inputs, zeroed outside the last document (and before the row)
+        last = jax.vmap(decode_lib.last_document)(segment_ids)                        # [b, t]
+        K1 = bufs[0].shape[1]
+        keep = jnp.concatenate([jnp.zeros((b, K1), bool), last], axis=1)[:, T:]       # [b, K - 1]
+        bufs = tuple(jnp.where(keep[..., None], buf, jnp.zeros_like(buf)) for buf in bufs)
+        gates = self._gates(x)
+        c, impl = self.chunk_size, self.plan.implementation
+        kw = dict(chunk_size=c, implementation=impl, remat_every=self.remat_every, **self._mesh_kw(b))
+        if not decode_lib.buffered(self.spec, c, impl):
+            y, st = memorize_batched(self.spec, self.memory_init(), q, k, v, gates, segment_ids=segment_ids,
+                                     **kw)
+            ds = self._vmap_bh(lambda s: decode_lib.DecodeState(s, (), jnp.zeros((), jnp.int32)), st)
+            return self._out(x, y), LayerCache(bufs, ds)
+        m = T - T % c
+        head = lambda a: a[:, :m]  # noqa: E731
+        rs = self._reset_state()
+        if m:
+            y1, st = memorize_batched(self.spec, self.memory_init(), head(q), head(k), head(v),
+                                      jax.tree.map(head, gates), segment_ids=head(segment_ids), **kw)
+        else:
+            y1 = jnp.zeros((b, 0, self.h, self.k), v.dtype)
+            st = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), rs)
+        reset, real = jax.vmap(segments_lib.boundaries)(segment_ids)                  # [b, t]
+        tail = lambda a: a[:, m:]  # noqa: E731
 
-    def step(self, x_t, cache: LayerCache):
-        """One token: ``x_t: [b, d] -> (y_t [b, d], LayerCache)``."""
+        def one(st, q, k, v, g, reset, real, rs):
+            return decode_lib.decode_prefill(self.spec, st, q, k, v, g, reset, real, rs, chunk_size=c)
+
+        # [b, r, h, ...] -> per (b, h): heads after the token axis
+        th = lambda a: jnp.moveaxis(tail(a), 2, 1)  # noqa: E731
+        y2, ds = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None, None, 0)),
+                          in_axes=(0, 0, 0, 0, 0, 0, 0, None))(
+            st, th(q), th(k), th(v), jax.tree.map(th, gates), tail(reset), tail(real), rs)
+        y = jnp.concatenate([y1, jnp.moveaxis(y2, 1, 2).astype(y1.dtype)], axis=1)
+        return self._out(x, y), LayerCache(bufs, ds)
+
+    def _memory_step(self, ds, q_t, k_t, v_t, gates_t, reset=None):
+        """``q_t, k_t, v_t: [b, h, k]``, gates ``[b, h(, k)]``, ``reset [b]`` -> ``(y [b, h, v], ds)``."""
+        kw = dict(chunk_size=self.chunk_size, implementation=self.plan.implementation)
+        if reset is None and ds.lo is None:
+            def one(ds, q, k, v, g):
+                return decode_lib.decode_step(self.spec, ds, q, k, v, g, **kw)
+            return self._vmap_bh(one, ds, q_t, k_t, v_t, gates_t)
+
+        def one_doc(ds, q, k, v, g, r, rs):   # reset r: per row, shared by the heads; rs: per head
+            return decode_lib.decode_step(self.spec, ds, q, k, v, g, reset_t=r, reset_state=rs, **kw)
+        inner = jax.vmap(one_doc, in_axes=(0, 0, 0, 0, 0, None, 0))
+        return jax.vmap(inner, in_axes=(0, 0, 0, 0, 0, 0, None))(ds, q_t, k_t, v_t, gates_t, reset,
+                                                                self._reset_state())
+
+    def step(self, x_t, cache: LayerCache, reset=None):
+        """One token: ``x_t: [b, d] -> (y_t [b, d], LayerCache)``.
+
+        ``reset [b]`` (bool): the token starts a new document (packed rows, ``engine/segments.py``):
+        before it writes, its row's conv buffers become zeros and the memory restarts from
+        ``init_state(spec, W_0)`` (buffered mini-batch specs: on the row's chunk grid, as the packed
+        forward, ``engine/decode.py``). Decoding takes real tokens only: there is no pad token."""
         x = x_t[:, None]
-        q, k, v, bufs = self._qkv(x, cache.conv)
+        conv = cache.conv
+        if reset is not None:
+            reset = jnp.asarray(reset, bool)
+            conv = tuple(jnp.where(reset[:, None, None], jnp.zeros_like(buf), buf) for buf in conv)
+        q, k, v, bufs = self._qkv(x, conv)
         gates = jax.tree.map(lambda a: a[:, 0], self._gates(x))
-        y, ds = self._memory_step(cache.memory, q[:, 0], k[:, 0], v[:, 0], gates)
+        y, ds = self._memory_step(cache.memory, q[:, 0], k[:, 0], v[:, 0], gates, reset)
         return self._out(x, y[:, None])[:, 0], LayerCache(bufs, ds)

@@ -152,14 +152,18 @@ class MirasBlock(nnx.Module):
                            segment_ids).astype(x.dtype)
         return x + self.mlp(checkpoint_name(normed(self.norm2, x, self.dtype), "mlp_in")).astype(x.dtype)
 
-    def prefill(self, x, max_len: int):
+    def prefill(self, x, max_len: int, segment_ids=None):
+        """``(x', cache)``; ``segment_ids [b, t]``: a packed prompt, the cache continues its last document."""
         h = normed(self.norm1, x, self.dtype)
-        y, cache = self.mixer.prefill(h) if self.kind == "M" else self.mixer.prefill(h, max_len)
+        kw = {} if segment_ids is None else dict(segment_ids=segment_ids)
+        y, cache = self.mixer.prefill(h, **kw) if self.kind == "M" else self.mixer.prefill(h, max_len, **kw)
         x = x + y.astype(x.dtype)
         return x + self.mlp(normed(self.norm2, x, self.dtype)).astype(x.dtype), cache
 
-    def step(self, x_t, cache):
-        y, cache = self.mixer.step(normed(self.norm1, x_t, self.dtype), cache)
+    def step(self, x_t, cache, reset=None):
+        """``(x_t', cache)``; ``reset [b]`` (bool): the token starts a new document."""
+        kw = {} if reset is None else dict(reset=reset)
+        y, cache = self.mixer.step(normed(self.norm1, x_t, self.dtype), cache, **kw)
         x_t = x_t + y.astype(x_t.dtype)
         return x_t + self.mlp(normed(self.norm2, x_t, self.dtype)).astype(x_t.dtype), cache
 
@@ -229,24 +233,33 @@ class MirasLM(nnx.Module):
             h = jnp.take_along_axis(h, positions[..., None], axis=1)
         return self._logits(h)
 
-    def prefill(self, tokens, max_len: int | None = None) -> tuple[jax.Array, Any]:
+    def prefill(self, tokens, max_len: int | None = None, segment_ids=None) -> tuple[jax.Array, Any]:
         """``(logits [b, t, V], cache)``; ``max_len`` bounds global-attention caches
-        (default: the prompt length + 256)."""
+        (default: the prompt length + 256). ``segment_ids [b, t]`` (int; 0 = padding): a packed
+        prompt, logits as ``self(tokens, segment_ids=...)``; the cache continues each row's last
+        document (memory state, conv buffers and attention keys of that document only)."""
         self._check(tokens)
+        if segment_ids is not None:
+            segment_ids = segments_lib.check_segment_ids(segment_ids, tokens.shape)
         max_len = max_len or tokens.shape[1] + 256
         h = self._embed(tokens)
         caches = []
         for blk in self.blocks:
-            h, c = blk.prefill(h, max_len)
+            h, c = blk.prefill(h, max_len, segment_ids)
             caches.append(c)
         return self._logits(h), tuple(caches)
 
-    def step(self, token, caches):
-        """``token: [b]`` int -> ``(logits [b, V], caches)``."""
+    def step(self, token, caches, reset=None):
+        """``token: [b]`` int -> ``(logits [b, V], caches)``. ``reset [b]`` (bool): the token starts a
+        new document in its row (every block restarts: memory, conv buffers, attention keys), as a
+        change of ``segment_ids`` in the full forward. Decoding takes real tokens only (no padding).
+        To decode with ``reset`` inside a ``lax.scan``, prefill with ``segment_ids`` (all ones for a
+        single document): a mini-batch layer's cache then tracks documents from the start, so its
+        structure does not change inside the loop."""
         h = self._embed(token)
         new = []
         for blk, c in zip(self.blocks, caches):
-            h, c = blk.step(h, c)
+            h, c = blk.step(h, c, reset)
             new.append(c)
         return self._logits(h), tuple(new)
 

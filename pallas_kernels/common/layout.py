@@ -2,12 +2,15 @@
 
 Everything here is plain (differentiable) JAX outside the kernels: padding of ``T`` to whole
 chunks (padded tokens have ``lr = 0`` and ``log a = 0``, so they leave the state unchanged),
-within-chunk cumulative log decay, the gates as columns and rows, float32 casts.
+within-chunk cumulative log decay (packed rows: within documents too), the gates as columns and
+rows, float32 casts.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+
+from pallas_kernels.common import segments
 
 # norm_floor: = miras_jax.retention.LQ_NORM_FLOOR (the kernels do not import the library)
 HP_DEFAULTS = {"p": 3.0, "a": 10.0, "eps": 1e-6, "delta_scale": 1.0, "q": 4.0, "norm_floor": 1e-2}
@@ -50,9 +53,10 @@ def consts(hparams, names):
     return tuple(jnp.reshape(jnp.asarray(hparams.get(n, HP_DEFAULTS[n]), jnp.float32), (1, 1)) for n in names)
 
 
-def chunk_inputs(q, k, v, lr, log_decay, gate, c):
+def chunk_inputs(q, k, v, lr, log_decay, gate, c, packed=None):
     """``xs`` in ``chunk.X_NAMES`` order (``CHANNEL_X_NAMES`` for a ``[B, H, T, k]`` log decay),
-    each ``[R, n, r, w]`` float32, and ``n``."""
+    each ``[R, n, r, w]`` float32, and ``n``. ``packed = (reset, real)`` (``[B, H, T]`` 0 / 1): packed
+    rows, ``L`` taken within documents and ``segments.X_NAMES`` appended."""
     B, H, T, dk = q.shape
     R, n = B * H, -(-T // c)
     Tp = n * c
@@ -66,15 +70,24 @@ def chunk_inputs(q, k, v, lr, log_decay, gate, c):
     lr = tok(lr)[..., 0]                                            # [R, n, c]
     channel = log_decay is not None and log_decay.ndim == 4
     la = jnp.zeros_like(lr) if log_decay is None or channel else tok(log_decay)[..., 0]
-    L = jnp.cumsum(la, axis=-1)
+    if packed is None:
+        L = jnp.cumsum(la, axis=-1)
+    else:
+        reset, real = (tok(x)[..., 0] for x in packed)                  # [R, n, c]
+        L = segments.local_cumsum(la, reset)
     g = jnp.zeros_like(lr) if gate is None else tok(gate)[..., 0]
     last = jnp.broadcast_to((jnp.arange(c) == c - 1).astype(jnp.float32), (R, n, c))
     col = lambda x: x[..., :, None]     # noqa: E731
     row = lambda x: x[..., None, :]     # noqa: E731
     xs = (tok(q), tok(k), tok(v), col(lr), row(lr), col(L), row(L), L[..., -1:, None], col(g), col(last))
     if channel:
-        Lm = jnp.cumsum(tok(log_decay), axis=2)                     # [R, n, c, k]
+        if packed is None:
+            Lm = jnp.cumsum(tok(log_decay), axis=2)                 # [R, n, c, k]
+        else:
+            Lm = segments.local_cumsum(tok(log_decay), reset[..., None], axis=2)
         xs += (Lm, Lm[:, :, -1:])
+    if packed is not None:
+        xs += segments.chunk_inputs(reset, real)
     return xs, n
 
 

@@ -26,15 +26,15 @@ def _params(num_warps):
 
 
 def forward(fn, state0, xs, consts, out_shapes, *, interpret: bool, cost=None, save_states: bool = True,
-            num_warps: int = 4):
+            num_warps: int = 4, rconsts=()):
     """See ``sweep_tpu.forward``."""
     R, n = xs[0].shape[:2]
-    ns, nx, nc, no = len(state0), len(xs), len(consts), len(out_shapes)
+    ns, nx, nc, nr, no = len(state0), len(xs), len(consts), len(rconsts), len(out_shapes)
     nst = ns if save_states else 0
 
     def kernel(*refs):
-        s0, x, k, outs, fins, starts, _ = split(refs, ns, nx, nc, no, ns, nst)
-        kv = tuple(r[...] for r in k)
+        s0, x, k, rk, outs, fins, starts, _ = split(refs, ns, nx, nc, nr, no, ns, nst)
+        kv = tuple(r[...] for r in k + rk)
 
         def body(c, state):
             for r, s in zip(starts, state):
@@ -55,22 +55,23 @@ def forward(fn, state0, xs, consts, out_shapes, *, interpret: bool, cost=None, s
     res = pl.pallas_call(
         kernel, grid=(R,), out_shape=out_shape,
         in_specs=[_row_spec(s.shape) for s in state0] + [_row_spec(x.shape) for x in xs]
-        + [_const_spec(k.shape) for k in consts],
+        + [_const_spec(k.shape) for k in consts] + [_row_spec(r.shape) for r in rconsts],
         out_specs=[_row_spec(s.shape) for s in out_shape],
         compiler_params=_params(num_warps), interpret=interpret, cost_estimate=cost,
         name="chunk_sweep_fwd",
-    )(*state0, *xs, *consts)
+    )(*state0, *xs, *consts, *rconsts)
     return tuple(res[:no]), tuple(res[no:no + ns]), tuple(res[no + ns:])
 
 
-def backward(fn, starts, xs, consts, d_outs, d_final, *, interpret: bool, cost=None, num_warps: int = 4):
+def backward(fn, starts, xs, consts, d_outs, d_final, *, interpret: bool, cost=None, num_warps: int = 4,
+             rconsts=()):
     """See ``sweep_tpu.backward``."""
     R, n = xs[0].shape[:2]
-    ns, nx, nc, no = len(starts), len(xs), len(consts), len(d_outs)
+    ns, nx, nc, nr, no = len(starts), len(xs), len(consts), len(rconsts), len(d_outs)
 
     def kernel(*refs):
-        st, x, k, dy, dfin, dxs, ds0, dks = split(refs, ns, nx, nc, no, ns, nx, ns)
-        kv = tuple(r[...] for r in k)
+        st, x, k, rk, dy, dfin, dxs, ds0, dks = split(refs, ns, nx, nc, nr, no, ns, nx, ns)
+        kv = tuple(r[...] for r in k + rk)
 
         def body(i, carry):
             d_state, d_acc = carry
@@ -85,19 +86,21 @@ def backward(fn, starts, xs, consts, d_outs, d_final, *, interpret: bool, cost=N
             0, n, body, (tuple(r[...] for r in dfin), tuple(jnp.zeros(v.shape, jnp.float32) for v in kv)))
         for r, g in zip(ds0, d_state):
             r[...] = g
-        for r, g in zip(dks, d_acc):
+        for r, g in zip(dks, d_acc):   # the shared constants' then the row constants'
             r[...] = g
 
     out_shape = ([jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in xs]
                  + [jax.ShapeDtypeStruct((R,) + s.shape[2:], jnp.float32) for s in starts]
-                 + [jax.ShapeDtypeStruct((R,) + k.shape, jnp.float32) for k in consts])
+                 + [jax.ShapeDtypeStruct((R,) + k.shape, jnp.float32) for k in consts]
+                 + [jax.ShapeDtypeStruct(r.shape, jnp.float32) for r in rconsts])
     res = pl.pallas_call(
         kernel, grid=(R,), out_shape=out_shape,
         in_specs=[_row_spec(s.shape) for s in starts] + [_row_spec(x.shape) for x in xs]
-        + [_const_spec(k.shape) for k in consts] + [_row_spec(d.shape) for d in d_outs]
-        + [_row_spec(d.shape) for d in d_final],
+        + [_const_spec(k.shape) for k in consts] + [_row_spec(r.shape) for r in rconsts]
+        + [_row_spec(d.shape) for d in d_outs] + [_row_spec(d.shape) for d in d_final],
         out_specs=[_row_spec(s.shape) for s in out_shape],
         compiler_params=_params(num_warps), interpret=interpret, cost_estimate=cost,
         name="chunk_sweep_bwd",
-    )(*starts, *xs, *consts, *d_outs, *d_final)
-    return tuple(res[:nx]), tuple(res[nx:nx + ns]), tuple(res[nx + ns:])
+    )(*starts, *xs, *consts, *rconsts, *d_outs, *d_final)
+    m = nx + ns + nc
+    return tuple(res[:nx]), tuple(res[nx:nx + ns]), tuple(res[nx + ns:m]), tuple(res[m:])

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import layout
+from pallas_kernels.common import segments as segments_lib
+from pallas_kernels.common.segments import Segments
 from pallas_kernels.common.vjp import chunk_sweep
 from pallas_kernels.matrix_chunk import chunk, reference
 from pallas_kernels.matrix_chunk.config import ChunkState, MatrixChunkConfig
@@ -21,7 +23,8 @@ IMPLEMENTATIONS = ("pallas", "reference")
 
 def matrix_chunk(q, k, v, lr, m0=None, log_decay=None, a0=None, gate=None, hparams=None, *,
                  config: MatrixChunkConfig, implementation: str = "pallas",
-                 backend: str | None = None, interpret: bool | None = None):
+                 backend: str | None = None, interpret: bool | None = None,
+                 segments: Segments | None = None):
     """Sweep the matrix-memory recurrence over ``T`` tokens, every (batch, head) row in parallel.
     Positional arguments in ``mlp_chunk``'s order: ``q, k, v, lr, m0, log_decay, a0, gate, hparams``.
 
@@ -36,6 +39,9 @@ def matrix_chunk(q, k, v, lr, m0=None, log_decay=None, a0=None, gate=None, hpara
       implementation: ``"pallas"`` or ``"reference"`` (``reference.py``, same semantics as loops).
       backend / interpret: pin the kernel body (``"tpu"`` / ``"triton"``) and interpretation;
         default: per lowering platform (TPU Mosaic, GPU Triton, CPU interpreted).
+      segments: packed rows (``common/segments.py``): ``Segments(reset, real [B, H, T], memory
+        [B, H, v, k], accumulator)``: a document restarts from the reset memory (and l_q
+        accumulator); pad tokens neither write nor read (``y = 0``).
 
     Returns:
       ``(y [B, H, T, v] in v's dtype, ChunkState)``; state in float32.
@@ -56,16 +62,29 @@ def matrix_chunk(q, k, v, lr, m0=None, log_decay=None, a0=None, gate=None, hpara
                          "[B, H, T, k] with channel=True, a scalar one [B, H, T] with channel=False")
     if config.residual.startswith("huber") and gate is None:
         raise ValueError(f"residual {config.residual!r} needs the threshold gate (gate=[B, H, T])")
+    packed = rstate = None
+    if segments is not None:
+        packed = segments_lib.check(segments, B, H, T)
+        rstate = (segments.memory,)
+        if config.retention == "scale":
+            rstate += (segments.memory if segments.accumulator is None else segments.accumulator,)
+        for name, x in zip(("segments.memory", "segments.accumulator"), rstate):
+            layout.check(name, x, (B, H, dv, dk))
+        lr, log_decay = segments_lib.mask_gates(packed[1], lr, log_decay)
     if implementation == "reference":
-        return reference.matrix_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams,
-                                                config=config)
+        return reference.matrix_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, config=config,
+                                                segments=None if packed is None else (*packed, *rstate))
     if backend is not None:
         config.validate(backend, dk, dv)
-    xs, n = layout.chunk_inputs(q, k, v, lr, log_decay, gate, config.chunk_size)
+    xs, n = layout.chunk_inputs(q, k, v, lr, log_decay, gate, config.chunk_size, packed)
     ks = layout.consts(hparams, chunk.HPARAMS)
     state0 = (layout.rows(m0),) + ((layout.rows(a0),) if config.retention == "scale" else ())
-    fn = chunk.make_chunk_fn(config)
+    fn = chunk.make_chunk_fn(config, packed=packed is not None)
+    rconsts = () if rstate is None else tuple(layout.rows(x) for x in rstate)
     (y,), final = chunk_sweep(fn, ((config.chunk_size, dv),), config.flops(dk, dv), backend, interpret,
-                              state0, xs, ks)
+                              state0, xs, ks, rconsts)
     acc = layout.unrows(final[1], B, H) if config.retention == "scale" else None
-    return layout.outputs(y, B, H, T, v.dtype), ChunkState(layout.unrows(final[0], B, H), acc)
+    y = layout.outputs(y, B, H, T, v.dtype)
+    if packed is not None:   # pad tokens read 0
+        y = jnp.where(packed[1][..., None] > 0, y, jnp.zeros((), y.dtype))
+    return y, ChunkState(layout.unrows(final[0], B, H), acc)

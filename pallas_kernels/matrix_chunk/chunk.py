@@ -6,7 +6,8 @@ and a row ``[1, c]``, ``L`` (within-chunk cumulative log decay ``L_i = sum_{j<=i
 column and a row, ``L_end: [1, 1]``, the bias gate ``[c, 1]``, ``last: [c, 1]`` (1 on the last
 token of a full chunk); with channel-wise decay also ``L: [c, k]`` and ``L_end: [1, k]``.
 ``consts``: hyper-parameters ``[1, 1]`` (``residuals.HPARAMS`` + ``q``, ``norm_floor``).
-State: ``(W [v, k],)``, or ``(W, A)`` for the l_q "scale" retention.
+State: ``(W [v, k],)``, or ``(W, A)`` for the l_q "scale" retention. Packed rows
+(``common/segments.py``): ``xs`` end with ``segments.X_NAMES``, ``consts`` with the row's reset state.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import math as km
-from pallas_kernels.common import residuals
+from pallas_kernels.common import residuals, segments
 
 HPARAMS = residuals.HPARAMS + ("q", "norm_floor")
 X_NAMES = ("q", "k", "v", "lr_col", "lr_row", "l_col", "l_row", "l_end", "gate", "last")
@@ -31,8 +32,8 @@ def lag_step(W, u0, log_a0, c, anchor=None):
     return km.simplex_softmax(z + u0, c)
 
 
-def channel_scores(q, k, l):
-    """``S_ij = sum_k q_ik k_jk exp(L_ik - L_jk)`` for ``j <= i``, else 0: ``[c, c]``.
+def channel_scores(q, k, l, mask=None):
+    """``S_ij = sum_k q_ik k_jk exp(L_ik - L_jk)`` where ``mask`` (default ``j <= i``), else 0: ``[c, c]``.
 
     One key position ``j`` at a time (exponents clipped at 0 before masking, so any decay
     strength is safe); rows of ``k`` / ``L`` picked by a one-hot reduction (no value slicing)."""
@@ -46,51 +47,105 @@ def channel_scores(q, k, l):
         l_j = jnp.sum(e * l, axis=0, keepdims=True)
         col = jnp.sum(q * k_j * jnp.exp(jnp.minimum(l - l_j, 0.0)), axis=1, keepdims=True)   # [c, 1]
         s = s + col * (cols == j).astype(jnp.float32)
-    return jnp.where(km.tri(c), s, 0.0)
+    return jnp.where(km.tri(c) if mask is None else mask, s, 0.0)
 
 
-def make_chunk_fn(cfg):
-    """``fn(state, xs, consts) -> (new_state, (y [c, v],))`` for a ``MatrixChunkConfig``."""
+def make_chunk_fn(cfg, packed: bool = False):
+    """``fn(state, xs, consts) -> (new_state, (y [c, v],))`` for a ``MatrixChunkConfig``. ``packed``:
+    ``xs`` end with ``segments.X_NAMES`` and ``consts`` with the row's reset state ``(W_*[, A_*])``
+    (``common/segments.py``: a later document of the chunk reads and ends from ``rho_i W_*``, its
+    gradients taken at ``W_*``; ``"scale"``: it reads with ``s(A_*)``, a chunk of padding keeps ``W``;
+    ``"lag"``: the exact step only if token 0 is real)."""
 
     def fn(state, xs, consts):
         q, k, v, lr_c, lr_r, l_c, l_r, l_end, gate, last = xs[:10]
         hp = dict(zip(HPARAMS, consts))
         c = q.shape[0]
+        rs = docs = None
+        if packed:
+            rs = consts[len(HPARAMS):]                                          # (W_*[, A_*])
+            docs = segments.documents(*xs[-len(segments.X_NAMES):])
+            state = segments.swap(docs, state, rs)
         W = state[0]
         if cfg.channel:
             # W_i = W_0 Diag(exp(L_i)) - sum_{j<=i} lr_j g_j (k_j * exp(L_i - L_j))^T
-            l_mat, l_end_row = xs[10:]
-            g = residuals.residual(cfg.residual, cfg.smooth, km.dot_t(k, W), v, gate, hp)
-            y = km.dot_t(q * jnp.exp(l_mat), W) - km.dot(channel_scores(q, k, l_mat) * lr_r, g)
-            w_end = W * jnp.exp(l_end_row) + km.t_dot(g, -lr_c * k * jnp.exp(l_end_row - l_mat))
+            l_mat, l_end_row = xs[10:12]
+            if not packed:
+                g = residuals.residual(cfg.residual, cfg.smooth, km.dot_t(k, W), v, gate, hp)
+                y = km.dot_t(q * jnp.exp(l_mat), W) - km.dot(channel_scores(q, k, l_mat) * lr_r, g)
+                w_end = W * jnp.exp(l_end_row) + km.t_dot(g, -lr_c * k * jnp.exp(l_end_row - l_mat))
+                return (w_end,), (y,)
+            # packed: L per channel within documents; a later document reads W_* Diag(exp(L_i)) q_i
+            W_s = rs[0]
+            pred = segments.blend(docs.first_c, km.dot_t(k, W), km.dot_t(k, W_s))
+            g = residuals.residual(cfg.residual, cfg.smooth, pred, v, gate, hp)
+            qe = q * jnp.exp(l_mat)                                             # [c, k]
+            y = (km.dot_t(qe * docs.first_c, W) + km.dot_t(qe * (1.0 - docs.first_c), W_s)
+                 - km.dot(channel_scores(q, k, l_mat, km.tri(c) & docs.same) * lr_r, g))
+            k_end = jnp.where(docs.in_last, jnp.exp(jnp.where(docs.in_last, l_end_row - l_mat, 0.0)), 0.0)
+            w_end = (segments.blend(docs.first_last, W, W_s) * jnp.exp(l_end_row)
+                     + km.t_dot(g, -lr_c * k * k_end))
             return (w_end,), (y,)
+        def tri(strict=False):   # j <= i (j < i), in one document
+            return km.tri(c, strict) & docs.same if packed else km.tri(c, strict)
+
         if cfg.mode == "delta":
             # (I + A) U = diag(lr) (V - Gamma K W^T),  A_ij = lr_i exp(L_i - L_j) k_i.k_j (j < i)
             gam = jnp.exp(l_c)                                                  # [c, 1]
-            a = lr_c * km.dot_t(k, k) * km.decay_matrix(l_c, l_r, km.tri(c, strict=True))
-            u = km.dot(km.unit_lower_inverse(a), lr_c * (v - gam * km.dot_t(k, W)))   # [c, v]
-            y = gam * km.dot_t(q, W) + km.dot(km.decay_matrix(l_c, l_r, km.tri(c)) * km.dot_t(q, k), u)
-            w_end = jnp.exp(l_end) * W + km.t_dot(u, jnp.exp(l_end - l_c) * k)
+            a = lr_c * km.dot_t(k, k) * km.decay_matrix(l_c, l_r, tri(strict=True))
+            if not packed:
+                u = km.dot(km.unit_lower_inverse(a), lr_c * (v - gam * km.dot_t(k, W)))   # [c, v]
+                y = gam * km.dot_t(q, W) + km.dot(km.decay_matrix(l_c, l_r, km.tri(c)) * km.dot_t(q, k), u)
+                w_end = jnp.exp(l_end) * W + km.t_dot(u, jnp.exp(l_end - l_c) * k)
+                return (w_end,), (y,)
+            # packed: Gamma K W^T -> beta K W^T + rho K W_*^T (the later documents' entry state)
+            beta, rho = gam * docs.first_c, gam * (1.0 - docs.first_c)
+            W_s = rs[0]
+            u = km.dot(km.unit_lower_inverse(a), lr_c * (v - beta * km.dot_t(k, W) - rho * km.dot_t(k, W_s)))
+            y = (beta * km.dot_t(q, W) + rho * km.dot_t(q, W_s)
+                 + km.dot(km.decay_matrix(l_c, l_r, tri()) * km.dot_t(q, k), u))
+            w_end = (jnp.exp(l_end) * segments.blend(docs.first_last, W, W_s)
+                     + km.t_dot(u, segments.end_weights(l_end, l_c, docs.in_last) * k))
             return (w_end,), (y,)
 
-        g = residuals.residual(cfg.residual, cfg.smooth, km.dot_t(k, W), v, gate, hp)   # [c, v]
+        pred = km.dot_t(k, W)
+        if packed:   # a later document's tokens take their gradients at W_*
+            pred = segments.blend(docs.first_c, pred, km.dot_t(k, rs[0]))
+        g = residuals.residual(cfg.residual, cfg.smooth, pred, v, gate, hp)     # [c, v]
         if cfg.retention == "lag":
             e0, e0_row = km.first_row(c), km.first_col(c)
             la0 = km.total(e0 * l_c)                                            # log a_0
             base = lag_step(W, -km.t_dot(g, e0 * lr_c * k), la0,
                             float(cfg.simplex_c or W.shape[1]))
-            l_c, l_r, l_end = l_c - la0, l_r - la0, l_end - la0
+            if packed:   # token 0 in the first document: la0 leaves that document's L only
+                base = segments.blend(docs.first_real, base, W)
+                l_c, l_r = l_c - la0 * docs.first_c, l_r - la0 * docs.first_r
+                l_end = l_end - la0 * docs.first_last
+            else:
+                l_c, l_r, l_end = l_c - la0, l_r - la0, l_end - la0
             lr_c, lr_r = lr_c * (1.0 - e0), lr_r * (1.0 - e0_row)
         elif cfg.retention == "scale":
             base = state[1]                                                     # accumulator A
         else:
             base = W
         # W_i = exp(L_i) base - sum_{j<=i} exp(L_i - L_j) lr_j g_j k_j^T, read W_i q_i (dual form)
-        cm = -km.decay_matrix(l_c, l_r, km.tri(c)) * lr_r                       # [c, c]
-        y = jnp.exp(l_c) * km.dot_t(q, base) + km.dot(cm * km.dot_t(q, k), g)
-        z_end = jnp.exp(l_end) * base + km.t_dot(g, -jnp.exp(l_end - l_c) * lr_c * k)
+        cm = -km.decay_matrix(l_c, l_r, tri()) * lr_r                           # [c, c]
+        if not packed:
+            y = jnp.exp(l_c) * km.dot_t(q, base) + km.dot(cm * km.dot_t(q, k), g)
+            z_end = jnp.exp(l_end) * base + km.t_dot(g, -jnp.exp(l_end - l_c) * lr_c * k)
+        else:   # + rho_i B_* for the later documents (B_*: W_*, or A_* in "scale" mode)
+            B_s = rs[-1]
+            e = jnp.exp(l_c)
+            y = (e * docs.first_c * km.dot_t(q, base) + e * (1.0 - docs.first_c) * km.dot_t(q, B_s)
+                 + km.dot(cm * km.dot_t(q, k), g))
+            z_end = (jnp.exp(l_end) * segments.blend(docs.first_last, base, B_s)
+                     + km.t_dot(g, -segments.end_weights(l_end, l_c, docs.in_last) * lr_c * k))
         if cfg.retention == "scale":
             s_prev, s_end = (km.lq_scale(x, hp["q"], hp["norm_floor"]) for x in (base, z_end))
+            if packed:   # the later documents read with s(A_*); a chunk of padding keeps W
+                s_prev = segments.blend(docs.first_c, s_prev, km.lq_scale(rs[1], hp["q"], hp["norm_floor"]))
+                y = y * jnp.where(last > 0, s_end, s_prev)
+                return (segments.blend(docs.any_real, s_end * z_end, W), z_end), (y,)
             y = y * jnp.where(last > 0, s_end, s_prev)
             return (s_end * z_end, z_end), (y,)
         return (z_end,), (y,)

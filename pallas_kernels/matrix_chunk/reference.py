@@ -59,14 +59,71 @@ def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
     return y.reshape(n * c, -1)[:T], W, A
 
 
-def matrix_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, *, config):
-    """Same arguments and results as ``matrix_chunk`` (inputs already checked there)."""
+def _packed_row(cfg, hp, q, k, v, lr, la, g, m0, a0, reset, real, w_s, a_s):
+    """One head of a packed row, token by token (``common/segments.py``): at a restart ``W``, ``A``
+    and the gradients' point ``P`` become ``W_*``, ``A_*`` (and the l_q reads' scale ``s(A_*)``);
+    ``"lag"`` takes its exact step at a real chunk position 0 only; ``"scale"``: a chunk of padding
+    keeps ``W``. ``lr``, ``la`` are already 0 on padding."""
+    T, c = q.shape[0], cfg.chunk_size
+    n = -(-T // c)
+    pad = lambda x: jnp.pad(x, ((0, n * c - T),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])  # noqa: E731
+    xs = tuple(pad(x) for x in (q, k, v, lr, la, g, reset, real))
+    lq = lambda a: km.lq_scale(a, hp["q"], hp["norm_floor"])[0, 0]  # noqa: E731
+    sel = lambda b, x, y: jax.tree.map(lambda u, w: jnp.where(b, u, w), x, y)  # noqa: E731
+
+    def phi(P, k_i, v_i, g_i):
+        return residuals.residual(cfg.residual, cfg.smooth, (P @ k_i)[None], v_i[None],
+                                  jnp.reshape(g_i, (1, 1)), hp)[0]
+
+    def chunk(carry, x):
+        W, A = carry
+        s0 = lq(A) if cfg.retention == "scale" else jnp.float32(1.0)
+
+        def tok(carry, t):
+            W, A, P, s, seen = carry
+            i, q_i, k_i, v_i, lr_i, la_i, g_i, r_i, re_i = t
+            W, A, P, s = sel(r_i > 0, (w_s, a_s, w_s, lq(a_s) if cfg.retention == "scale" else s), (W, A, P, s))
+            if cfg.mode == "delta":
+                W = jnp.exp(la_i) * W
+                W = W - lr_i * jnp.outer(W @ k_i - v_i, k_i)
+                return (W, A, P, s, seen), W @ q_i
+            u = lr_i * jnp.outer(phi(P, k_i, v_i, g_i), k_i)
+            if cfg.retention == "scale":
+                A = jnp.exp(la_i) * A - u
+                return (W, A, P, s, seen | (re_i > 0)), s * (A @ q_i)
+            W_lin = jnp.exp(la_i) * W - u
+            if cfg.retention == "lag":
+                W_exact = chunk_lib.lag_step(W, -u, la_i, float(cfg.simplex_c or W.shape[1]))
+                W_lin = jnp.where((i == 0) & (re_i > 0), W_exact, W_lin)
+            return (W_lin, A, P, s, seen), W_lin @ q_i
+
+        (W, A, _, _, seen), y = jax.lax.scan(tok, (W, A, W, s0, False), (jnp.arange(c), *x))
+        if cfg.retention == "scale":   # the last position reads s(A_end) A_end; W = s(A_end) A_end
+            s_end = lq(A)
+            y = y.at[-1].set(s_end * (A @ x[0][-1]))
+            W = jnp.where(seen, s_end * A, W)
+        return (W, A), y
+
+    (W, A), y = jax.lax.scan(chunk, (m0, a0), xs)
+    return y.reshape(n * c, -1)[:T], W, A
+
+
+def matrix_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, *, config, segments=None):
+    """Same arguments and results as ``matrix_chunk`` (inputs already checked there); ``segments``:
+    ``(reset, real, W_*[, A_*])`` float32 0 / 1 and reset states, gates already masked."""
     B, H, T, dk = q.shape
     hp = dict(zip(chunk_lib.HPARAMS, layout.consts(hparams, chunk_lib.HPARAMS)))
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     la = jnp.zeros_like(f32(lr)) if log_decay is None else f32(log_decay)
     g = jnp.zeros_like(f32(lr)) if gate is None else f32(gate)
     a0_ = f32(m0) if a0 is None else f32(a0)
+    if segments is not None:
+        reset, real, w_s, *a_s = segments
+        a_s = f32(a_s[0] if a_s else w_s)
+        fn = jax.vmap(jax.vmap(lambda *a: _packed_row(config, hp, *a)))
+        y, W, A = fn(f32(q), f32(k), f32(v), f32(lr), la, g, f32(m0), a0_, reset, real, f32(w_s), a_s)
+        y = jnp.where(real[..., None] > 0, y, 0.0)
+        return y.astype(v.dtype), ChunkState(W, A if config.retention == "scale" else None)
     fn = jax.vmap(jax.vmap(lambda *a: _one_row(config, hp, *a)))
     y, W, A = fn(f32(q), f32(k), f32(v), f32(lr), la, g, f32(m0), a0_)
     return y.astype(v.dtype), ChunkState(W, A if config.retention == "scale" else None)

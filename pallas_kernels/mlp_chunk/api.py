@@ -3,7 +3,11 @@ with mini-batch gradient steps, as a Pallas kernel. See ``chunk.py`` for the mat
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from pallas_kernels.common import layout
+from pallas_kernels.common import segments as segments_lib
+from pallas_kernels.common.segments import Segments
 from pallas_kernels.common.vjp import chunk_sweep
 from pallas_kernels.mlp_chunk import chunk, reference
 from pallas_kernels.mlp_chunk.config import MLPChunkConfig, MLPChunkState
@@ -13,7 +17,8 @@ IMPLEMENTATIONS = ("pallas", "reference")
 
 def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None, anchor=None, *,
               config: MLPChunkConfig, implementation: str = "pallas",
-              backend: str | None = None, interpret: bool | None = None):
+              backend: str | None = None, interpret: bool | None = None,
+              segments: Segments | None = None):
     """Sweep the MLP-memory recurrence over ``T`` tokens, every (batch, head) row in parallel.
 
     Args:
@@ -24,6 +29,9 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
         ``(N_0 [B, H, f, d], N_1 [B, H, d, f])`` of an anchored retention (``config.anchor``).
       config: static ``MLPChunkConfig``; implementation ``"pallas"`` | ``"reference"``;
       backend / interpret: as in ``matrix_chunk``.
+      segments: packed rows (``common/segments.py``): ``Segments(reset, real [B, H, T], memory
+        (W_*0, W_*1), accumulator (A_*0, A_*1) or None)``: a document restarts from the reset weights
+        (and l_q accumulators; the anchors stay); pad tokens neither write nor read (``y = 0``).
 
     Returns:
       ``(y [B, H, T, d] in v's dtype, MLPChunkState)``; state in float32.
@@ -53,22 +61,37 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
         raise ValueError("anchor given but config.anchor is False")
     if config.residual.startswith("huber") and gate is None:
         raise ValueError(f"residual {config.residual!r} needs the threshold gate (gate=[B, H, T])")
+    packed = rstate = None
+    if segments is not None:
+        packed = segments_lib.check(segments, B, H, T)
+        if not (isinstance(segments.memory, (tuple, list)) and len(segments.memory) == 2):
+            raise TypeError("segments.memory must be a pair (W_*0 [B, H, f, d], W_*1 [B, H, d, f])")
+        rstate = tuple(segments.memory)
+        if config.retention == "scale":
+            rstate += tuple(segments.memory if segments.accumulator is None else segments.accumulator)
+        for i, x in enumerate(rstate):
+            layout.check(f"segments reset state[{i}]", x, (B, H, f, d) if i % 2 == 0 else (B, H, d, f))
+        lr, log_decay = segments_lib.mask_gates(packed[1], lr, log_decay)
     if implementation == "reference":
         return reference.mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor,
-                                             config=config)
+                                             config=config, segments=None if packed is None else (*packed, rstate))
     if backend is not None:
         config.validate(backend, d, f)
-    xs, n = layout.chunk_inputs(q, k, v, lr, log_decay, gate, config.chunk_size)
+    xs, n = layout.chunk_inputs(q, k, v, lr, log_decay, gate, config.chunk_size, packed)
     ks = layout.consts(hparams, chunk.HPARAMS)
     state0 = tuple(layout.rows(w) for w in m0)
     if config.retention == "scale":
         state0 += tuple(layout.rows(a) for a in a0)
     if config.anchor:
         state0 += tuple(layout.rows(a) for a in anchor)
-    fn = chunk.make_chunk_fn(config)
+    fn = chunk.make_chunk_fn(config, packed=packed is not None)
+    rconsts = () if rstate is None else tuple(layout.rows(x) for x in rstate)
     (y,), final = chunk_sweep(fn, ((config.chunk_size, d),), config.flops(d, f), backend, interpret,
-                              state0, xs, ks)
+                              state0, xs, ks, rconsts)
     final = tuple(layout.unrows(x, B, H) for x in final)
     acc = final[2:4] if config.retention == "scale" else None
-    return layout.outputs(y, B, H, T, v.dtype), MLPChunkState(final[:2], acc)
+    y = layout.outputs(y, B, H, T, v.dtype)
+    if packed is not None:   # pad tokens read 0
+        y = jnp.where(packed[1][..., None] > 0, y, jnp.zeros((), y.dtype))
+    return y, MLPChunkState(final[:2], acc)
 

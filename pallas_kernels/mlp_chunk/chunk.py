@@ -12,7 +12,8 @@ Per-token gradients at the chunk-start weights ``P``, by hand (closed-form backp
 ``exp(L_i) base_l x_i + sum_j C_ij D_l[j] (in_l[j] . x_i)``. Anchored (``cfg.anchor``; the anchors
 ``N_l`` are the last two state entries, passed through unchanged): ``base_l`` becomes ``base_l - N_l``
 and every read / end state adds ``N_l x_i`` / ``N_l`` (``"lag"``: the linear part's anchor is
-``c softmax(N_l)``, the first token's exact step ``c softmax(a log P + (1 - a) N + u)``).
+``c softmax(N_l)``, the first token's exact step ``c softmax(a log P + (1 - a) N + u)``). Packed rows
+(``common/segments.py``): ``xs`` end with ``segments.X_NAMES``, ``consts`` with the row's reset state.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.common import math as km
-from pallas_kernels.common import residuals
+from pallas_kernels.common import residuals, segments
 from pallas_kernels.matrix_chunk.chunk import HPARAMS, lag_step
 
 __all__ = ["HPARAMS", "make_chunk_fn"]
@@ -34,22 +35,39 @@ def _centred(w):
     return w - jnp.mean(w, axis=0, keepdims=True)
 
 
-def make_chunk_fn(cfg):
-    """``fn(state, xs, consts) -> (new_state, (y [c, d],))`` for an ``MLPChunkConfig``."""
+def make_chunk_fn(cfg, packed: bool = False):
+    """``fn(state, xs, consts) -> (new_state, (y [c, d],))`` for an ``MLPChunkConfig``. ``packed``:
+    ``xs`` end with ``segments.X_NAMES`` and ``consts`` with the row's reset state
+    ``(W_*0, W_*1[, A_*0, A_*1])`` (``common/segments.py``; as in ``matrix_chunk``: a later document's
+    factors are taken at ``W_*`` and its reads / end state add ``rho_i B_*``, less the anchor)."""
 
     def fn(state, xs, consts):
-        q, k, v, lr_c, lr_r, l_c, l_r, l_end, gate, last = xs
+        q, k, v, lr_c, lr_r, l_c, l_r, l_end, gate, last = xs[:10]
         hp = dict(zip(HPARAMS, consts))
         c = q.shape[0]
+        rs = docs = None
+        if packed:
+            rs = consts[len(HPARAMS):]                        # (W_*0, W_*1[, A_*0, A_*1])
+            docs = segments.documents(*xs[10:14])
+            state = segments.swap(docs, state, rs)
         P0, P1 = state[0], state[1]
         N = tuple(state[-2:]) if cfg.anchor else None
-        # per-token factors at the chunk-start weights
-        z = km.dot_t(k, P0)                                   # [c, f]
-        h = km.gelu(z)
-        o, rstd = km.layer_norm(km.dot_t(h, _centred(P1)))    # [c, d]
+        # per-token factors at the chunk-start weights (packed: a later document's at W_*)
+        if not packed:
+            z = km.dot_t(k, P0)                               # [c, f]
+            h = km.gelu(z)
+            o, rstd = km.layer_norm(km.dot_t(h, _centred(P1)))    # [c, d]
+        else:
+            pick = lambda a, b: segments.blend(docs.first_c, a, b)  # noqa: E731
+            z = pick(km.dot_t(k, P0), km.dot_t(k, rs[0]))
+            h = km.gelu(z)
+            o, rstd = km.layer_norm(pick(km.dot_t(h, _centred(P1)), km.dot_t(h, _centred(rs[1]))))
         phi = residuals.residual(cfg.residual, cfg.smooth, k + o, v, gate, hp)
         d1 = km.layer_norm_vjp(o, rstd, phi)                  # [c, d]
-        d0 = km.gelu_slope(z) * km.dot(d1, P1)                # [c, f]
+        if not packed:
+            d0 = km.gelu_slope(z) * km.dot(d1, P1)            # [c, f]
+        else:
+            d0 = km.gelu_slope(z) * pick(km.dot(d1, P1), km.dot(d1, rs[1]))
         deltas, ins = (d0, d1), (k, h)
 
         if cfg.retention == "lag":
@@ -60,7 +78,12 @@ def make_chunk_fn(cfg):
                          for P, dl, il, cc, n in zip((P0, P1), deltas, ins, cs, N or (None, None)))
             if N is not None:   # the linear part runs in the primal: its anchor is c softmax(N)
                 N = tuple(km.simplex_softmax(n, cc) for n, cc in zip(N, cs))
-            l_c, l_r, l_end = l_c - la0, l_r - la0, l_end - la0
+            if packed:   # the exact step only on a real token 0; la0 leaves the first document's L only
+                base = tuple(segments.blend(docs.first_real, b, P) for b, P in zip(base, (P0, P1)))
+                l_c, l_r = l_c - la0 * docs.first_c, l_r - la0 * docs.first_r
+                l_end = l_end - la0 * docs.first_last
+            else:
+                l_c, l_r, l_end = l_c - la0, l_r - la0, l_end - la0
             lr_c, lr_r = lr_c * (1.0 - e0), lr_r * (1.0 - e0_row)
         elif cfg.retention == "scale":
             base = (state[2], state[3])
@@ -70,24 +93,42 @@ def make_chunk_fn(cfg):
         if N is not None:   # the algebra below runs on the deviation from the anchor
             base = tuple(b - n for b, n in zip(base, N))
 
-        cm = -km.decay_matrix(l_c, l_r, km.tri(c)) * lr_r     # [c, c]
-        beta = jnp.exp(l_c)                                   # [c, 1]
-        c_end = -jnp.exp(l_end - l_c) * lr_c                  # [c, 1]
-        z_end = tuple(jnp.exp(l_end) * b + km.t_dot(dl, c_end * il) for b, dl, il in zip(base, deltas, ins))
+        if not packed:
+            cm = -km.decay_matrix(l_c, l_r, km.tri(c)) * lr_r     # [c, c]
+            beta = jnp.exp(l_c)                                   # [c, 1]
+            c_end = -jnp.exp(l_end - l_c) * lr_c                  # [c, 1]
+            z_end = tuple(jnp.exp(l_end) * b + km.t_dot(dl, c_end * il) for b, dl, il in zip(base, deltas, ins))
+        else:   # within documents; the later ones from rho_i B_* (B_*: W_*, A_* in "scale" mode)
+            B_s = rs[2:4] if cfg.retention == "scale" else rs[0:2]
+            if N is not None:
+                B_s = tuple(b - n for b, n in zip(B_s, N))
+            cm = -km.decay_matrix(l_c, l_r, km.tri(c) & docs.same) * lr_r
+            e = jnp.exp(l_c)
+            beta, rho = e * docs.first_c, e * (1.0 - docs.first_c)
+            c_end = -segments.end_weights(l_end, l_c, docs.in_last) * lr_c
+            z_end = tuple(jnp.exp(l_end) * segments.blend(docs.first_last, b, b_s) + km.t_dot(dl, c_end * il)
+                          for b, b_s, dl, il in zip(base, B_s, deltas, ins))
         if N is not None:
             z_end = tuple(z + n for z, n in zip(z_end, N))
         if cfg.retention == "scale":
             lq = lambda a: km.lq_scale(a, hp["q"], hp["norm_floor"])  # noqa: E731
             s_end = tuple(lq(a) for a in z_end)
-            scales = tuple(jnp.where(last > 0, se, lq(a)) for se, a in zip(s_end, start))
+            if not packed:
+                scales = tuple(jnp.where(last > 0, se, lq(a)) for se, a in zip(s_end, start))
+            else:   # the later documents read with s(A_*)
+                scales = tuple(jnp.where(last > 0, se, segments.blend(docs.first_c, lq(a), lq(a_s)))
+                               for se, a, a_s in zip(s_end, start, rs[2:4]))
         else:
             scales = (1.0, 1.0)
 
         bases = (base[0], _centred(base[1]))
         anchors = None if N is None else (N[0], _centred(N[1]))
+        rbases = None if not packed else (B_s[0], _centred(B_s[1]))
 
         def mm(l, x):                                         # W_l(i) x_i, for every token i
             out = beta * km.dot_t(x, bases[l]) + km.dot(cm * km.dot_t(x, ins[l]), deltas[l])
+            if rbases is not None:
+                out = out + rho * km.dot_t(x, rbases[l])
             if anchors is not None:
                 out = out + km.dot_t(x, anchors[l])
             return scales[l] * out
@@ -95,7 +136,10 @@ def make_chunk_fn(cfg):
         y = q + km.layer_norm(mm(1, km.gelu(mm(0, q))))[0]
         keep = tuple(state[-2:]) if cfg.anchor else ()
         if cfg.retention == "scale":
-            return (s_end[0] * z_end[0], s_end[1] * z_end[1]) + z_end + keep, (y,)
+            P_end = (s_end[0] * z_end[0], s_end[1] * z_end[1])
+            if packed:   # a chunk of padding keeps P
+                P_end = tuple(segments.blend(docs.any_real, pe, p) for pe, p in zip(P_end, (P0, P1)))
+            return P_end + z_end + keep, (y,)
         return z_end + keep, (y,)
 
     return fn

@@ -69,8 +69,68 @@ def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0, n0):
     return y.reshape(n * c, -1)[:T], W, A
 
 
-def mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor=None, *, config):
-    """Same arguments and results as ``mlp_chunk`` (inputs already checked there)."""
+def _packed_row(cfg, hp, q, k, v, lr, la, g, m0, a0, n0, reset, real, w_s, a_s):
+    """One head of a packed row, token by token (``common/segments.py``): at a restart the weights,
+    accumulators and the gradients' point ``P`` become ``W_*``, ``A_*`` (the l_q reads' scales
+    ``s(A_*)``; the anchors stay); ``"lag"`` takes its exact step at a real chunk position 0 only;
+    ``"scale"``: a chunk of padding keeps ``W``. ``lr``, ``la`` are already 0 on padding."""
+    T, c = q.shape[0], cfg.chunk_size
+    n = -(-T // c)
+    pad = lambda x: jnp.pad(x, ((0, n * c - T),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])  # noqa: E731
+    xs = tuple(pad(x) for x in (q, k, v, lr, la, g, reset, real))
+    scale = cfg.retention == "scale"
+    lq = lambda a: km.lq_scale(a, hp["q"], hp["norm_floor"])[0, 0]  # noqa: E731
+    scales = lambda A: tuple(lq(a) for a in A) if scale else (jnp.float32(1.0),) * 2  # noqa: E731
+    sel = lambda b, x, y: jax.tree.map(lambda u, w: jnp.where(b, u, w), x, y)  # noqa: E731
+    cs = tuple(float(cfg.simplex_c or w.shape[1]) for w in m0)
+    N_dual = n0 if cfg.anchor else (None, None)
+    N = N_dual
+    if cfg.anchor and cfg.retention == "lag":   # the linear part's anchor is c softmax(N)
+        N = tuple(km.simplex_softmax(a, cc) for a, cc in zip(n0, cs))
+
+    def grad(P, k_i, v_i, g_i):
+        pred, vjp = jax.vjp(lambda W: memory(W, k_i), P)
+        phi = residuals.residual(cfg.residual, cfg.smooth, pred[None], v_i[None], jnp.reshape(g_i, (1, 1)), hp)[0]
+        return vjp(phi)[0]
+
+    def linear(Z, lr_i, la_i, gl):   # a z [+ (1 - a) N] - lr g
+        if cfg.anchor:
+            return tuple(nn + jnp.exp(la_i) * (z - nn) - lr_i * gg for z, gg, nn in zip(Z, gl, N))
+        return tuple(jnp.exp(la_i) * z - lr_i * gg for z, gg in zip(Z, gl))
+
+    def chunk(carry, x):
+        W, A = carry
+
+        def tok(carry, t):
+            W, A, P, s, seen = carry
+            i, q_i, k_i, v_i, lr_i, la_i, g_i, r_i, re_i = t
+            W, A, P, s = sel(r_i > 0, (w_s, a_s, w_s, scales(a_s)), (W, A, P, s))
+            gl = grad(P, k_i, v_i, g_i)
+            if scale:
+                A = linear(A, lr_i, la_i, gl)
+                return (W, A, P, s, seen | (re_i > 0)), memory(tuple(sc * a for sc, a in zip(s, A)), q_i)
+            W_new = linear(W, lr_i, la_i, gl)
+            if cfg.retention == "lag":
+                W_exact = tuple(chunk_lib.lag_step(w, -lr_i * gg, la_i, cc, nd)
+                                for w, gg, cc, nd in zip(W, gl, cs, N_dual))
+                W_new = sel((i == 0) & (re_i > 0), W_exact, W_new)
+            return (W_new, A, P, s, seen), memory(W_new, q_i)
+
+        (W, A, _, _, seen), y = jax.lax.scan(tok, (W, A, W, scales(A), False), (jnp.arange(c), *x))
+        if scale:   # the last position reads s(A_end) A_end; W = s(A_end) A_end
+            W_end = tuple(sc * a for sc, a in zip(scales(A), A))
+            y = y.at[-1].set(memory(W_end, x[0][-1]))
+            W = sel(seen, W_end, W)
+        return (W, A), y
+
+    (W, A), y = jax.lax.scan(chunk, (m0, a0), xs)
+    return y.reshape(n * c, -1)[:T], W, A
+
+
+def mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor=None, *, config, segments=None):
+    """Same arguments and results as ``mlp_chunk`` (inputs already checked there); ``segments``:
+    ``(reset, real, reset_state)`` float32 0 / 1 and ``(W_*0, W_*1[, A_*0, A_*1])``, gates already
+    masked."""
     hp = dict(zip(chunk_lib.HPARAMS, layout.consts(hparams, chunk_lib.HPARAMS)))
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     la = jnp.zeros_like(f32(lr)) if log_decay is None else f32(log_decay)
@@ -78,6 +138,14 @@ def mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor=No
     m0 = tuple(f32(w) for w in m0)
     a0 = m0 if a0 is None else tuple(f32(a) for a in a0)
     n0 = m0 if anchor is None else tuple(f32(a) for a in anchor)   # unused unless config.anchor
+    if segments is not None:
+        reset, real, rstate = segments
+        rstate = tuple(f32(x) for x in rstate)
+        w_s, a_s = rstate[:2], (rstate[2:4] if config.retention == "scale" else rstate[:2])
+        fn = jax.vmap(jax.vmap(lambda *a: _packed_row(config, hp, *a)))
+        y, W, A = fn(f32(q), f32(k), f32(v), f32(lr), la, g, m0, a0, n0, reset, real, w_s, a_s)
+        y = jnp.where(real[..., None] > 0, y, 0.0)
+        return y.astype(v.dtype), MLPChunkState(W, A if config.retention == "scale" else None)
     fn = jax.vmap(jax.vmap(lambda *a: _one_row(config, hp, *a)))
     y, W, A = fn(f32(q), f32(k), f32(v), f32(lr), la, g, m0, a0, n0)
     return y.astype(v.dtype), MLPChunkState(W, A if config.retention == "scale" else None)

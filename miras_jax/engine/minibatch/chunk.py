@@ -67,8 +67,6 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     if channel and (momentum or spec.memory.kind != "linear" or mode != "linear"):
         raise NotImplementedError("channel-wise decay in the chunked form needs a matrix memory, GD and "
                                   "a linear retention map")
-    if channel and segments is not None:
-        raise NotImplementedError("channel-wise decay in the mini-batch form does not take segment_ids yet")
     m = gates["momentum"] if momentum else jnp.ones((T,), q.dtype)
     q, k, v, gates, lr, a, m = pad_to_chunks((q, k, v, gates, lr, a, m), n * c)
     lr = lr * mask

@@ -423,17 +423,28 @@ def _token_scales(s_end, s_prev, c):
     return [jnp.where(last, se, sp) for se, sp in zip(s_end, s_prev)]
 
 
-def _channel_chunk(B, N, x: ChunkIn, delta):
+def _channel_chunk(B, N, x: ChunkIn, delta, B_star=None):
     """Matrix memory, GD, channel-wise decay ``log_a [c, k]`` (GLA-like): ``(W_end, y [c, v])`` with
     ``D_ijk = prod_{j<l<=i} a_lk``, ``beta_ik = prod_{l<=i} a_lk``, ``delta = E_0`` ``[c, v]``:
     ``y_i = B (beta_i * q_i) - sum_j lr_j (sum_k k_jk D_ijk q_ik) delta_j [+ N q_i]``,
-    ``W_end = B diag(beta_c) - sum_j lr_j delta_j (k_j * D_cj)^T [+ N]`` (``B`` the deviation from ``N``)."""
-    D = decay_matrix(x.log_a)                                            # [c, c, k]
-    beta = jnp.exp(jnp.cumsum(x.log_a, axis=0))                          # [c, k]
+    ``W_end = B diag(beta_c) - sum_j lr_j delta_j (k_j * D_cj)^T [+ N]`` (``B`` the deviation from ``N``).
+    Packed rows (``x.reset``; ``B_star`` the reset base, less ``N``): products run within a document
+    (``D`` 0 across documents), ``beta`` reaches ``B`` from the chunk's first document only, and a later
+    one adds ``B_star (rho_i * q_i)``, ``rho_ik = prod_{s<=l<=i} a_lk`` (``s`` its first token)."""
+    if x.reset is None:
+        D = decay_matrix(x.log_a)                                        # [c, c, k]
+        beta = jnp.exp(jnp.cumsum(x.log_a, axis=0))                      # [c, k]
+    else:
+        same, first = _documents(x.reset)                                # [c, c], [c]
+        D = decay_matrix(x.log_a, same)                                  # [c, c, k]
+        e = jnp.exp(segment_cumsum(x.log_a, same))                       # [c, k], within documents
+        beta, rho = e * first[:, None], e * (1.0 - first)[:, None]
     (W0,) = B
     scores = jnp.einsum("jk,ijk,ik->ij", x.k, D, x.q) * (-x.lr)[None, :]
     y = (x.q * beta) @ W0.T + scores @ delta
     W_end = W0 * beta[-1][None, :] + jnp.einsum("jv,j,jk->vk", delta, -x.lr, x.k * D[-1])
+    if x.reset is not None:
+        y, W_end = y + (x.q * rho) @ B_star[0].T, W_end + B_star[0] * rho[-1][None, :]
     if N:
         y, W_end = y + x.q @ N[0].T, W_end + N[0]
     return [W_end], y
@@ -503,7 +514,7 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
         P, A, Mom, s_prev = _swap(hp, x, (P, A, Mom, s_prev))
         first = _documents(x.reset)[1]
     mom = rho = D = None
-    if packed:
+    if packed and not cfg.channel:
         C, beta, rho, *m = _packed_coefficients(cfg, x.lr, x.log_a, x.log_m, x.real, x.reset)
     elif cfg.momentum:
         C, beta, *m = momentum_coefficients(x.lr, x.log_a, x.log_m, x.real, decay_matrix(x.log_a))
@@ -526,7 +537,10 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
     if N:   # anchored retention: the algebra runs on the deviation B - N
         Bw = [b - n for b, n in zip(Bw, N)]
     if cfg.channel:
-        P_end, y = _channel_chunk(Bw, N, x, E[0])
+        B_star = None
+        if packed:   # the chunk's later documents restart from the reset memory (less the anchor)
+            B_star = [b - n for b, n in zip(hp["reset"]["P"], N)] if N else hp["reset"]["P"]
+        P_end, y = _channel_chunk(Bw, N, x, E[0], B_star)
         return P_end, A, Mom, [], y, None
     extra = _bases(cfg, hp, Bw, N, mom, rho)   # more bases: W_i += coef_i G
     Z_end = _end_state(Bw, beta[-1], C[-1], X, E, N)
