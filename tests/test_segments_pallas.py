@@ -118,6 +118,7 @@ def test_packed_pallas_continues_the_first_document_from_the_initial_state(name)
     _close(g_p, g_x, GRAD_TOL)
 
 
+@SLOW
 def test_packed_pallas_takes_the_initial_states_anchor_as_the_rows():
     """A row has one anchor, the initial state's (``api.row_reset_state``): with an initial state
     built from other params, pallas == xla, single row and batched."""
@@ -135,6 +136,7 @@ def test_packed_pallas_takes_the_initial_states_anchor_as_the_rows():
     _close(y[0, :, 0], run("xla"), VAL_TOL)
 
 
+@SLOW
 def test_batched_packed_rows_equal_xla():
     """``memorize_batched``: each batch row its own ``segment_ids``, shared by the heads; the rows'
     first documents continue from an initial state (that of an earlier call; Moneta with a matrix
