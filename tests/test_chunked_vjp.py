@@ -214,11 +214,13 @@ def test_static_q_norm_floor_gradient_equals_the_traced_path(floor):
         assert abs(float(g_traced)) > 1e-3   # the floor is active: the comparison is not of zeros
 
 
-PACKED = [("moneta", {}), ("memora", {}), ("titans", {}), ("yaad", {}), ("moneta", {"anchor": True}),
-          pytest.param("memora", {"anchor": True}, marks=pytest.mark.slow),
+PACKED = [("moneta", {}), ("titans", {}), ("memora", {"anchor": True}),
+          pytest.param("memora", {}, marks=pytest.mark.slow), pytest.param("yaad", {}, marks=pytest.mark.slow),
+          pytest.param("moneta", {"anchor": True}, marks=pytest.mark.slow),
           pytest.param("titans", {"anchor": True}, marks=pytest.mark.slow),
           pytest.param("moneta", {"memory": "linear"}, marks=pytest.mark.slow),
-          pytest.param("ttt_mlp", {}, marks=pytest.mark.slow), ("ttt_linear", {}),
+          pytest.param("ttt_mlp", {}, marks=pytest.mark.slow),
+          pytest.param("ttt_linear", {}, marks=pytest.mark.slow),
           pytest.param("memora", {"memory": "linear"}, marks=pytest.mark.slow)]
 
 
@@ -265,7 +267,8 @@ def test_packed_rows_hand_vjp_equals_autodiff(name, kw, x64):
     _assert_close(run("hand"), run("autodiff"), **EXACT)
 
 
-@pytest.mark.parametrize("name", ["moneta", pytest.param("titans", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [pytest.param("moneta", marks=pytest.mark.slow),
+                                  pytest.param("titans", marks=pytest.mark.slow)])
 def test_packed_rows_remat_groups(name):
     from miras_jax.engine.segments import boundaries
     spec, state, args = _setup(name, {}, T=45, d=8, seed=6)

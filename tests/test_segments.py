@@ -104,7 +104,7 @@ def _values_and_grads(spec, params, xs, seg, impl, c):
     return out, vjp(ct)
 
 
-@pytest.mark.parametrize("name", some_slow(MINIBATCH, {"ttt_linear", "ttt_mlp", "memora"}))
+@pytest.mark.parametrize("name", some_slow(MINIBATCH, {"ttt_linear", "ttt_mlp", "memora", "titans"}))
 def test_minibatch_xla_equals_its_reference_on_random_boundaries(name, x64):
     """The mini-batch chunk form on packed rows equals the reference loops (values and gradients),
     documents of random lengths (length 1 included), boundaries on and off the chunk grid, padding."""
@@ -252,7 +252,7 @@ def test_lm_packed_row_equals_documents_run_alone(preset, pattern):
         lo += n
 
 
-@pytest.mark.parametrize("kind", ["M", "S", "A"])
+@pytest.mark.parametrize("kind", [pytest.param("M", marks=SLOW), "S", "A"])
 def test_block_outputs_of_a_document_do_not_depend_on_earlier_documents(kind):
     from flax import nnx
 

@@ -49,7 +49,7 @@ def _x(seed=1):
     return jax.random.normal(jax.random.key(seed), (2, IDS.shape[1], D))
 
 
-@pytest.mark.parametrize("preset", ["moneta", "gated_deltanet", pytest.param("titans", marks=SLOW),
+@pytest.mark.parametrize("preset", [pytest.param("moneta", marks=SLOW), "gated_deltanet", pytest.param("titans", marks=SLOW),
                                     pytest.param("memora", marks=SLOW)])
 def test_layer_decode_across_boundaries_equals_packed_forward(preset):
     """Mini-batch (buffered decode: the chunk-start state and buffer restart on the row's grid) and

@@ -294,7 +294,7 @@ def _matrix_id(c):
 
 
 @pytest.mark.parametrize("cfg,backend", _slow_all_but(rotate(MATRIX_CONFIGS, ["tpu", "triton"], name_id=_matrix_id),
-                                                      keep={3}))   # by default: the Hebbian mode, Triton body
+                                                      keep=set()))   # all -m slow (pallas == xla covers the kernels by default)
 def test_packed_matrix_kernel_equals_reference(cfg, backend):
     _packed_kernel_vs_reference(cfg, backend, mlp=False)
 
