@@ -81,7 +81,8 @@ def matrix_chunk(q, k, v, lr, m0=None, log_decay=None, a0=None, gate=None, hpara
     state0 = (layout.rows(m0),) + ((layout.rows(a0),) if config.retention == "scale" else ())
     fn = chunk.make_chunk_fn(config, packed=packed is not None)
     rconsts = () if rstate is None else tuple(layout.rows(x) for x in rstate)
-    (y,), final = chunk_sweep(fn, ((config.chunk_size, dv),), config.flops(dk, dv), backend, interpret,
+    cost = config.flops(dk, dv, packed is not None)
+    (y,), final = chunk_sweep(fn, ((config.chunk_size, dv),), cost, backend, interpret,
                               state0, xs, ks, rconsts)
     acc = layout.unrows(final[1], B, H) if config.retention == "scale" else None
     y = layout.outputs(y, B, H, T, v.dtype)

@@ -57,10 +57,11 @@ class MatrixChunkConfig:
     def validate(self, backend: str, d_k: int, d_v: int) -> None:
         check_blocks(backend, chunk_size=self.chunk_size, d_k=d_k, d_v=d_v)
 
-    def flops(self, d_k: int, d_v: int) -> tuple[int, int]:
-        """Forward ``(flops, transcendentals)`` of one chunk."""
+    def flops(self, d_k: int, d_v: int, packed: bool = False) -> tuple[int, int]:
+        """Forward ``(flops, transcendentals)`` of one chunk (``packed``: the later documents' gradients
+        at the reset memory and its read base, two more ``[c, k] x [k, v]`` products)."""
         c = self.chunk_size
-        f = 2 * c * d_k * d_v * 3 + 2 * c * c * (d_k + d_v)
+        f = 2 * c * d_k * d_v * (5 if packed else 3) + 2 * c * c * (d_k + d_v)
         if self.mode == "delta":
             f += 2 * c * c * d_k + 2 * c * c * d_v + 4 * c ** 3 * max(c - 1, 1).bit_length()
         if self.channel:

@@ -74,7 +74,8 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
         lr, log_decay = segments_lib.mask_gates(packed[1], lr, log_decay)
     if implementation == "reference":
         return reference.mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor,
-                                             config=config, segments=None if packed is None else (*packed, rstate))
+                                             config=config,
+                                             segments=None if packed is None else (*packed, rstate))
     if backend is not None:
         config.validate(backend, d, f)
     xs, n = layout.chunk_inputs(q, k, v, lr, log_decay, gate, config.chunk_size, packed)
@@ -86,7 +87,8 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
         state0 += tuple(layout.rows(a) for a in anchor)
     fn = chunk.make_chunk_fn(config, packed=packed is not None)
     rconsts = () if rstate is None else tuple(layout.rows(x) for x in rstate)
-    (y,), final = chunk_sweep(fn, ((config.chunk_size, d),), config.flops(d, f), backend, interpret,
+    cost = config.flops(d, f, packed is not None)
+    (y,), final = chunk_sweep(fn, ((config.chunk_size, d),), cost, backend, interpret,
                               state0, xs, ks, rconsts)
     final = tuple(layout.unrows(x, B, H) for x in final)
     acc = final[2:4] if config.retention == "scale" else None

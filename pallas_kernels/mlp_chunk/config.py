@@ -45,11 +45,13 @@ class MLPChunkConfig:
     def validate(self, backend: str, d_k: int, d_f: int) -> None:
         check_blocks(backend, chunk_size=self.chunk_size, d_k=d_k, d_f=d_f)
 
-    def flops(self, d: int, f: int) -> tuple[int, int]:
-        """Forward ``(flops, transcendentals)`` of one chunk (``d = k = v``)."""
+    def flops(self, d: int, f: int, packed: bool = False) -> tuple[int, int]:
+        """Forward ``(flops, transcendentals)`` of one chunk (``d = k = v``; ``packed``: the factors'
+        three weight products at the reset memory and its read base in both layers, five more)."""
         c = self.chunk_size
         mm = 2 * c * d * f
-        return 8 * mm + 2 * c * c * (2 * d + f) + 2 * c * c * (d + f), 3 * c * f + 2 * c * c
+        flops = (13 if packed else 8) * mm + 2 * c * c * (2 * d + f) + 2 * c * c * (d + f)
+        return flops, 3 * c * f + 2 * c * c
 
 
 class MLPChunkState(NamedTuple):
