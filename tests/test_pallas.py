@@ -120,14 +120,18 @@ def test_batched_pallas_equals_xla_with_initial_state(name, H, d):
     _close(s_p.retention, s_x.retention, VAL_TOL)
 
 
-def test_pallas_sharded_over_a_mesh_equals_unsharded():
-    spec = _get("yaad", memory="linear")
-    B, H, T, d = 2, 4, 24, 16
+def batched_inputs(spec, B, H, T, d):
+    """``(params [H, ...], q, k, v [B, T, H, d], gates [B, T, H])`` for ``memorize_batched``."""
     q, k, v, g = random_inputs(0, B * H * T, d, d)
     shape = lambda x: x.reshape((B, T, H) + x.shape[1:])  # noqa: E731
-    q, k, v = shape(q), shape(k), shape(v)
     gates = {n: shape(g[n]) for n in spec.required_gates}
     params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(jax.random.key(0), H))
+    return params, shape(q), shape(k), shape(v), gates
+
+
+def test_pallas_sharded_over_a_mesh_equals_unsharded():
+    spec = _get("yaad", memory="linear")
+    params, q, k, v, gates = batched_inputs(spec, 2, 4, 24, 16)
     mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     f = lambda mesh: jax.jit(lambda *a: memorize_batched(  # noqa: E731
         spec, *a, chunk_size=8, implementation="pallas", mesh=mesh, batch_axes="data", head_axes="tensor"))

@@ -18,6 +18,7 @@ from pallas_kernels.common.segments import Segments
 from tests.helpers import random_inputs, rotate
 from tests.test_pallas import MARKERS, _close, _kernel_inputs, _lower
 from tests.test_pallas import _get as _preset
+from tests.test_pallas import batched_inputs
 from tests.test_segments import _ids, _lengths
 
 VAL_TOL = 1e-4        # float32, reordered chunk math; relative to the largest reference entry
@@ -166,12 +167,7 @@ def test_packed_pallas_sharded_over_a_mesh_equals_xla():
     """Under ``shard_map`` (batch and heads split over 8 devices) the reset state and the document
     columns travel with their rows."""
     spec = _get("moneta")
-    B, H, T, d = 2, 4, 24, 16
-    q, k, v, g = random_inputs(0, B * H * T, d, d)
-    shape = lambda x: x.reshape((B, T, H) + x.shape[1:])  # noqa: E731
-    q, k, v = shape(q), shape(k), shape(v)
-    gates = {n: shape(g[n]) for n in spec.required_gates}
-    params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(jax.random.key(0), H))
+    params, q, k, v, gates = batched_inputs(spec, 2, 4, 24, 16)
     seg = jnp.stack([_ids([5, 1, 14, 4]), _ids([9, 12], pad_left=3)])
     mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     run = lambda impl, mesh=None: jax.jit(lambda *a: mj.memorize_batched(  # noqa: E731

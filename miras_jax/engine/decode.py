@@ -62,9 +62,8 @@ def buffered(spec, chunk_size: int, implementation: str) -> bool:
 def last_document(segment_ids) -> jax.Array:
     """``[t] bool``: the real tokens of the row's last document (``segments.boundaries``), the ones
     a decode that continues the row may still see (conv taps, attention keys)."""
-    reset, real = segments_lib.boundaries(segment_ids)
-    doc = jnp.cumsum(reset.astype(jnp.int32))
-    return real & (doc == doc[-1])
+    doc = segments_lib.document_ids(segment_ids)
+    return (doc > 0) & (doc == jnp.max(doc))
 
 
 def decode_init(spec, state: MemoryState, *, chunk_size: int, implementation: str, d_k: int,
