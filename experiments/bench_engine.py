@@ -44,7 +44,8 @@ flags.DEFINE_integer("host_devices", 1, "> 1: split the batch over this many hos
 flags.DEFINE_bool("traced_hparams", False, "pass the spec's hyper-parameters as a jit argument (as vmapped "
                   "grids do) instead of closing over them: no static-q l_q fast path")
 flags.DEFINE_list("segments", ["0"], "packed rows: 0 = one document per row; N = documents of random "
-                  "lengths (mean N tokens) with segment_ids; several values: an A/B in one run")
+                  "lengths (mean N tokens) with segment_ids; Na = the same documents each padded to a "
+                  "multiple of --chunk, with segment_align=chunk; several values: an A/B in one run")
 flags.DEFINE_string("child", "", "internal: run one measurement 'preset,impl,T,mode'")
 FLAGS = flags.FLAGS
 
@@ -75,9 +76,11 @@ def _program(preset: str, impl: str, T: int, mode: str):
     gates = {g: gates[g] for g in spec.required_gates}
     params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(ks[7], H))
     kw = dict(chunk_size=f.chunk if impl == "xla" else 1, implementation=impl, remat_every=f.remat_every)
-    mean = int(f.segments[0])
+    mean, align = _segments_flag(f.segments[0])
     if mean:
-        kw["segment_ids"] = jnp.asarray(packed_ids(B, T, mean))
+        kw["segment_ids"] = jnp.asarray(packed_ids(B, T, mean, f.chunk if align else 0))
+        if align and impl == "xla":
+            kw["segment_align"] = f.chunk
 
     def fwd(params, q, k, v, gates, hp=None):
         s = spec if hp is None else spec.replace(hparams=hp)
@@ -100,8 +103,18 @@ def _program(preset: str, impl: str, T: int, mode: str):
     return fn, args + hp, kw
 
 
-def packed_ids(B: int, T: int, mean: int, seed: int = 0):
-    """``[B, T]`` int32 segment ids: documents of lengths uniform in ``[1, 2 mean - 1]`` back to back."""
+def _segments_flag(value: str) -> tuple[int, bool]:
+    """``"512"`` -> ``(512, False)``, ``"512a"`` -> ``(512, True)`` (documents aligned to the chunk grid)."""
+    align = value.endswith("a")
+    try:
+        return int(value[:-1] if align else value), align
+    except ValueError:
+        raise ValueError(f"--segments takes N or Na (N >= 0 tokens), got {value!r}") from None
+
+
+def packed_ids(B: int, T: int, mean: int, align: int = 0, seed: int = 0):
+    """``[B, T]`` int32 segment ids: documents of lengths uniform in ``[1, 2 mean - 1]`` back to back;
+    ``align > 0``: each followed by padding (id 0) to a multiple of ``align`` (the same lengths)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -111,7 +124,7 @@ def packed_ids(B: int, T: int, mean: int, seed: int = 0):
         while t < T:
             n = int(rng.integers(1, 2 * mean))
             out[b, t:t + n] = doc
-            t, doc = t + n, doc + 1
+            t, doc = t + n + (-n % align if align else 0), doc + 1
     return out
 
 
@@ -148,7 +161,8 @@ def measure(preset: str, impl: str, T: int, mode: str) -> dict:
         "peak_frac": round(flops / med / 1e9 / f.peak_gflops, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "compile_s": round(compile_s, 2), "remat_every": f.remat_every, "host_devices": f.host_devices,
-        "traced_hparams": f.traced_hparams, "segments": int(f.segments[0]),
+        "traced_hparams": f.traced_hparams, "segments": f.segments[0],
+        "pad_frac": round(float((kw["segment_ids"] == 0).mean()), 4) if "segment_ids" in kw else 0.0,
         "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc",
         "jax": jax.__version__,
     }
@@ -164,6 +178,11 @@ def main(argv):
         preset, impl, T, mode = f.child.split(",")
         print(json.dumps(measure(preset, impl, int(T), mode)), flush=True)
         return
+    for seg in f.segments:
+        try:
+            _segments_flag(seg)
+        except ValueError as e:
+            cli.fail(str(e))
     passthrough = [a for a in sys.argv[1:]
                    if not a.startswith(("--presets", "--impls", "--modes", "--T=", "--segments"))]
     for T, preset, impl, mode, seg in itertools.product(f.T, f.presets, f.impls, f.modes, f.segments):
@@ -172,7 +191,7 @@ def main(argv):
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         if out.returncode or not lines:
-            print(json.dumps({"preset": preset, "impl": impl, "T": int(T), "mode": mode, "segments": int(seg),
+            print(json.dumps({"preset": preset, "impl": impl, "T": int(T), "mode": mode, "segments": seg,
                               "error": out.stderr.strip().splitlines()[-1:]}), flush=True)
         else:
             print(lines[-1], flush=True)

@@ -119,6 +119,60 @@ def test_minibatch_xla_equals_its_reference_on_random_boundaries(name, x64):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8, err_msg=f"{name} {lengths}")
 
 
+def _aligned_ids(rng, c, ndocs):
+    """Documents of random lengths (1 included) each padded to a multiple of ``c``, after a chunk of
+    left padding: every document starts on the grid, and chunks end in padding."""
+    lengths = [1, *rng.integers(2, 3 * c, size=ndocs - 1)]
+    rng.shuffle(lengths)
+    ids = [0] * c
+    for j, n in enumerate(lengths):
+        ids += [j + 1] * int(n) + [0] * (-int(n) % c)
+    return jnp.array(ids, jnp.int32)
+
+
+@pytest.mark.parametrize("name", MINIBATCH)
+def test_aligned_rows_fast_path_equals_the_general_one(name, x64):
+    """``segment_align`` (documents on the chunk grid): the mini-batch form's one-document chunks give
+    the general packed form's values and gradients (hand VJP), incl. the reset state's gradient."""
+    rng = np.random.default_rng(abs(hash(name + "a")) % 2**32)
+    c = 4
+    seg = _aligned_ids(rng, c, 4)
+    spec, params, xs = _setup(name, seg.shape[0], seed=int(rng.integers(50)))
+
+    def vg(align):
+        def f(params, xs):
+            y, st = mj.memorize(spec, params, *xs, chunk_size=c, implementation="xla", segment_ids=seg,
+                                segment_align=align)
+            return y, st.memory
+        out, vjp = jax.vjp(f, params, xs)
+        ct = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape), out)
+        return out, vjp(ct)
+
+    for a, b in zip(jax.tree.leaves(vg(c)), jax.tree.leaves(vg(0))):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10, err_msg=f"{name} {seg}")
+    # and it is a different, smaller program: no second weight product per chunk
+    size = lambda align: len(str(jax.make_jaxpr(lambda xs: vg(align))(xs)))  # noqa: E731
+    assert size(c) < size(0)
+
+
+def test_segment_align_is_checked_on_concrete_ids():
+    spec, params, xs = _setup("moneta", 12)
+    seg = jnp.array([1] * 4 + [2] * 6 + [3] * 2, jnp.int32)   # document 3 starts at 10
+    with pytest.raises(ValueError, match="position 10 of row 0"):
+        _run_kw(spec, params, xs, seg, segment_align=4)
+    with pytest.raises(ValueError, match="segment_align must be"):
+        _run_kw(spec, params, xs, seg, segment_align=-4)
+    with pytest.raises(ValueError, match="needs segment_ids"):
+        _run_kw(spec, params, xs, None, segment_align=4)
+    y2, _ = _run_kw(spec, params, xs, seg, segment_align=1)    # any start is a multiple of 1
+    y0, _ = _run_kw(spec, params, xs, seg, segment_align=0)
+    np.testing.assert_array_equal(y2, y0)
+
+
+def _run_kw(spec, params, xs, seg, **kw):
+    return mj.memorize(spec, params, *xs, chunk_size=2, implementation="xla", segment_ids=seg, **kw)
+
+
 def _no_leak(spec, params, xs, seg, impl, c):
     """For each document j: the VJP of its outputs reaches no input of an earlier document."""
     ids = np.asarray(seg)
@@ -244,12 +298,13 @@ def test_lm_packed_row_equals_documents_run_alone(preset, pattern):
     lengths = [8, 4, 12]
     tokens = jax.random.randint(jax.random.key(1), (1, sum(lengths) + 3), 1, 37)
     seg = _ids(lengths, pad_right=3)[None]
-    packed = model(tokens, segment_ids=seg)
-    lo = 0
-    for n in lengths:
-        alone = model(tokens[:, lo:lo + n])
-        np.testing.assert_allclose(packed[:, lo:lo + n], alone, rtol=2e-4, atol=2e-4)
-        lo += n
+    for align in (0, 4):   # segment_align: the documents start on the chunk grid
+        packed = model(tokens, segment_ids=seg, segment_align=align)
+        lo = 0
+        for n in lengths:
+            alone = model(tokens[:, lo:lo + n])
+            np.testing.assert_allclose(packed[:, lo:lo + n], alone, rtol=2e-4, atol=2e-4)
+            lo += n
 
 
 @pytest.mark.parametrize("kind", [pytest.param("M", marks=SLOW), "S", "A"])

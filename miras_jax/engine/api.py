@@ -140,7 +140,7 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
              gates: dict[str, chex.Array] | None = None, *, chunk_size: int = 1,
              implementation: str = "auto", initial_state: MemoryState | None = None,
              remat_every: int = 0, grad_horizon: int | None = None,
-             segment_ids: chex.Array | None = None) -> tuple[chex.Array, MemoryState]:
+             segment_ids: chex.Array | None = None, segment_align: int = 0) -> tuple[chex.Array, MemoryState]:
     """Run the memory of ``spec`` over one sequence: write ``(k_t, v_t)``, read ``q_t``.
 
     Args:
@@ -172,6 +172,10 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
         0 marks padding (no write, ``y = 0``); a change of id starts a document, which restarts the
         memory, retention and optimizer state from ``init_state(params)``; the first document
         starts from ``initial_state``.
+      segment_align: ``A > 0``: every document of ``segment_ids`` starts at a multiple of ``A``
+        (checked where the ids are concrete; e.g. a packer that pads documents to multiples of
+        ``A``). Same result; where ``A`` is a multiple of the mini-batch form's chunk, it runs each
+        chunk as one document (no second weight product per chunk).
 
     Returns:
       ``(y, final_state)``: ``y: [T, v]`` with ``y_t = M_{W_t}(q_t)`` read after the write of
@@ -189,6 +193,7 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
     packed = segment_ids is not None
     if packed:
         segment_ids = segments_lib.check_segment_ids(segment_ids, (q.shape[0],))
+    segment_align = segments_lib.check_align(segment_ids, segment_align)
     implementation = plan_lib.resolve(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates))
 
     leaves = [q, k, v, *gates.values(), *jax.tree.leaves(params)]
@@ -217,7 +222,7 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
                                               segments=segs1)
             return y_[0, :, 0], jax.tree.map(lambda x: x[0, 0], fin)
         return dispatch.run(spec, st, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
-                            remat_every=remat_every, segments=segs)
+                            remat_every=remat_every, segments=segs, segment_align=segment_align)
 
     y, final = horizon_lib.truncated(run, state, (*cast(xs[:4]), *xs[4:]), q.shape[0], grad_horizon, axis=0)
     param_dtypes = jax.tree.map(lambda x: jnp.result_type(x), params)
@@ -238,7 +243,7 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
                      implementation: str = "auto", initial_state: MemoryState | None = None,
                      remat_every: int = 0, mesh=None, batch_axes="data", head_axes=None,
                      grad_horizon: int | None = None,
-                     segment_ids: chex.Array | None = None) -> tuple[chex.Array, MemoryState]:
+                     segment_ids: chex.Array | None = None, segment_align: int = 0) -> tuple[chex.Array, MemoryState]:
     """Canonical batched entry point: ``q, k: [B, T, H, k]``, ``v: [B, T, H, v]``.
 
     ``params`` holds one memory per head (leading axis ``H`` on every leaf); gates are
@@ -251,7 +256,8 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     sharded: the rows are then vmapped as ``[B, H]`` (a ``B * H`` reshape across two sharded axes
     would make XLA all-gather them); the batch alone may be sharded either way. ``grad_horizon``:
     as in :func:`memorize` (truncated backpropagation through the state, segments of that many tokens).
-    ``segment_ids``: int ``[B, T]`` for packed rows (as in :func:`memorize`; shared by the heads).
+    ``segment_ids``: int ``[B, T]`` for packed rows (as in :func:`memorize`; shared by the heads), and
+    ``segment_align`` as there (the Pallas kernels run every packed row in their general form).
     """
     if getattr(q, "ndim", None) != 4:
         raise ValueError(f"memorize_batched takes q of shape [B, T, H, d_k], got {getattr(q, 'shape', q)}")
@@ -271,6 +277,7 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     packed = segment_ids is not None
     if packed:
         segment_ids = segments_lib.check_segment_ids(segment_ids, (B, T))
+    segment_align = segments_lib.check_align(segment_ids, segment_align)
     implementation = plan_lib.resolve(spec, implementation, chunk_size,
                                       channel=plan_lib.channel_decay(spec, gates, token_ndim=3))
     if implementation == "pallas":
@@ -282,7 +289,7 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     def one(p, q_, k_, v_, g_, s_, seg_):
         return memorize(spec, p, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
                         initial_state=s_, remat_every=remat_every, grad_horizon=grad_horizon,
-                        segment_ids=seg_)
+                        segment_ids=seg_, segment_align=segment_align)
 
     s_axis = 0 if initial_state is not None else None
     seg_axis = 0 if packed else None

@@ -79,10 +79,11 @@ def _pads_read_zero(y, segments):
 
 
 def run(spec, state: MemoryState, q, k, v, gates, *, chunk_size: int, implementation: str,
-        remat_every: int = 0, segments=None):
+        remat_every: int = 0, segments=None, segment_align: int = 0):
     """Run one head on ``plan(spec, implementation, chunk_size)``'s engine (``"reference"`` /
     ``"xla"`` / ``"auto"`` resolved off-accelerator; pallas runs batched, ``engine/pallas.py``).
-    ``segments = (reset [T], real [T], reset_state)`` for a packed row (``engine/segments.py``)."""
+    ``segments = (reset [T], real [T], reset_state)`` for a packed row (``engine/segments.py``);
+    ``segment_align``: its documents start at multiples of it (the mini-batch form's fast path)."""
     p = plan_lib.plan(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates))
     if p.engine == "tokens":
         return memorize_tokens(spec, state, q, k, v, gates, segments)
@@ -91,5 +92,6 @@ def run(spec, state: MemoryState, q, k, v, gates, *, chunk_size: int, implementa
     if p.engine in ("hebbian", "delta"):
         return run_exact(p, spec, state, q, k, v, gates, segments)
     if p.engine == "minibatch":
-        return chunked.memorize_chunked(spec, state, q, k, v, gates, p.chunk, remat_every, segments=segments)
+        return chunked.memorize_chunked(spec, state, q, k, v, gates, p.chunk, remat_every, segments=segments,
+                                        segment_align=segment_align)
     raise ValueError(f"dispatch.run runs one head off the kernels; plan {p.engine!r} is run by engine/pallas.py")

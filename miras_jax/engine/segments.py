@@ -36,6 +36,28 @@ def check_segment_ids(segment_ids, shape: tuple) -> jax.Array:
     return jnp.asarray(segment_ids, jnp.int32)
 
 
+def check_align(segment_ids, align) -> int:
+    """``align`` (int >= 0) for packed rows ``segment_ids [..., T]`` whose documents all start at
+    multiples of it (0: no promise). Concrete ids are checked: a document starting elsewhere is a
+    ``ValueError``; traced ids (under ``jit``) are taken on trust (a packer that pads documents to
+    multiples of ``align`` keeps the promise)."""
+    if isinstance(align, bool) or not isinstance(align, (int, np.integer)) or align < 0:
+        raise ValueError(f"segment_align must be an int >= 0, got {align!r}")
+    if align and segment_ids is None:
+        raise ValueError("segment_align needs segment_ids (it describes packed rows)")
+    val = None if segment_ids is None else concrete(segment_ids)
+    if align and val is not None:
+        seg = np.asarray(val).reshape(-1, val.shape[-1])
+        with jax.ensure_compile_time_eval():   # concrete ids stay concrete inside a trace
+            reset = np.asarray(jax.vmap(boundaries)(jnp.asarray(seg, jnp.int32))[0])
+        rows, pos = np.nonzero(reset & (np.arange(seg.shape[1]) % align != 0)[None])
+        if rows.size:
+            raise ValueError(f"segment_align={align}: a document starts at position {int(pos[0])} of row "
+                             f"{int(rows[0])}, not a multiple of {align} (pad documents to multiples of "
+                             f"{align}, or pass segment_align=0)")
+    return int(align)
+
+
 def boundaries(segment_ids) -> tuple[jax.Array, jax.Array]:
     """``(reset [T] bool, real [T] bool)``: ``reset_t`` where a real token starts a document that is
     not the row's first; ``real_t = segment_ids_t != PAD``."""

@@ -268,7 +268,10 @@ class Attention(nnx.Module):
         split = lambda y: y.reshape(b, t, self.h, self.k)
         return rope(split(self.wq(x)), pos, self.base), rope(split(self.wk(x)), pos, self.base), split(self.wv(x))
 
-    def __call__(self, x, segment_ids=None):
+    def __call__(self, x, segment_ids=None, segment_align: int = 0):
+        """``x [b, t, d] -> [b, t, d]``; ``segment_ids [b, t]``: block-diagonal by document
+        (``segment_align``, the memory layers' fast-path hint, changes nothing here)."""
+        del segment_align
         pos = jnp.arange(x.shape[1])
         q, k, v = self._proj(x, pos)
         y = flash_attend(q, k, v, window=self.window, segment_ids=segment_ids)

@@ -258,16 +258,18 @@ class MirasLayer(nnx.Module):
 
     # -- full sequence, prefill, step --------------------------------------------------------
 
-    def __call__(self, x, segment_ids=None):
+    def __call__(self, x, segment_ids=None, segment_align: int = 0):
         """``x [b, t, d] -> [b, t, d]``; ``segment_ids [b, t]``: packed rows (``mj.memorize``: each
-        document restarts the memory; the convolution and the memory see only their document)."""
+        document restarts the memory; the convolution and the memory see only their document);
+        ``segment_align``: every document starts at a multiple of it (``mj.memorize``)."""
         q, k, v, _ = self._qkv(x, None, segment_ids)
         # heads over the mesh's tensor axis, batch over data/fsdp (no-op without an active mesh)
         q, k, v = (sharding.constrain(a, ("batch", "seq", "heads", "dim")) for a in (q, k, v))
         y, _ = memorize_batched(self.spec, self.memory_init(), q, k, v, self._gates(x),
                                 chunk_size=self.chunk_size, implementation=self.plan.implementation,
                                 remat_every=self.remat_every, grad_horizon=self.grad_horizon,
-                                segment_ids=segment_ids, **self._mesh_kw(q.shape[0]))
+                                segment_ids=segment_ids, segment_align=segment_align,
+                                **self._mesh_kw(q.shape[0]))
         y = sharding.constrain(y, ("batch", "seq", "heads", "dim"))
         return self._out(x, y)
 

@@ -147,9 +147,9 @@ class MirasBlock(nnx.Module):
         self.norm2 = nnx.RMSNorm(cfg.d_model, rngs=rngs)
         self.mlp = SwiGLU(cfg.d_model, cfg.hidden, dtype=dt, rngs=rngs)
 
-    def __call__(self, x, segment_ids=None):
+    def __call__(self, x, segment_ids=None, segment_align: int = 0):
         x = x + self.mixer(checkpoint_name(normed(self.norm1, x, self.dtype), "mixer_in"),
-                           segment_ids).astype(x.dtype)
+                           segment_ids, segment_align).astype(x.dtype)
         return x + self.mlp(checkpoint_name(normed(self.norm2, x, self.dtype), "mlp_in")).astype(x.dtype)
 
     def prefill(self, x, max_len: int, segment_ids=None):
@@ -191,12 +191,12 @@ class MirasLM(nnx.Module):
         h = self.norm(h.astype(jnp.float32))
         return self.embed.attend(h) if self.head is None else self.head(h)
 
-    def _apply(self, graphdef):
+    def _apply(self, graphdef, segment_align: int = 0):
         """``(state, h) -> block(h)`` for blocks of ``graphdef``, rematerialised per ``cfg.remat``."""
-        run = lambda s, x, seg: nnx.merge(graphdef, s)(x, seg)  # noqa: E731 - a pure function of the block's state
+        run = lambda s, x, seg: nnx.merge(graphdef, s)(x, seg, segment_align)  # noqa: E731 - pure in the state
         return run if self.cfg.remat == "none" else jax.checkpoint(run, policy=REMAT_POLICIES[self.cfg.remat])
 
-    def _blocks(self, h, segment_ids=None):
+    def _blocks(self, h, segment_ids=None, segment_align: int = 0):
         """All blocks on ``h``. ``cfg.scan_blocks``: the blocks of each whole pattern period (``"M"``:
         one block, ``"MS"``: two) are one ``lax.scan`` step over their states stacked on the fly, so
         the program holds one period whatever the depth (a 24-block model compiles like one block;
@@ -212,23 +212,26 @@ class MirasLM(nnx.Module):
 
             def period_step(h, states):
                 for gd, st in zip(graphdefs, states):
-                    h = self._apply(gd)(st, h, segment_ids)
+                    h = self._apply(gd, segment_align)(st, h, segment_ids)
                 return h, None
 
             h, _ = jax.lax.scan(period_step, h, stacked)
         for gd, st in split[n:]:
-            h = self._apply(gd)(st, h, segment_ids)
+            h = self._apply(gd, segment_align)(st, h, segment_ids)
         return h
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, segment_align: int = 0):
         """Logits ``[b, t, V]`` (float32); with ``positions: [b, n]`` (int) only those positions'
         ``[b, n, V]`` (the head is the costly part with a large vocabulary and few scored tokens, e.g.
         MQAR). ``segment_ids [b, t]`` (int; 0 = padding): packed rows, every mixer (memory,
-        convolution, attention) restricted to each token's document (``mj.memorize``)."""
+        convolution, attention) restricted to each token's document (``mj.memorize``);
+        ``segment_align``: every document starts at a multiple of it (a packer's padding; the memory
+        layers whose chunk divides it run the cheaper one-document chunks, ``mj.memorize``)."""
         self._check(tokens)
         if segment_ids is not None:
             segment_ids = segments_lib.check_segment_ids(segment_ids, tokens.shape)
-        h = self._blocks(self._embed(tokens), segment_ids)
+        segment_align = segments_lib.check_align(segment_ids, segment_align)
+        h = self._blocks(self._embed(tokens), segment_ids, segment_align)
         if positions is not None:
             h = jnp.take_along_axis(h, positions[..., None], axis=1)
         return self._logits(h)

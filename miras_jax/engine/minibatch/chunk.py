@@ -26,7 +26,8 @@ from miras_jax.engine.tokens import MemoryState
 
 
 def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int,
-                     remat_every: int = 0, valid_len=None, vjp: str = "hand", segments=None):
+                     remat_every: int = 0, valid_len=None, vjp: str = "hand", segments=None,
+                     segment_align: int = 0):
     """Mini-batch chunked form of one head: ``(y [T, v], final MemoryState)``.
 
     ``remat_every = R > 0`` checkpoints groups of ``R`` chunks: activation memory
@@ -36,7 +37,9 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
     chunk forward ``vjp.chunk_fwd``, differentiated by its hand-written backward (``vjp="hand"``,
     where ``plan.hand_vjp_blocker`` names no blocker: GD, scalar decay) or by autodiff of that same
     forward (``"autodiff"``; always for channel-wise decay). ``segments = (reset [T],
-    real [T], reset_state)``: packed rows, with ``reference.py``'s semantics at document starts.
+    real [T], reset_state)``: packed rows, with ``reference.py``'s semantics at document starts;
+    ``segment_align`` a multiple of ``chunk_size``: every document starts on the chunk grid (checked
+    by the caller where the ids are concrete), so each chunk runs as one document (cheaper).
     """
     if vjp not in ("hand", "autodiff"):
         raise ValueError(f"vjp must be 'hand' or 'autodiff', got {vjp!r}")
@@ -80,7 +83,8 @@ def memorize_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size:
                              None if reset is None else chunks(reset))
     autodiff = vjp == "autodiff" or plan_lib.hand_vjp_blocker(spec, channel) is not None
     y, P_end, A_end, S_end = chunked_vjp.memorize(spec, state, xs, remat_every, autodiff=autodiff,
-                                                  reset_state=None if reset is None else reset_state)
+                                                  reset_state=None if reset is None else reset_state,
+                                                  aligned=segment_align > 0 and segment_align % c == 0)
     ret_state = state.retention
     if mode == "scale":
         ret_state = spec.retention.with_acc(ret_state, spec.memory.from_leaves(A_end))

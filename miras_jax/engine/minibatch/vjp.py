@@ -274,7 +274,9 @@ def _factors_bwd(lay: Layout, head_vjp, P, X, AZ, E, M, dX, dE, alt=None):
 class Config(NamedTuple):
     """Everything static about a run: the memory, its layout, bias, retention and chunk mode;
     ``momentum`` (momentum GD), ``channel`` (a channel-wise decay ``log_a [c, k]``, autodiff only:
-    ``plan.hand_vjp_blocker``) and ``packed`` (rows with document boundaries)."""
+    ``plan.hand_vjp_blocker``), ``packed`` (rows with document boundaries) and ``aligned`` (packed
+    rows whose documents all start at a chunk's position 0: only the position-0 swap runs, no chunk
+    holds a second document)."""
 
     memory: object
     lay: Layout
@@ -285,6 +287,7 @@ class Config(NamedTuple):
     momentum: bool = False
     channel: bool = False
     packed: bool = False          # packed rows (``ChunkIn.reset``)
+    aligned: bool = False         # packed rows, every document start on the chunk grid
 
 
 def static_q(spec) -> int | None:
@@ -431,7 +434,7 @@ def _channel_chunk(B, N, x: ChunkIn, delta, B_star=None):
     Packed rows (``x.reset``; ``B_star`` the reset base, less ``N``): products run within a document
     (``D`` 0 across documents), ``beta`` reaches ``B`` from the chunk's first document only, and a later
     one adds ``B_star (rho_i * q_i)``, ``rho_ik = prod_{s<=l<=i} a_lk`` (``s`` its first token)."""
-    if x.reset is None:
+    if B_star is None:   # one document (aligned packed rows too: a restart only at position 0)
         D = decay_matrix(x.log_a)                                        # [c, c, k]
         beta = jnp.exp(jnp.cumsum(x.log_a, axis=0))                      # [c, k]
     else:
@@ -443,7 +446,7 @@ def _channel_chunk(B, N, x: ChunkIn, delta, B_star=None):
     scores = jnp.einsum("jk,ijk,ik->ij", x.k, D, x.q) * (-x.lr)[None, :]
     y = (x.q * beta) @ W0.T + scores @ delta
     W_end = W0 * beta[-1][None, :] + jnp.einsum("jv,j,jk->vk", delta, -x.lr, x.k * D[-1])
-    if x.reset is not None:
+    if B_star is not None:
         y, W_end = y + (x.q * rho) @ B_star[0].T, W_end + B_star[0] * rho[-1][None, :]
     if N:
         y, W_end = y + x.q @ N[0].T, W_end + N[0]
@@ -510,11 +513,13 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
     lay, mode = cfg.lay, cfg.mode
     c = x.q.shape[0]
     packed = x.reset is not None
+    split = packed and not cfg.aligned   # a document may start inside the chunk
     if packed:
         P, A, Mom, s_prev = _swap(hp, x, (P, A, Mom, s_prev))
+    if split:
         first = _documents(x.reset)[1]
     mom = rho = D = None
-    if packed and not cfg.channel:
+    if split and not cfg.channel:
         C, beta, rho, *m = _packed_coefficients(cfg, x.lr, x.log_a, x.log_m, x.real, x.reset)
     elif cfg.momentum:
         C, beta, *m = momentum_coefficients(x.lr, x.log_a, x.log_m, x.real, decay_matrix(x.log_a))
@@ -524,7 +529,7 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
         gamma, m_end, Cs_end = m
         mom = (gamma, Mom)
     # packed rows: the chunk's later documents take their gradients at the reset memory
-    alt = (hp["reset"]["P"], first[:, None] > 0) if packed else None
+    alt = (hp["reset"]["P"], first[:, None] > 0) if split else None
     X, Z, E, M = _factors(lay, cfg.bias, hp["bias"], P, x.k, x.v, x.g, alt)
     N = hp["anchor"]
     if mode == "linear":
@@ -538,7 +543,7 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
         Bw = [b - n for b, n in zip(Bw, N)]
     if cfg.channel:
         B_star = None
-        if packed:   # the chunk's later documents restart from the reset memory (less the anchor)
+        if split:   # the chunk's later documents restart from the reset memory (less the anchor)
             B_star = [b - n for b, n in zip(hp["reset"]["P"], N)] if N else hp["reset"]["P"]
         P_end, y = _channel_chunk(Bw, N, x, E[0], B_star)
         return P_end, A, Mom, [], y, None
@@ -550,7 +555,7 @@ def chunk_fwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn):
         Mom = _end_state(Mom, m_end, Cs_end, X, E)
     if mode == "scale":
         s_end = _scales(cfg, hp["retention"], Z_end)
-        if packed:   # later documents read with s(A_*)
+        if split:   # later documents read with s(A_*)
             s_prev = [jnp.where(first > 0, sp, si) for sp, si in zip(s_prev, hp["reset"]["s"])]
         S = _token_scales(s_end, s_prev, c)
         P_end, A_end = [s * z for s, z in zip(s_end, Z_end)], Z_end
@@ -571,20 +576,22 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
     lay, mode, act = cfg.lay, cfg.mode, cfg.lay.act
     c = x.q.shape[0]
     packed = x.reset is not None
+    split = packed and not cfg.aligned
     if packed:
         P, A, Mom, s_prev = _swap(hp, x, (P, A, Mom, s_prev))
+    if split:
         first = _documents(x.reset)[1]
     Z, M1, YX, R, D = resid
     M = [None, *M1]
     AZ = [_acts(act, z, 3) for z in Z[:-1]]
     X, E, head_vjp = _factors_from(lay, cfg.bias, hp["bias"], x.k, x.v, x.g, Z, M, AZ)
     mom = rho = None
-    if packed or cfg.momentum:
-        coeffs = functools.partial(_packed_coefficients, cfg) if packed else (
+    if split or cfg.momentum:
+        coeffs = functools.partial(_packed_coefficients, cfg) if split else (
             lambda lr, la, lm, real, _: momentum_coefficients(lr, la, lm, real, decay_matrix(la)))
         (C, beta, *m), coeff_vjp = jax.vjp(lambda lr, la, lm: coeffs(lr, la, lm, x.real, x.reset),
                                            x.lr, x.log_a, x.log_m)
-        if packed:
+        if split:
             rho, *m = m
         if cfg.momentum:
             gamma, m_end, Cs_end = m
@@ -610,7 +617,7 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
             dP_keep = [jnp.where(any_real, 0.0, g) for g in dP_end]
             dP_end = [jnp.where(any_real, g, 0.0) for g in dP_end]
         s_end, scale_vjp = _scales_with_vjp(cfg, hpr, A_next)
-        s_tok = [jnp.where(first > 0, sp, si) for sp, si in zip(s_prev, hp["reset"]["s"])] if packed else s_prev
+        s_tok = [jnp.where(first > 0, sp, si) for sp, si in zip(s_prev, hp["reset"]["s"])] if split else s_prev
         S = _token_scales(s_end, s_tok, c)
         ds_end = [d + jnp.sum(g * z) for d, g, z in zip(ds_end, dP_end, A_next)]
         dZ_end = [da + s * g for da, s, g in zip(dA_end, s_end, dP_end)]
@@ -624,7 +631,7 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
     if mode == "scale":
         last = jnp.arange(c) == c - 1
         ds_end = [d + jnp.sum(jnp.where(last, g, 0.0)) for d, g in zip(ds_end, dS)]
-        if packed:
+        if split:
             ds_prev = [jnp.sum(jnp.where(last | (first == 0), 0.0, g)) for g in dS]
             ds_reset = [jnp.sum(jnp.where(last | (first > 0), 0.0, g)) for g in dS]
         else:
@@ -640,7 +647,7 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
         dG.append([a + coef[-1] * z for a, z in zip(dGi, dZ_end)])
     if N:   # Z_end = ... + N directly, and B - N everywhere B entered (the reset base too)
         dN = [r + z - b for r, z, b in zip(dN, dZ_end, dB)]
-        if packed:
+        if split:
             dN = [a - b for a, b in zip(dN, dG[-1])]
     dX = [a + b for a, b in zip(dX, dX_e)]
     dE = [a + b for a, b in zip(dE, dE_e)]
@@ -664,30 +671,31 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
         dP, dA = None, dB
     else:
         dP, dA = dB, A
-    alt = (hp["reset"]["P"], first[:, None] > 0) if packed else None
+    alt = (hp["reset"]["P"], first[:, None] > 0) if split else None
     dP_f, dk, dv, dg, dhpb, dP_star = _factors_bwd(lay, head_vjp, P, X, AZ, E, M, dX, dE, alt)
     dP = dP_f if dP is None else [a + b for a, b in zip(dP, dP_f)]
     if dP_keep is not None:
         dP = [a + b for a, b in zip(dP, dP_keep)]
-    dmask = (None, None)
-    if packed or cfg.momentum:
-        dcoef_out = (dC, dbeta) + ((dcoefs[-1],) if packed else ()) + (
+    dlm = None
+    if split or cfg.momentum:
+        dcoef_out = (dC, dbeta) + ((dcoefs[-1],) if split else ()) + (
             (dcoefs[0], dm_end, dCs) if cfg.momentum else ())
         dlr, dla, dlm = coeff_vjp(dcoef_out)
-        dmask = (dlm, jnp.zeros_like(x.real))
     else:
         dlr, dla = _coeffs_bwd(mode, C, beta, D, dC, dbeta)
+    dmask = (dlm, None if x.real is None else jnp.zeros_like(x.real))
     dlr, dla = dlr.at[0].add(dlr0), dla.at[0].add(dla0)
     dhp = {"bias": dhpb, "retention": dhpr, "anchor": dN, "anchor_dual": dNd}
     reset = None
     if packed:
         (dP, dA, dMom, ds_prev), d_rs = _swap_bwd(x, (dP, dA, dMom, ds_prev))
-        if mode == "scale":
+        if split and mode == "scale":
             d_rs["A"] = [a + b for a, b in zip(d_rs["A"], dG[-1])]
             d_rs["s"] = [a + b for a, b in zip(d_rs["s"], ds_reset)]
-        else:
+        elif split:
             d_rs["P"] = [a + b for a, b in zip(d_rs["P"], dG[-1])]
-        d_rs["P"] = [a + b for a, b in zip(d_rs["P"], dP_star)]
+        if split:
+            d_rs["P"] = [a + b for a, b in zip(d_rs["P"], dP_star)]
         dhp["reset"] = d_rs
         reset = jnp.zeros_like(x.reset)
     dx = ChunkIn(dq, dk, dv, dg, dlr, dla, jnp.zeros_like(x.first_real), *dmask, reset)
@@ -803,18 +811,20 @@ def _engine(cfg: Config, group: int):
     return run
 
 
-def memorize(spec, state, xs: ChunkIn, group: int = 0, autodiff: bool = False, reset_state=None):
+def memorize(spec, state, xs: ChunkIn, group: int = 0, autodiff: bool = False, reset_state=None,
+             aligned: bool = False):
     """One head: the chunks ``xs`` (leaves ``[n, c, ...]``) from ``state``; ``group = R > 0`` keeps
     every R-th chunk-start state only (``remat_every``). Returns ``(y [n, c, v], P_end, A_end, S_end)``
     as leaf lists (``A`` is ``[]`` unless the retention is "scale", ``S`` the momentum state, ``[]``
     without momentum). ``autodiff`` (forced where ``plan.hand_vjp_blocker`` names a blocker): the same
     forward (:func:`chunk_fwd` scanned), differentiated by JAX instead of the hand-written backward.
-    ``reset_state``: packed rows (``xs.reset``), the state a document restarts from."""
+    ``reset_state``: packed rows (``xs.reset``), the state a document restarts from; ``aligned``: they
+    restart only at a chunk's position 0 (the caller's promise, :func:`Config`)."""
     mem, ret = spec.memory, spec.retention
     mode = ret.chunk_mode
     momentum = spec.optimizer.update_form == "momentum"
     cfg = Config(mem, layout(mem), spec.bias, ret, mode, static_q(spec) if mode == "scale" else None,
-                 momentum, xs.log_a.ndim == 3, xs.reset is not None)
+                 momentum, xs.log_a.ndim == 3, xs.reset is not None, aligned and xs.reset is not None)
     anchor = ret.anchor_of(state.retention)
     # the anchor is constant over chunks: its cotangent accumulates over the reverse scan like a
     # hyper-parameter's. "lag" runs its linear part in the primal (anchor from_dual(z_*)) and the
