@@ -28,10 +28,10 @@ def evaluate_run(workdir: str, *, data_path=None, step=None, eval_batches=None) 
     if eval_batches is not None:
         cfg = configs.override(cfg, [f"eval_batches={eval_batches}"])
     task = train_lib.make_task(cfg, data_path)
-    _, eval_step = train_lib.make_steps(graphdef, rest, None)
+    _, eval_step = train_lib.make_steps(graphdef, rest, None, segment_align=task.segment_align)
     out = {"workdir": workdir, "step": restored_step, "task": cfg.task, "preset": cfg.model.preset,
            **train_lib.evaluate(eval_step, params, task.eval_sets)}
-    out.update(train_lib.lm_summary(out))
+    out.update(train_lib.lm_summary(out, task.tokens_per_byte))
     return out
 
 

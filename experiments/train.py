@@ -3,6 +3,7 @@
     python -m experiments.train --config=smoke --workdir=runs/smoke
     python -m experiments.train --config=mqar --preset=gated_deltanet --workdir=runs/mqar_gdn
     python -m experiments.train --config=charlm --data=path/to/text.txt --workdir=runs/lm
+    python -m experiments.train --config=corpus --data=corpora/stdlib --workdir=runs/corpus  # experiments.prepare's output
     python -m experiments.train ... --resume=auto       # continue the run in --workdir exactly
     python -m experiments.train ... --overwrite         # delete the run in --workdir, start afresh
 
@@ -39,7 +40,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from experiments import cli, configs, data
+from experiments import cli, configs, data, lm_data
 from experiments.checkpoint import CheckpointError, Checkpointer, resolve_resume, saved_steps
 from miras_jax import presets, sharding
 from miras_jax.nn import LMConfig, MirasLM, count_params
@@ -79,10 +80,86 @@ class Task:
     vocab: int
     train_batch: Any            # (seed, step) -> batch dict
     eval_sets: dict             # name -> list of batch dicts
+    iterator: Any = None        # (start step, saved data state | None) -> iterator with get_state(); None:
+                                # data.DataIterator over train_batch
+    local_rows: bool = False    # the iterator yields this host's rows only (else the global batch)
+    segment_align: int = 0      # packed rows: every document starts at a multiple of this
+    tokens_per_byte: float = 1.0  # validation text: scored tokens per UTF-8 byte (bits per byte)
+
+
+def corpus_config(cfg: configs.TrainConfig, data_path: str | None) -> configs.TrainConfig:
+    """A corpus run's config: the model's vocabulary is the corpus tokenizer's (``meta.json``)."""
+    if not data_path:
+        raise ValueError("the corpus task needs --data=DIR (a corpus written by python -m experiments.prepare)")
+    vocab = lm_data.load_meta(data_path)["vocab_size"]
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+class _Rows:
+    """A packed-row grain iterator as a training iterator: the model's keys only (``inputs``,
+    ``targets``, ``mask``, ``segment_ids``); ``get_state`` / ``set_state`` are grain's (JSON)."""
+
+    KEYS = ("inputs", "targets", "mask", "segment_ids")
+
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.it)
+        return {k: batch[k] for k in self.KEYS}
+
+    def get_state(self) -> dict:
+        return self.it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.it.set_state(state)
+
+
+def _corpus_task(cfg: configs.TrainConfig, data_path: str | None) -> Task:
+    """Language modelling on a tokenized corpus (``experiments.prepare``): packed rows with
+    ``segment_ids`` from ``lm_data`` (documents aligned to the chunk grid with ``align_documents``),
+    this host's share of the documents; validation on the first ``eval_batches`` packed rows."""
+    if not data_path:
+        raise ValueError("the corpus task needs --data=DIR (a corpus written by python -m experiments.prepare)")
+    meta = lm_data.load_meta(data_path)
+    if cfg.model.vocab_size != meta["vocab_size"]:
+        raise ValueError(f"the corpus {data_path} has a {meta['vocab_size']}-token vocabulary "
+                         f"({os.path.join(data_path, 'meta.json')}) but the model has {cfg.model.vocab_size}: "
+                         "train on the corpus the run was trained on (its tokenizer is in the run's tokenizer/)")
+    align = cfg.model.chunk_size if cfg.align_documents and cfg.model.chunk_size > 1 else 0
+    count = jax.process_count()
+    if cfg.batch % count:
+        raise ValueError(f"batch={cfg.batch} must be divisible by the {count} processes")
+
+    def iterator(start: int, state: dict | None):
+        ds = lm_data.packed_dataset(data_path, "train", seq_len=cfg.seq_len, batch_size=cfg.batch // count,
+                                    seed=cfg.seed, shard=(jax.process_index(), count), align=align,
+                                    worker_count=cfg.data_workers)
+        it = _Rows(iter(ds))
+        if state is not None:
+            it.set_state(state)
+        elif start:
+            raise TrainingError(f"cannot resume the corpus run at step {start}: its checkpoint holds no "
+                                "data-iterator state")
+        return it
+
+    val = meta["splits"].get("validation", {})
+    evals = [{k: b[k] for k in _Rows.KEYS} for b, _ in lm_data.eval_rows(
+        data_path, "validation", seq_len=cfg.seq_len, batch_size=cfg.batch, max_batches=cfg.eval_batches,
+        align=align)] if val.get("documents") else []
+    targets = val.get("tokens", 0) - val.get("documents", 0)   # a document's first token is not predicted
+    tokens_per_byte = targets / val["bytes"] if val.get("bytes") else float("nan")
+    return Task(meta["vocab_size"], None, {"val": evals} if evals else {}, iterator=iterator, local_rows=True,
+                segment_align=align, tokens_per_byte=tokens_per_byte)
 
 
 def make_task(cfg: configs.TrainConfig, data_path: str | None) -> Task:
     drop = lambda b: {k: b[k] for k in ("inputs", "targets", "mask")}
+    if cfg.task == "corpus":
+        return _corpus_task(cfg, data_path)
     if cfg.task == "mqar":
         ev = functools.partial(data.mqar_batch, batch=cfg.batch, seq_len=cfg.seq_len, vocab=cfg.mqar_vocab,
                                num_pairs=cfg.num_pairs, query_power=cfg.mqar_query_power,
@@ -189,18 +266,21 @@ def micro_batches(batch: dict, n: int) -> dict:
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
 
 
-def step_fns(graphdef, tx, mesh=None, grad_accum: int = 1):
+def step_fns(graphdef, tx, mesh=None, grad_accum: int = 1, segment_align: int = 0):
     """Pure ``train_step(params, opt_state, rest, batch) -> (params, opt_state, loss, accuracy,
     grad_norm)`` and ``loss_fn(params, rest, batch) -> (loss, accuracy)`` (what ``make_steps`` jits
     and ``experiments.aot`` compiles for a TPU topology). With a ``mesh`` the model is traced under
     it (activation constraints, shard_map'd kernels). ``grad_accum = n``: the batch runs as ``n``
     micro-batches in a ``lax.scan`` (one at a time in memory) whose gradients add up to the whole
     batch's, ``grad sum_i CE_i / N`` with ``N`` the batch's scored tokens: the same step as
-    ``n = 1`` up to float rounding."""
+    ``n = 1`` up to float rounding. Packed rows (``segment_ids`` in the batch) run with
+    ``segment_align`` (their documents' alignment, ``MirasLM.__call__``)."""
 
     def sums_fn(params, rest, batch):
         with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            logits = merge(graphdef, params, rest)(batch["inputs"], batch.get("positions"))
+            seg = batch.get("segment_ids")
+            logits = merge(graphdef, params, rest)(batch["inputs"], batch.get("positions"), segment_ids=seg,
+                                                   segment_align=segment_align if seg is not None else 0)
         return masked_sums(logits, batch)
 
     def loss_fn(params, rest, batch):
@@ -235,12 +315,13 @@ def step_fns(graphdef, tx, mesh=None, grad_accum: int = 1):
     return train_step, loss_fn
 
 
-def make_steps(graphdef, rest, tx, placement: Placement | None = None, grad_accum: int = 1):
+def make_steps(graphdef, rest, tx, placement: Placement | None = None, grad_accum: int = 1,
+               segment_align: int = 0):
     """Jitted ``train_step(params, opt_state, batch)`` and ``eval_step(params, batch)`` (``step_fns``
     with ``rest`` fixed). With a ``placement`` the steps keep params / optimizer state on their
     ``NamedSharding``s and trace the model under the mesh."""
     mesh = placement.mesh if placement else None
-    train_fn, loss_fn = step_fns(graphdef, tx, mesh, grad_accum)
+    train_fn, loss_fn = step_fns(graphdef, tx, mesh, grad_accum, segment_align)
     kw = {}
     if placement is not None:
         kw = dict(out_shardings=(placement.params, placement.opt_state, *(sharding.replicated(mesh),) * 3))
@@ -262,6 +343,13 @@ class Placement:
         local = data.host_rows(batch, jax.process_index(), jax.process_count())
         return {key: jax.make_array_from_process_local_data(
             sharding.batch_sharding(self.mesh, np.ndim(x)), local[key], np.shape(x)) for key, x in batch.items()}
+
+    def put_local(self, local: dict) -> dict:
+        """This host's rows (a per-host data pipeline) -> global arrays sharded over the batch axes."""
+        count = jax.process_count()
+        return {key: jax.make_array_from_process_local_data(
+            sharding.batch_sharding(self.mesh, np.ndim(x)), x, (np.shape(x)[0] * count, *np.shape(x)[1:]))
+            for key, x in local.items()}
 
 
 def place(mesh_text: str, params, tx, batch: int) -> tuple[Placement, Any, Any]:
@@ -295,12 +383,13 @@ def evaluate(eval_step, params, eval_sets: dict, put=lambda b: b) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def lm_summary(evals: dict) -> dict:
-    """Byte-level LM figures from the validation loss (nats / byte): bits per byte and perplexity."""
+def lm_summary(evals: dict, tokens_per_byte: float = 1.0) -> dict:
+    """LM figures from the validation loss (nats / token): perplexity and bits per byte (``loss / ln 2 x
+    tokens_per_byte``: 1 for byte-level runs; a tokenized corpus's scored tokens per byte)."""
     if "eval_val_loss" not in evals:
         return {}
     loss = evals["eval_val_loss"]
-    return {"val_bits_per_byte": loss / math.log(2), "val_perplexity": math.exp(loss)}
+    return {"val_bits_per_byte": loss / math.log(2) * tokens_per_byte, "val_perplexity": math.exp(loss)}
 
 
 def strict_json(obj: Any) -> Any:
@@ -421,7 +510,7 @@ class StopOnSignal:
         self._restore()
 
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "tensorboard")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "tensorboard", "tokenizer")
 
 
 def existing_run(workdir: str) -> str | None:
@@ -479,6 +568,8 @@ def train(cfg: configs.TrainConfig, workdir: str, *, data_path: str | None = Non
 
 
 def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, overwrite=False) -> dict:
+    if cfg.task == "corpus":
+        cfg = corpus_config(cfg, data_path)
     cfg = resolved(cfg)
     resume_dir = resolve_resume(workdir, resume) if resume else None  # fail before building the model
     check_workdir(workdir, resume, resume_dir, overwrite)
@@ -487,17 +578,20 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, 
     if overwrite:
         clear_run(workdir)
     os.makedirs(workdir, exist_ok=True)  # only now: a run that fails validation leaves no directory
+    if cfg.task == "corpus":   # the tokenizer travels with the run (evaluate / generate / lm-eval)
+        _copy_tokenizer(data_path, workdir)
     placement = None
     if mesh:
         placement, params, opt_state = place(mesh, params, tx, cfg.batch)
     else:
         opt_state = tx.init(params)
-    train_step, eval_step = make_steps(graphdef, rest, tx, placement, cfg.grad_accum)
+    train_step, eval_step = make_steps(graphdef, rest, tx, placement, cfg.grad_accum, task.segment_align)
     put = placement.put_batch if placement is not None else (lambda b: b)
+    put_train = placement.put_local if (placement is not None and task.local_rows) else put
     ckpt_dir = os.path.join(workdir, "checkpoints")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     cfg_dict = _config_dict(cfg)
-    start = 0
+    start, data_state = 0, None
     with (Checkpointer(ckpt_dir, max_to_keep=3, save_every=cfg.checkpoint_every) as ckpt,
           _TensorBoard(os.path.join(workdir, "tensorboard"), enabled=cfg.tensorboard) as tb,
           StopOnSignal() as stopper):
@@ -517,12 +611,13 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, 
                 raise TrainingError(f"cannot resume from {resume_dir}: its model differs from this run's in "
                                     f"{diff}. Pass the checkpoint's settings, or train into a new --workdir")
             params, opt_state = state["params"], state["opt_state"]
-            start = int(state["step"])
+            start, data_state = int(state["step"]), meta.get("data")
             print(f"resumed from {resume_dir} at step {start} of {cfg.steps}", file=sys.stderr, flush=True)
             tb.resume_at(start)
         rows = _read_metrics(metrics_path, start) if resume_dir is not None else []
         _write_metrics(metrics_path, rows)  # once: drops rows past the restored step; then append
-        it = data.DataIterator(task.train_batch, cfg.seed, step=start)
+        it = (task.iterator(start, data_state) if task.iterator is not None
+              else data.DataIterator(task.train_batch, cfg.seed, step=start))
         end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
         n_params = count_params(merge(graphdef, params, rest))
         tokens_per_step = cfg.batch * cfg.seq_len
@@ -539,7 +634,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, 
         t_offset = rows[-1].get("elapsed_s", 0.0) if rows else 0.0  # training time before a resume
         done, bar_tps = start, 0.0  # the bar shows the last logged tokens/s between log steps
         for step in range(start + 1, end + 1):
-            batch = put(next(it))
+            batch = put_train(next(it))
             params, opt_state, loss, acc, gnorm = train_step(params, opt_state, batch)
             loss = float(loss)
             seen += tokens_per_step
@@ -564,7 +659,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, 
                 last_eval = evaluate(eval_step, params, task.eval_sets, put)
                 row = {**(row or {"step": step, "loss": loss, "elapsed_s": elapsed}), **last_eval}
                 accs = [v for k, v in last_eval.items() if k.endswith("_accuracy")]
-                if cfg.task != "charlm" and reached is None and accs and min(accs) >= cfg.target_accuracy:
+                if cfg.task in ("mqar", "niah") and reached is None and accs and min(accs) >= cfg.target_accuracy:
                     reached = row
                     row["reached_target"] = True
                     final = final or cfg.stop_at_target
@@ -591,7 +686,7 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, 
                              for r in rows if any(k.startswith("eval_") for k in r)]
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     summary["train_tokens_per_s"] = float(np.median(tps)) if tps else None
-    summary.update(lm_summary(last_eval))
+    summary.update(lm_summary(last_eval, task.tokens_per_byte))
     if reached is not None:
         summary["target_accuracy"] = cfg.target_accuracy
         summary["reached_target_at_step"] = reached["step"]
@@ -601,6 +696,27 @@ def _train(cfg, workdir, *, data_path, resume, stop_after, progress, mesh=None, 
     if rows:
         plot(rows, os.path.join(workdir, "loss.png"), f"{cfg.task} / {cfg.model.preset} / {cfg.model.pattern}")
     return summary
+
+
+def _copy_tokenizer(data_path: str, workdir: str) -> None:
+    """The corpus's ``tokenizer/`` into ``workdir/tokenizer`` (replaced atomically)."""
+    src = os.path.join(data_path, lm_data.load_meta(data_path).get("tokenizer", "tokenizer"))
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"the corpus {data_path} has no tokenizer directory {src}")
+    dst = os.path.join(workdir, "tokenizer")
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def run_tokenizer(workdir: str):
+    """The tokenizer of the run in ``workdir``: its ``tokenizer/`` (corpus runs), else bytes."""
+    from experiments import tokenizer
+
+    path = os.path.join(workdir, "tokenizer")
+    return tokenizer.load(path if os.path.isdir(path) else "bytes")
 
 
 def resolved(cfg: configs.TrainConfig) -> configs.TrainConfig:

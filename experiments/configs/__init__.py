@@ -12,7 +12,7 @@ import pkgutil
 
 from miras_jax.nn import LMConfig
 
-TASKS = ("mqar", "charlm", "niah")
+TASKS = ("mqar", "charlm", "niah", "corpus")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,9 @@ class TrainConfig:
     time_budget_s: float = 0.0     # > 0: stop (eval + checkpoint) after this much training time
     tensorboard: bool = True       # also write <workdir>/tensorboard when tensorboardX is installed
     grad_accum: int = 1            # micro-batches per step: the batch is split, gradients summed (exact)
+    # corpus task (a directory written by experiments.prepare, --data=DIR): packed rows (lm_data)
+    align_documents: bool = True   # documents start at multiples of model.chunk_size (segment_align)
+    data_workers: int = 0          # grain worker processes (0: in the training process)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -68,7 +71,10 @@ def names() -> tuple[str, ...]:
 
 def task_vocab(cfg: TrainConfig) -> int:
     """The model's vocabulary for ``cfg``'s task: MQAR's ``mqar_vocab``; for byte tasks (charlm,
-    niah) ``model.vocab_size``, at least 256 (a byte stream uses ids below 256 of a larger one)."""
+    niah) ``model.vocab_size``, at least 256 (a byte stream uses ids below 256 of a larger one); for a
+    tokenized corpus ``model.vocab_size`` (set from the corpus's ``meta.json`` when the run starts)."""
+    if cfg.task == "corpus":
+        return cfg.model.vocab_size
     return cfg.mqar_vocab if cfg.task == "mqar" else max(256, cfg.model.vocab_size)
 
 
