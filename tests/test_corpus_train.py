@@ -82,3 +82,22 @@ def test_a_corpus_of_another_vocabulary_is_refused(corpus, tmp_path):
         train_lib.train(TINY, str(tmp_path / "x"), progress=False)
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         train_lib.train(TINY, str(tmp_path / "x"), data_path=str(tmp_path), progress=False)
+
+
+def test_eval_lm_scores_every_validation_target_once_at_each_length(corpus, tmp_path):
+    from experiments import eval_lm, lm_data
+
+    data = str(corpus / "bpe")
+    train_lib.train(configs.override(TINY, ["steps=2"]), str(tmp_path), data_path=data, progress=False)
+    val = lm_data.load_meta(data)["splits"]["validation"]
+    results = eval_lm.evaluate_lengths(str(tmp_path), data, [1, 2])
+    assert [r["length"] for r in results] == [64, 128]
+    for r in results:
+        assert r["tokens"] == val["tokens"] - val["documents"]   # every target once
+        by_pos = [b for b in r["loss_by_position"] if b["tokens"]]
+        assert sum(b["tokens"] for b in by_pos) == r["tokens"]
+        assert sum(b["loss"] * b["tokens"] for b in by_pos) / r["tokens"] == pytest.approx(r["loss"], rel=1e-9)
+        assert r["perplexity"] == pytest.approx(np.exp(r["loss"]))
+    np.testing.assert_array_equal(eval_lm.buckets(64), [0, 1, 2, 4, 8, 16, 32, 64])
+    with pytest.raises(ValueError, match="256-token vocabulary"):
+        eval_lm.evaluate_lengths(str(tmp_path), str(corpus / "bytes"), [1])
