@@ -61,6 +61,7 @@ summary line; bad input is a one-line error naming the file (and line), exit sta
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -103,10 +104,11 @@ Report = Callable[[int], None]   # called with the number of input bytes (on dis
 # ------------------------------------------------------------------------------------------------
 
 
-def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
-    """Comma-separated globs (or a list of them) -> sorted, de-duplicated file paths.
-    ``FileNotFoundError`` for a missing file or a glob matching nothing; ``ValueError`` for no
-    patterns at all or a directory."""
+def expand_inputs(inputs: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """Comma-separated globs (or a list of them) -> sorted, de-duplicated file paths, less those
+    matching a pattern of ``exclude`` (``fnmatch``, e.g. ``*/test/*``). ``FileNotFoundError`` for a
+    missing file or a glob matching nothing; ``ValueError`` for no patterns at all, a directory, or
+    nothing left after ``exclude``."""
     patterns = inputs.split(",") if isinstance(inputs, str) else list(inputs)
     patterns = [p.strip() for p in patterns if p.strip()]
     if not patterns:
@@ -122,7 +124,10 @@ def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
             if os.path.isdir(path):
                 raise ValueError(f"input {path} is a directory; name its files (e.g. {path}/*.jsonl)")
             paths.add(os.path.normpath(path))
-    return sorted(paths)
+    kept = sorted(p for p in paths if not any(fnmatch.fnmatch(p, e) for e in exclude))
+    if not kept:
+        raise ValueError(f"--exclude {','.join(exclude)} leaves none of the {len(paths)} input files")
+    return kept
 
 
 def input_format(path: str, fmt: str = "auto") -> str:
@@ -597,19 +602,21 @@ def _split_totals(output: str, shards: list[str]) -> dict:
 def prepare(inputs: str | Sequence[str], output: str, *, tokenizer: str = "bytes", fmt: str = "auto",
             field: str = "text", text_unit: str = "file", num_shards: int = 8,
             validation_fraction: float = 0.01, seed: int = 0, workers: int | None = None,
-            max_docs: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+            max_docs: int | None = None, overwrite: bool = False, progress: bool = True,
+            exclude: Sequence[str] = ()) -> dict:
     """Tokenize ``inputs`` (globs) into the shards of ``output`` (format in the module docstring);
     returns the ``meta.json`` dict. Finished shards of an interrupted run with the same settings are
     kept; ``overwrite`` deletes what an earlier run wrote in ``output`` and starts afresh.
-    ``workers`` (default ``os.cpu_count()``) only changes the speed, never the output."""
+    ``workers`` (default ``os.cpu_count()``) only changes the speed, never the output; ``exclude``:
+    globs of files to leave out (:func:`expand_inputs`)."""
     _check_args(num_shards, workers, max_docs, seed, validation_fraction, text_unit, tokenizer)
     bpe = tokenizer.startswith("bpe:")
     tok = None if bpe else tokenizers.load(tokenizer)          # bad tokenizers fail before any write
-    paths = expand_inputs(inputs)
+    paths = expand_inputs(inputs, exclude)
     for path in paths:
         input_format(path, fmt)
     patterns = [p.strip() for p in (inputs.split(",") if isinstance(inputs, str) else inputs) if p.strip()]
-    config = {"inputs": patterns, "files": [[p, os.path.getsize(p)] for p in paths], "format": fmt,
+    config = {"inputs": patterns, "exclude": list(exclude), "files": [[p, os.path.getsize(p)] for p in paths], "format": fmt,
               "field": field, "text_unit": text_unit, "tokenizer": tokenizer,
               "tokenizer_sha256": None if bpe else _fingerprint(tokenizer), "num_shards": num_shards,
               "validation_fraction": validation_fraction, "seed": seed, "max_docs": max_docs}
@@ -685,6 +692,7 @@ def define_flags():
     flags.DEFINE_integer("workers", None, "worker processes (default: os.cpu_count()); the output is "
                          "the same for any number")
     flags.DEFINE_integer("max_docs", None, "read only the first this many documents (quick runs)")
+    flags.DEFINE_list("exclude", [], "comma-separated globs of input files to leave out (e.g. '*/test/*')")
     flags.DEFINE_bool("overwrite", False, "delete the corpus already in --output and start afresh")
     flags.DEFINE_bool("progress", True, "show a progress bar (stderr)")
 
@@ -702,7 +710,7 @@ def main(argv):
         meta = prepare(f.inputs, f.output, tokenizer=f.tokenizer, fmt=f.format, field=f.field,
                        text_unit=f.text_unit, num_shards=f.num_shards,
                        validation_fraction=f.validation_fraction, seed=f.seed, workers=f.workers,
-                       max_docs=f.max_docs, overwrite=f.overwrite, progress=f.progress)
+                       max_docs=f.max_docs, overwrite=f.overwrite, progress=f.progress, exclude=f.exclude)
     except ImportError as e:
         cli.missing(str(e))
     except (ValueError, OSError) as e:

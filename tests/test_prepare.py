@@ -280,3 +280,13 @@ def test_command_line(corpus, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 2 and lines[0].startswith(f"prepare: error: {bad}:2: no field 'text'"), proc.stderr
     assert lines[1] == "(python -m experiments.prepare --helpshort lists the flags)"
+
+
+def test_exclude_leaves_files_out(tmp_path):
+    for name in ("a.txt", "b.txt", "sub/c.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    got = prepare.expand_inputs(f"{tmp_path}/**/*.txt", exclude=["*/sub/*", "*/b.txt"])
+    assert [os.path.basename(p) for p in got] == ["a.txt"]
+    with pytest.raises(ValueError, match="leaves none"):
+        prepare.expand_inputs(f"{tmp_path}/**/*.txt", exclude=["*.txt"])
