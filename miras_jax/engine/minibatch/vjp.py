@@ -707,13 +707,24 @@ def chunk_bwd(cfg: Config, hp, P, A, Mom, s_prev, x: ChunkIn, resid: ChunkResidu
 def _stored(cfg: Config, carry):
     """What the forward keeps of a chunk-start state ``(P, A, Mom, s)``: in "scale" mode ``P = s A``
     for every chunk but the first (the forward computes ``P_end`` so: the same rounding), so
-    ``([], A, Mom, s)``; not for packed rows (a chunk of padding keeps ``P``)."""
+    ``([], A, Mom, s)``. Packed rows too: a chunk of padding keeps ``P``, which is ``s A`` but where
+    no real token came before (:func:`_leading`)."""
     P, A, Mom, s = carry
-    return ([] if cfg.mode == "scale" and not cfg.packed else P), A, Mom, s
+    return ([] if cfg.mode == "scale" else P), A, Mom, s
+
+
+def _leading(xs: ChunkIn):
+    """``[n]`` bool: no real token before chunk i (chunk 0; packed rows: all its predecessors are
+    padding), so its start ``P`` is ``P0``."""
+    n = xs.q.shape[0]
+    if xs.reset is None:
+        return jnp.arange(n) == 0
+    seen = jnp.cumsum(jnp.any(xs.real > 0, axis=1).astype(jnp.int32))
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), seen[:-1]]) == 0
 
 
 def _restored(P0, stored, first):
-    """Inverse of :func:`_stored`; ``first``: whether this is chunk 0 (its ``P`` is ``P0``)."""
+    """Inverse of :func:`_stored`; ``first``: whether the chunk's ``P`` is ``P0`` (:func:`_leading`)."""
     P, A, Mom, s = stored
     if not P:
         P = [jnp.where(first, p0, s_ * a) for p0, s_, a in zip(P0, s, A)]
@@ -764,7 +775,7 @@ def _bwd_scan(cfg: Config, hp, P0, A0, xs: ChunkIn, group: int, saved, A_final, 
             jax.tree.map(jnp.zeros_like, hp), list(A_final))
     if not group:
         states, resid = saved
-        first = jnp.arange(xs.q.shape[0]) == 0
+        first = _leading(xs)
         (dP, dA, dMom, ds, dhp, _), dxs = jax.lax.scan(bstep, init, (states, resid, xs, dy, first), reverse=True)
     else:
         xg = jax.tree.map(lambda a: a.reshape((-1, group) + a.shape[1:]), (xs, dy))
