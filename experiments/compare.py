@@ -3,6 +3,8 @@
     python -m experiments.compare --config=mqar --presets=moneta,yaad,memora,gated_deltanet \
         --workdir=runs/compare_mqar [--steps=N] [--target_params=N] [--data=PATH] [--set=...]
 
+``transformer`` in ``--presets`` is Transformer++ (every block attention, ``model.pattern=A``). A
+``--config=corpus`` run takes its vocabulary from the corpus (``--data=DIR``).
 Each preset trains with the config's steps / batch / sequence length (``--steps`` overrides); with
 ``--target_params`` the model width of each run is the multiple of ``2 * num_heads`` whose
 parameter count is closest to it (presets differ in gate and memory parameters). Runs go to
@@ -34,9 +36,12 @@ def define_flags():
     flags.DEFINE_string("workdir", "runs/compare", "output directory")
     flags.DEFINE_integer("steps", None, "override the number of training steps")
     flags.DEFINE_integer("target_params", None, "match every model to about this many parameters")
-    flags.DEFINE_string("data", None, "text file (charlm)")
+    flags.DEFINE_string("data", None, "text file (charlm) or tokenized corpus directory (corpus)")
     flags.DEFINE_list("set", [], "config overrides field=value")
     flags.DEFINE_bool("overwrite", False, "replace the runs already in <workdir>/<preset>")
+
+
+TRANSFORMER = "transformer"   # Transformer++: attention in every block
 
 
 def params_for(cfg: configs.TrainConfig, vocab: int) -> int:
@@ -61,13 +66,15 @@ def match_width(cfg: configs.TrainConfig, vocab: int, target: int) -> configs.Tr
 
 def compare(cfg: configs.TrainConfig, preset_names: list[str], workdir: str, *, target_params=None,
             data_path=None, overwrite: bool = False) -> list[dict]:
-    unknown = [p for p in preset_names if p not in presets.names()]
+    unknown = [p for p in preset_names if p not in (*presets.names(), TRANSFORMER)]
     if unknown:
-        raise ValueError(f"unknown presets {unknown}; valid: {list(presets.names())}")
+        raise ValueError(f"unknown presets {unknown}; valid: {[*presets.names(), TRANSFORMER]}")
+    if cfg.task == "corpus":
+        cfg = train_lib.corpus_config(cfg, data_path)
     vocab = configs.task_vocab(cfg)
     results = []
     for name in preset_names:
-        c = configs.override(cfg, [f"model.preset={name}"])
+        c = configs.override(cfg, ["model.pattern=A"] if name == TRANSFORMER else [f"model.preset={name}"])
         if target_params:
             c = match_width(c, vocab, target_params)
         t0 = time.perf_counter()
