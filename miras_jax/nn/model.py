@@ -236,8 +236,10 @@ class MirasLM(nnx.Module):
             h = jnp.take_along_axis(h, positions[..., None], axis=1)
         return self._logits(h)
 
-    def prefill(self, tokens, max_len: int | None = None, segment_ids=None) -> tuple[jax.Array, Any]:
-        """``(logits [b, t, V], cache)``; ``max_len`` bounds global-attention caches
+    def prefill(self, tokens, max_len: int | None = None, segment_ids=None,
+                last_only: bool = False) -> tuple[jax.Array, Any]:
+        """``(logits [b, t, V], cache)`` (``last_only``: ``[b, 1, V]``, the last position's: what
+        decoding needs, without a ``[b, t, V]`` array); ``max_len`` bounds global-attention caches
         (default: the prompt length + 256). ``segment_ids [b, t]`` (int; 0 = padding): a packed
         prompt, logits as ``self(tokens, segment_ids=...)``; the cache continues each row's last
         document (memory state, conv buffers and attention keys of that document only)."""
@@ -250,7 +252,7 @@ class MirasLM(nnx.Module):
         for blk in self.blocks:
             h, c = blk.prefill(h, max_len, segment_ids)
             caches.append(c)
-        return self._logits(h), tuple(caches)
+        return self._logits(h[:, -1:] if last_only else h), tuple(caches)
 
     def step(self, token, caches, reset=None):
         """``token: [b]`` int -> ``(logits [b, V], caches)``. ``reset [b]`` (bool): the token starts a
@@ -279,7 +281,7 @@ def generate(model: MirasLM, prompt, steps: int, *, key=None, temperature: float
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     graphdef, state = nnx.split(model)
-    logits, caches = model.prefill(prompt, max_len=prompt.shape[1] + steps)
+    logits, caches = model.prefill(prompt, max_len=prompt.shape[1] + steps, last_only=True)
 
     def pick(logits, k):
         if key is None or temperature == 0:
