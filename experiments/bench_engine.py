@@ -26,6 +26,7 @@ import time
 from absl import flags
 
 from experiments import cli
+from experiments.bench_packed import packed_ids, segments_flag
 
 flags.DEFINE_list("presets", ["gated_deltanet", "deltanet", "mamba2", "titans", "moneta", "yaad", "memora"],
                   "presets to measure")
@@ -76,7 +77,7 @@ def _program(preset: str, impl: str, T: int, mode: str):
     gates = {g: gates[g] for g in spec.required_gates}
     params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(ks[7], H))
     kw = dict(chunk_size=f.chunk if impl == "xla" else 1, implementation=impl, remat_every=f.remat_every)
-    mean, align = _segments_flag(f.segments[0])
+    mean, align = segments_flag(f.segments[0])
     if mean:
         kw["segment_ids"] = jnp.asarray(packed_ids(B, T, mean, f.chunk if align else 0))
         if align and impl == "xla":
@@ -101,31 +102,6 @@ def _program(preset: str, impl: str, T: int, mode: str):
         args = (jax.device_put(params, NamedSharding(mesh, P())), *rows((q, k, v, gates)))
         hp = jax.device_put(hp, NamedSharding(mesh, P()))
     return fn, args + hp, kw
-
-
-def _segments_flag(value: str) -> tuple[int, bool]:
-    """``"512"`` -> ``(512, False)``, ``"512a"`` -> ``(512, True)`` (documents aligned to the chunk grid)."""
-    align = value.endswith("a")
-    try:
-        return int(value[:-1] if align else value), align
-    except ValueError:
-        raise ValueError(f"--segments takes N or Na (N >= 0 tokens), got {value!r}") from None
-
-
-def packed_ids(B: int, T: int, mean: int, align: int = 0, seed: int = 0):
-    """``[B, T]`` int32 segment ids: documents of lengths uniform in ``[1, 2 mean - 1]`` back to back;
-    ``align > 0``: each followed by padding (id 0) to a multiple of ``align`` (the same lengths)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    out = np.zeros((B, T), np.int32)
-    for b in range(B):
-        t, doc = 0, 1
-        while t < T:
-            n = int(rng.integers(1, 2 * mean))
-            out[b, t:t + n] = doc
-            t, doc = t + n + (-n % align if align else 0), doc + 1
-    return out
 
 
 def _flops(compiled) -> float:
@@ -180,7 +156,7 @@ def main(argv):
         return
     for seg in f.segments:
         try:
-            _segments_flag(seg)
+            segments_flag(seg)
         except ValueError as e:
             cli.fail(str(e))
     passthrough = [a for a in sys.argv[1:]
