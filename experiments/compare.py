@@ -92,7 +92,7 @@ def compare(cfg: configs.TrainConfig, preset_names: list[str], workdir: str, *, 
 
 def write_report(results: list[dict], cfg: configs.TrainConfig, workdir: str) -> None:
     keys = ["preset", "d_model", "params", "final_loss"]
-    keys += sorted({k for r in results for k in r if k.startswith(("eval_", "val_", "reached_"))})
+    keys += sorted({k for r in results for k in r if k.startswith(("eval_", "val_", "reached_")) and k != "eval_curve"})
     keys += ["tokens_per_s", "wall_s"]
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     lines = [f"# {cfg.task}: {cfg.steps} steps, batch {cfg.batch}, sequence {cfg.seq_len}, "
