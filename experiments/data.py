@@ -71,8 +71,9 @@ def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, vocab: int, nu
     queries soon after the pairs; ``a = 1``: uniform over the even offsets).
 
     ``filler``: what fills the non-query positions after the pairs: ``"random"`` (uniform in
-    ``[1, vocab)``, as above; noise keys can repeat a pair's key) or ``"zero"`` (the reserved token 0:
-    Zoology's ``multiquery_ar`` default, ``random_non_queries=False``).
+    ``[1, vocab)``, as above; noise keys can repeat a pair's key: Zoology's ``multiquery_ar`` default,
+    ``random_non_queries=True``, which draws from ``[0, vocab)``) or ``"zero"`` (the reserved token 0:
+    ``random_non_queries=False``, the easier variant that Zoology's Figure-2 sweep sets).
 
     Deterministic in ``(seed, step)``.
     """

@@ -5,10 +5,13 @@
 
 Every variant has the same model structure, initialisation, data and optimizer; only spec
 hyper-parameters (``HParam`` state of the Miras layers: ``p``, ``q``, ``delta_scale``,
-``lr_scale``, ...) differ. The ``K`` variants' params / optimizer states / hparams are stacked on a
-leading axis and one ``jax.vmap``-ed train step updates them all (``--shard_grid``: that axis is
-split over the devices). Variant ``i`` follows exactly the run ``train.py`` would make with
-``--set=model.hparams=<its values>`` (tested).
+``lr_scale``, ...) and the optimizer's peak learning rate ``lr`` (``--grid=lr=1e-4,1e-3``) differ.
+The ``K`` variants' params / optimizer states / hparams are stacked on a leading axis and one
+``jax.vmap``-ed train step updates them all (``--shard_grid``: that axis is split over the devices).
+Variant ``i`` follows exactly the run ``train.py`` would make with ``--set=model.hparams=<its
+values>`` (and ``--set=lr=<its lr>``) (tested). A grid ``lr`` scales the AdamW updates by
+``lr / cfg.lr``: AdamW's update is linear in its learning rate (the schedule is ``lr`` times a
+shape, the moments do not depend on it), so this is the run with that ``lr`` up to rounding.
 
 Writes ``<workdir>/metrics.jsonl`` (per step: ``loss`` = mean, ``losses`` = per variant),
 ``<workdir>/variants/<name>/`` (a normal run directory: ``checkpoints/`` + ``summary.json``, so
@@ -102,23 +105,36 @@ def with_hparams(rest_dict, values: dict):
 
 def make_step(graphdef, tx):
     """``(step, loss_fn)`` for ONE variant, with its hparam state ``rest_d`` as an argument:
-    ``step(params, opt_state, rest_d, batch) -> (params, opt_state, loss, accuracy)``;
-    ``jax.vmap(step, in_axes=(0, 0, 0, None))`` runs a grid."""
+    ``step(params, opt_state, rest_d, batch, lr_scale=1.0) -> (params, opt_state, loss, accuracy)``
+    (``lr_scale``: the variant's learning rate over ``tx``'s); ``jax.vmap(step, in_axes=(0, 0, 0,
+    None, 0))`` runs a grid."""
     def loss_fn(params, rest_d, batch):
         model = nnx.merge(graphdef, params, rest_d)
         return train_lib.masked_loss(model(batch["inputs"], batch.get("positions")), batch)
 
-    def step(params, opt_state, rest_d, batch):
+    def step(params, opt_state, rest_d, batch, lr_scale=1.0):
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest_d, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
         return optax.apply_updates(params, updates), opt_state, loss, acc
 
     return step, loss_fn
 
 
+def _split_lr(v: dict) -> tuple[dict, float | None]:
+    """A variant's model hparams and its optimizer learning rate (``None``: the config's)."""
+    return {k: x for k, x in v.items() if k != "lr"}, v.get("lr")
+
+
 def grid_configs(cfg, vs):
-    """The ``train.py`` config of each variant (``model.hparams``)."""
-    return [dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hparams=tuple(v.items()))) for v in vs]
+    """The ``train.py`` config of each variant (``model.hparams``; ``lr`` if the grid sets it)."""
+    out = []
+    for v in vs:
+        hp, lr = _split_lr(v)
+        c = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, hparams=tuple({**dict(cfg.model.hparams), **hp}.items())))
+        out.append(c if lr is None else dataclasses.replace(c, lr=lr))
+    return out
 
 
 GRID_FILES = ("metrics.jsonl", "variants", "results.md", "heatmap.png")
@@ -142,7 +158,11 @@ def _run_grid(cfg, grid, workdir, *, data_path, shard, progress, overwrite):
     vs = variants(grid)
     K = len(vs)
     spec = presets.get(cfg.model.preset, **dict(cfg.model.preset_kwargs))
-    for v in vs:                      # every variant must be a valid spec (clear error otherwise)
+    hps = [_split_lr(v)[0] for v in vs]
+    lrs = [cfg.lr if lr is None else lr for lr in (_split_lr(v)[1] for v in vs)]
+    if not min(lrs) > 0:
+        raise ValueError(f"a grid lr must be > 0, got {min(lrs)}")
+    for v in hps:                     # every variant must be a valid spec (clear error otherwise)
         spec.with_hparams(**v).validate()
     task = train_lib.make_task(cfg, data_path)
     graphdef, params, rest, tx, schedule = train_lib.build(cfg, task.vocab)
@@ -150,21 +170,22 @@ def _run_grid(cfg, grid, workdir, *, data_path, shard, progress, overwrite):
         train_lib.clear_run(workdir, GRID_FILES)
     os.makedirs(workdir, exist_ok=True)  # only now: a grid that fails validation leaves no directory
     rest_dict = nnx.to_pure_dict(rest)
-    rests = [with_hparams(rest_dict, v) for v in vs]
+    rests = [with_hparams(rest_dict, v) for v in hps]
     stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
     params_k = stack([params] * K)
     rest_k = stack(rests)
     opt_k = jax.vmap(tx.init)(params_k)
+    scale_k = jnp.asarray([lr / cfg.lr for lr in lrs], jnp.float32)   # [K]: lr over tx's learning rate
     if shard:
         n = jax.device_count()
         if K % n:
             raise ValueError(f"--shard_grid needs the {K} variants to divide over {n} devices")
         mesh = jax.make_mesh((n,), ("grid",))
         put = lambda t: jax.device_put(t, NamedSharding(mesh, P("grid")))  # noqa: E731
-        params_k, rest_k, opt_k = put(params_k), put(rest_k), put(opt_k)
+        params_k, rest_k, opt_k, scale_k = put(params_k), put(rest_k), put(opt_k), put(scale_k)
 
     step, loss_fn = make_step(graphdef, tx)
-    grid_step = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None)), donate_argnums=(0, 1))
+    grid_step = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, 0)), donate_argnums=(0, 1))
     grid_eval = jax.jit(jax.vmap(loss_fn, in_axes=(0, 0, None)))
 
     it = data.DataIterator(task.train_batch, cfg.seed)
@@ -176,7 +197,7 @@ def _run_grid(cfg, grid, workdir, *, data_path, shard, progress, overwrite):
         bar = tqdm(total=cfg.steps, desc=f"grid x{K}", unit="step")
     t0, losses, evals = time.perf_counter(), None, {}
     for s in range(1, cfg.steps + 1):
-        params_k, opt_k, loss, acc = grid_step(params_k, opt_k, rest_k, next(it))
+        params_k, opt_k, loss, acc = grid_step(params_k, opt_k, rest_k, next(it), scale_k)
         losses = np.asarray(loss)
         if not np.all(np.isfinite(losses)):
             bad = [variant_name(v) for v, x in zip(vs, losses) if not math.isfinite(x)]

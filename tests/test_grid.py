@@ -51,6 +51,24 @@ def test_grid_equals_separate_runs(tmp_path, ps, trained_alone):
         grid.run_grid(cfg, {"p": [2.0], "q": [3.0]}, str(tmp_path / "grid"), progress=False)
 
 
+def test_grid_over_the_learning_rate_equals_the_run_with_that_lr(tmp_path):
+    cfg = _cfg()                                   # lr 2e-3: neither variant's scale is 1
+    g = {"lr": [1e-3, 4e-3]}
+    results = grid.run_grid(cfg, g, str(tmp_path / "grid"), progress=False)
+    with open(tmp_path / "grid" / "metrics.jsonl") as f:
+        grid_losses = np.array([r["losses"] for r in map(json.loads, f)])          # [steps, K]
+    vcfgs = grid.grid_configs(cfg, grid.variants(g))
+    assert [c.lr for c in vcfgs] == [1e-3, 4e-3] and all(c.model == cfg.model for c in vcfgs)
+    train_lib.train(vcfgs[1], str(tmp_path / "alone"), progress=False)
+    alone = [r["loss"] for r in train_lib._read_metrics(str(tmp_path / "alone" / "metrics.jsonl"), None)]
+    # step 1 is the same forward for both (warmup starts at lr 0); the updates differ from step 2 on
+    np.testing.assert_allclose(grid_losses[:3, 1], alone[:3], rtol=1e-5)   # tolerances as above
+    np.testing.assert_allclose(grid_losses[:, 1], alone, rtol=5e-3)
+    assert abs(grid_losses[-1, 0] - grid_losses[-1, 1]) > 1e-4                 # the lr really differs
+    assert [r["lr"] for r in results] == [1e-3, 4e-3]
+    assert train_lib.load_run(str(tmp_path / "grid" / "variants" / "lr0.004"))[0].lr == 4e-3
+
+
 def test_grid_bad_input(tmp_path):
     cfg = _cfg()
     with pytest.raises(ValueError, match="no hyper-parameter 'pp'"):
@@ -60,3 +78,5 @@ def test_grid_bad_input(tmp_path):
     with pytest.raises(ValueError, match="name=v1"):
         grid.parse_grid(["p"])
     assert grid.parse_grid(["p=1,2", "q=3"]) == {"p": [1.0, 2.0], "q": [3.0]}
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        grid.run_grid(cfg, {"lr": [1e-3, 0.0]}, str(tmp_path), progress=False)

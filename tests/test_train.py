@@ -272,7 +272,7 @@ def test_bench_mqar_keeps_the_config_schedule_and_reports_the_target(tmp_path, c
     assert row["reached_99"] is False and row["time_to_99_s"] is None and 0.0 <= row["accuracy"] <= 1.0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
     cfg = json.loads((tmp_path / "gated_deltanet" / "summary.json").read_text())["config"]
-    assert cfg["stop_at_target"] is True and cfg["mqar_filler"] == "zero" and cfg["mqar_query_power"] == 0.01
+    assert cfg["stop_at_target"] is True and cfg["mqar_filler"] == "random" and cfg["mqar_query_power"] == 0.01
 
 
 def test_bench_fit_steps_fills_the_budget_from_a_probe(tmp_path):

@@ -38,7 +38,7 @@ class TrainConfig:
     num_pairs: int = 64
     mqar_train_pairs: tuple = ()   # non-empty: training rows draw their number of pairs from these
     mqar_query_power: float = 0.0  # 0: queries uniform after the pairs; (0, 1]: Zoology's power law
-    mqar_filler: str = "random"    # non-query positions: "random" tokens or "zero" (Zoology's default)
+    mqar_filler: str = "random"    # non-query positions: "random" tokens (Zoology's default) or "zero"
     niah_lengths: tuple = (256, 512, 1024)
     niah_needle: str = "passkey"
     niah_haystack: str = "noise"
