@@ -338,14 +338,6 @@ def iter_shard(path: str, dtype: str, chunk: int = 1024) -> Iterator[np.ndarray]
         reader.close()
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 class _ShardWriter:
     """Append records to ``<name>.tmp``; :meth:`finish` writes the stats file, then renames the shard."""
 
@@ -365,7 +357,7 @@ class _ShardWriter:
 
     def finish(self) -> dict:
         self.writer.close()
-        _write_json(os.path.join(self.output, STATS_DIR, self.name + ".json"), self.stats)
+        tokenizers.write_json(os.path.join(self.output, STATS_DIR, self.name + ".json"), self.stats)
         os.replace(self.path + ".tmp", self.path)
         return self.stats
 
@@ -622,7 +614,7 @@ def prepare(inputs: str | Sequence[str], output: str, *, tokenizer: str = "bytes
               "validation_fraction": validation_fraction, "seed": seed, "max_docs": max_docs}
     _check_output(output, config, overwrite)
     os.makedirs(os.path.join(output, STATS_DIR), exist_ok=True)
-    _write_json(os.path.join(output, CONFIG), config)
+    tokenizers.write_json(os.path.join(output, CONFIG), config)
     if os.path.exists(os.path.join(output, META)):
         os.remove(os.path.join(output, META))          # complete again only when this run finishes
 
@@ -649,7 +641,7 @@ def prepare(inputs: str | Sequence[str], output: str, *, tokenizer: str = "bytes
     meta = {"format": FORMAT, "vocab_size": tok.vocab_size, "dtype": dtype, "eos_id": tok.eos_id,
             "tokenizer": TOKENIZER_DIR, "splits": splits, "inputs": paths, "seed": seed,
             "validation_fraction": validation_fraction}
-    _write_json(os.path.join(output, META), meta)
+    tokenizers.write_json(os.path.join(output, META), meta)
     return meta
 
 

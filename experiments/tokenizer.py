@@ -72,7 +72,7 @@ class Tokenizer:
         self._save_model(directory)
         meta = {"kind": self.kind, "vocab_size": int(self.vocab_size), "file": self.file,
                 "eos_id": None if self.eos_id is None else int(self.eos_id)}
-        _write_json(os.path.join(directory, META_FILE), meta)
+        write_json(os.path.join(directory, META_FILE), meta)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -167,7 +167,7 @@ class SentencePieceTokenizer(Tokenizer):
             f.write(self.proto)
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then ``os.replace``)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -31,15 +31,21 @@ def corpus(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """One finished 6-step run on the BPE corpus: ``(workdir, summary)``."""
+    workdir = str(tmp_path_factory.mktemp("run") / "a")
+    return workdir, train_lib.train(TINY, workdir, data_path=str(corpus / "bpe"), progress=False)
+
+
 def _rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(ln) for ln in f]
 
 
-def test_corpus_run_resumes_exactly_and_carries_its_tokenizer(corpus, tmp_path):
+def test_corpus_run_resumes_exactly_and_carries_its_tokenizer(corpus, run, tmp_path):
     data = str(corpus / "bpe")
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    summary = train_lib.train(TINY, a, data_path=data, progress=False)
+    (a, summary), b = run, str(tmp_path / "b")
     assert summary["config"]["model"]["vocab_size"] == 300 and summary["finished"]
     assert np.isfinite(summary["val_perplexity"]) and summary["val_bits_per_byte"] > 0
     train_lib.train(TINY, b, data_path=data, stop_after=3, progress=False)
@@ -61,7 +67,7 @@ def test_training_batches_are_packed_and_aligned(corpus):
     assert task.segment_align == 16 and task.local_rows
     it = task.iterator(0, None)
     most = 0
-    for _ in range(4):
+    for _ in range(30):
         batch = next(it)
         assert set(batch) == {"inputs", "targets", "mask", "segment_ids"}
         seg = batch["segment_ids"]
@@ -73,24 +79,21 @@ def test_training_batches_are_packed_and_aligned(corpus):
         task.iterator(5, None)
 
 
-def test_a_corpus_of_another_vocabulary_is_refused(corpus, tmp_path):
-    train_lib.train(configs.override(TINY, ["steps=2"]), str(tmp_path), data_path=str(corpus / "bpe"),
-                    progress=False)
+def test_a_corpus_of_another_vocabulary_is_refused(corpus, run, tmp_path):
     with pytest.raises(ValueError, match="256-token vocabulary .* the model has 300"):
-        evaluate.evaluate_run(str(tmp_path), data_path=str(corpus / "bytes"))
+        evaluate.evaluate_run(run[0], data_path=str(corpus / "bytes"))
     with pytest.raises(ValueError, match="needs --data=DIR"):
         train_lib.train(TINY, str(tmp_path / "x"), progress=False)
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         train_lib.train(TINY, str(tmp_path / "x"), data_path=str(tmp_path), progress=False)
 
 
-def test_eval_lm_scores_every_validation_target_once_at_each_length(corpus, tmp_path):
+def test_eval_lm_scores_every_validation_target_once_at_each_length(corpus, run):
     from experiments import eval_lm, lm_data
 
     data = str(corpus / "bpe")
-    train_lib.train(configs.override(TINY, ["steps=2"]), str(tmp_path), data_path=data, progress=False)
     val = lm_data.load_meta(data)["splits"]["validation"]
-    results = eval_lm.evaluate_lengths(str(tmp_path), data, [1, 2])
+    results = eval_lm.evaluate_lengths(run[0], data, [1, 2])
     assert [r["length"] for r in results] == [64, 128]
     for r in results:
         assert r["tokens"] == val["tokens"] - val["documents"]   # every target once
@@ -100,4 +103,4 @@ def test_eval_lm_scores_every_validation_target_once_at_each_length(corpus, tmp_
         assert r["perplexity"] == pytest.approx(np.exp(r["loss"]))
     np.testing.assert_array_equal(eval_lm.buckets(64), [0, 1, 2, 4, 8, 16, 32, 64])
     with pytest.raises(ValueError, match="256-token vocabulary"):
-        eval_lm.evaluate_lengths(str(tmp_path), str(corpus / "bytes"), [1])
+        eval_lm.evaluate_lengths(run[0], str(corpus / "bytes"), [1])

@@ -8,8 +8,10 @@ import pytest
 import miras_jax as mj
 from tests.helpers import random_inputs
 
-CASES = [("yaad", "xla", 8, 24), ("titans", "xla", 4, 8), ("gated_deltanet", "xla", 8, 16),
-         ("moneta", "reference", 1, 5), ("memora", "xla", 8, 16)]
+# yaad and memora run the same mini-batch path as titans here (-m slow: default suite time)
+CASES = [pytest.param("yaad", "xla", 8, 24, marks=pytest.mark.slow), ("titans", "xla", 4, 8),
+         ("gated_deltanet", "xla", 8, 16), ("moneta", "reference", 1, 5),
+         pytest.param("memora", "xla", 8, 16, marks=pytest.mark.slow)]
 
 
 def _setup(name, T, d=8, seed=0):

@@ -130,7 +130,7 @@ def _aligned_ids(rng, c, ndocs):
     return jnp.array(ids, jnp.int32)
 
 
-@pytest.mark.parametrize("name", MINIBATCH)
+@pytest.mark.parametrize("name", some_slow(MINIBATCH, {"yaad", "ttt_linear", "ttt_mlp"}))
 def test_aligned_rows_fast_path_equals_the_general_one(name, x64):
     """``segment_align`` (documents on the chunk grid): the mini-batch form's one-document chunks give
     the general packed form's values and gradients (hand VJP), incl. the reset state's gradient."""
