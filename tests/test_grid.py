@@ -51,6 +51,7 @@ def test_grid_equals_separate_runs(tmp_path, ps, trained_alone):
         grid.run_grid(cfg, {"p": [2.0], "q": [3.0]}, str(tmp_path / "grid"), progress=False)
 
 
+@pytest.mark.slow   # ~10 s; the lr grid also runs in tests/test_mqar_sweep.py (default suite)
 def test_grid_over_the_learning_rate_equals_the_run_with_that_lr(tmp_path):
     cfg = _cfg()                                   # lr 2e-3: neither variant's scale is 1
     g = {"lr": [1e-3, 4e-3]}
