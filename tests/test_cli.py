@@ -71,6 +71,7 @@ def test_corrupt_checkpoint_recovery_is_quiet(tmp_path):
     assert lines[3].startswith("train: error: cannot resume: no checkpoint") and "--overwrite" in lines[3]
 
 
+@pytest.mark.slow   # default suite time (3 subprocess runs; test_train.test_a_workdir_holds_one_run checks the refusal in process)
 def test_a_second_run_into_a_workdir_is_refused_in_one_line(tmp_path):
     wd = tmp_path / "run"
     assert _train_cli(f"--workdir={wd}", "--steps=2").returncode == 0
@@ -82,6 +83,7 @@ def test_a_second_run_into_a_workdir_is_refused_in_one_line(tmp_path):
     assert bad.returncode == 2 and not os.path.exists(tmp_path / "new")
 
 
+@pytest.mark.slow   # default suite time (2 subprocess runs; test_train evaluates saved runs in process)
 def test_evaluate_prints_its_json_line_and_nothing_else(tmp_path):
     wd = tmp_path / "run"
     assert _train_cli(f"--workdir={wd}", "--steps=2").returncode == 0
