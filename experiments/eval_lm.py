@@ -69,7 +69,7 @@ def evaluate_lengths(workdir: str, data_path: str, multiples, *, batch: int = 4,
     if not info or not info.get("documents"):
         raise ValueError(f"split {split!r} of {data_path} has no documents")
     per_byte = (info["tokens"] - info["documents"]) / max(info["bytes"], 1)
-    align = cfg.model.chunk_size if cfg.align_documents and cfg.model.chunk_size > 1 else 0
+    align = train_lib.corpus_align(cfg)
     model = train_lib.merge(graphdef, params, rest)
     fn = jax.jit(lambda x, seg: model(x, segment_ids=seg, segment_align=align))
     out = []

@@ -118,6 +118,12 @@ class _Rows:
         self.it.set_state(state)
 
 
+def corpus_align(cfg: configs.TrainConfig) -> int:
+    """The packer's alignment of a corpus run (``segment_align``): ``model.chunk_size`` with
+    ``align_documents``, else 0."""
+    return cfg.model.chunk_size if cfg.align_documents and cfg.model.chunk_size > 1 else 0
+
+
 def _corpus_task(cfg: configs.TrainConfig, data_path: str | None) -> Task:
     """Language modelling on a tokenized corpus (``experiments.prepare``): packed rows with
     ``segment_ids`` from ``lm_data`` (documents aligned to the chunk grid with ``align_documents``),
@@ -129,7 +135,7 @@ def _corpus_task(cfg: configs.TrainConfig, data_path: str | None) -> Task:
         raise ValueError(f"the corpus {data_path} has a {meta['vocab_size']}-token vocabulary "
                          f"({os.path.join(data_path, 'meta.json')}) but the model has {cfg.model.vocab_size}: "
                          "train on the corpus the run was trained on (its tokenizer is in the run's tokenizer/)")
-    align = cfg.model.chunk_size if cfg.align_documents and cfg.model.chunk_size > 1 else 0
+    align = corpus_align(cfg)
     count = jax.process_count()
     if cfg.batch % count:
         raise ValueError(f"batch={cfg.batch} must be divisible by the {count} processes")
