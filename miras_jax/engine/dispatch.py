@@ -46,7 +46,8 @@ def run_exact(plan, spec, state: MemoryState, q, k, v, gates, segments=None):
         q_, k_, v_, lr_ = pad_to_chunks((q, k, v, lr), Tp)
         la = None if log_a is None else pad_to_chunks(log_a, Tp)
         r_ = None if reset is None else pad_to_chunks(reset, Tp)
-        y, W = exact.hebbian_chunked(q_, k_, v_, lr_, la, W0, c, r_, W_reset)
+        y, W = exact.hebbian_chunked(q_, k_, v_, lr_, la, W0, c, r_, W_reset,
+                                     state_scan=plan_lib.state_scan(Tp // c))
         return _pads_read_zero(y[:T], segments), MemoryState({"W": W}, state.retention, state.optimizer)
     # delta family; n sub-steps per token are flattened into n * T steps
     if n > 1:
@@ -70,7 +71,7 @@ def run_exact(plan, spec, state: MemoryState, q, k, v, gates, segments=None):
     if reset is not None:   # a restart before a token's first sub-step
         r_ = flat(pad_to_chunks(jnp.concatenate([reset[:, None], jnp.zeros((T, n - 1), bool)], axis=1), Tp))
     y, W = exact.delta_chunked(q, flat(k), flat(v), flat(lr), la, W0, c * n, read_every=n, reset=r_,
-                               W_reset=W_reset)
+                               W_reset=W_reset, state_scan=plan_lib.state_scan(Tp // c))
     return _pads_read_zero(y[:T], segments), MemoryState({"W": W}, state.retention, state.optimizer)
 
 

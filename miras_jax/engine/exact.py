@@ -85,14 +85,36 @@ def _masked_decay(l_rows: jax.Array, l_cols: jax.Array, mask: jax.Array) -> jax.
     return jnp.exp(jnp.where(mask, diff, -jnp.inf))
 
 
-def _scan_states(s0: jax.Array, transition: jax.Array, d: jax.Array, *, diagonal: bool):
+STATE_SCANS = ("sequential", "associative")
+
+
+def _scan_states(s0: jax.Array, transition: jax.Array, d: jax.Array, *, diagonal: bool,
+                 state_scan: str = "sequential"):
     """Chunk-start states of ``S_{n+1} = S_n F_n + D_n`` (``F_n`` diagonal: ``S_n * f_n``).
 
     ``s0: [v, k]``, ``transition: [n, k, k]`` (or ``[n, k]`` / ``[n, 1]`` if ``diagonal``),
-    ``d: [n, v, k]`` -> ``(s_start: [n, v, k], s_last: [v, k])``. Hand-written VJP: see
-    :func:`_chunk_state_scan`.
+    ``d: [n, v, k]`` -> ``(s_start: [n, v, k], s_last: [v, k])``. ``state_scan``: ``"sequential"``
+    (one ``lax.scan``, ``n`` dependent ``[v, k] x [k, k]`` products; hand-written VJP, see
+    :func:`_chunk_state_scan`) or ``"associative"`` (:func:`compose_chunks` under
+    ``jax.lax.associative_scan``: depth ``log n``, about ``2 n`` ``[k, k] x [k, k]`` products; autodiff).
     """
-    return _chunk_state_scan(diagonal, s0, transition, d)
+    if state_scan == "sequential":
+        return _chunk_state_scan(diagonal, s0, transition, d)
+    if state_scan != "associative":
+        raise ValueError(f"state_scan must be one of {STATE_SCANS}, got {state_scan!r}")
+    f_all, d_all = jax.lax.associative_scan(functools.partial(compose_chunks, diagonal), (transition, d))
+    ends = _apply_transition(diagonal, s0, f_all[:, None] if diagonal else f_all) + d_all   # [n, v, k]
+    return jnp.concatenate([s0[None], ends[:-1]], axis=0), ends[-1]
+
+
+def compose_chunks(diagonal: bool, first, second):
+    """The chunk summaries' monoid: ``S -> S F + D`` maps compose as
+    ``(F_a, D_a) . (F_b, D_b) = (F_a F_b, D_a F_b + D_b)`` (``a`` first). Leaves may lead with a
+    batch axis (``associative_scan``): ``F: [..., k, k]`` (diagonal: ``[..., k]``), ``D: [..., v, k]``."""
+    (fa, da), (fb, db) = first, second
+    if diagonal:
+        return fa * fb, da * fb[..., None, :] + db
+    return fa @ fb, da @ fb + db
 
 
 def _apply_transition(diagonal: bool, s, f):
@@ -210,6 +232,7 @@ def hebbian_chunked(
     chunk_size: int,
     reset: jax.Array | None = None,
     W_reset: jax.Array | None = None,
+    state_scan: str = "sequential",
 ) -> tuple[jax.Array, jax.Array]:
     """Exact chunked Hebbian (gated linear attention) recurrence.
 
@@ -228,6 +251,7 @@ def hebbian_chunked(
         (per key channel, multiplying the columns of ``W``: GLA). Expected ``<= 0`` (``a <= 1``).
       W0: ``[v, k]`` initial memory.
       chunk_size: ``c``; ``t`` must be a multiple (pad with ``lr = 0``, ``log_decay = 0``).
+      state_scan: how the chunk-start states are carried (``_scan_states``; ``plan.state_scan`` picks).
       reset, W_reset: packed rows: ``reset [t]`` 1 where ``W`` restarts from ``W_reset [v, k]``
         before token t writes (``W_t = W_reset Diag(a_t) + lr_t v_t k_t^T``). Inside a chunk ``L`` is
         taken within each document (zero across them, per channel if channel-wise), the pairs
@@ -297,7 +321,7 @@ def hebbian_chunked(
         else:
             y_intra = y_intra + restart[..., None] * jnp.einsum("nck,vk->ncv", qc, W_reset)
             d = d + restart[:, -1, None, None] * W_reset
-    s_start, W_T = _scan_states(W0, f, d, diagonal=True)  # [n, v, k], [v, k]
+    s_start, W_T = _scan_states(W0, f, d, diagonal=True, state_scan=state_scan)  # [n, v, k], [v, k]
     y = y_intra + jnp.einsum("nck,nvk->ncv", q_eff, s_start)
     return y.reshape(t, d_v), W_T
 
@@ -318,6 +342,7 @@ def delta_chunked(
     read_every: int = 1,
     reset: jax.Array | None = None,
     W_reset: jax.Array | None = None,
+    state_scan: str = "sequential",
 ) -> tuple[jax.Array, jax.Array]:
     """Exact chunked (gated) delta rule in the WY / UT form (Yang et al. 2024, Gated DeltaNet).
 
@@ -348,6 +373,7 @@ def delta_chunked(
       W0: ``[v, k]`` initial memory.
       chunk_size: ``c`` in steps; a multiple of ``read_every``; ``t`` a multiple of ``c``.
       read_every: reads happen at steps ``read_every - 1, 2 read_every - 1, ...``.
+      state_scan: how the chunk-start states are carried (``_scan_states``; ``plan.state_scan`` picks).
       reset, W_reset: packed rows: ``reset [t]`` 1 where ``W`` restarts from ``W_reset [v, k]``
         before step t. Each document in a chunk then has its own entry state (``S`` for the chunk's
         first, ``W_reset`` decayed by ``e_i = exp(L_i - L_{s-1})`` for a document starting at ``s``):
@@ -423,6 +449,6 @@ def delta_chunked(
     if reset is not None:
         d = d + e_reset[:, -1, None, None] * W_reset
 
-    s_start, W_T = _scan_states(W0, f, d, diagonal=False)  # [n, v, k], [v, k]
+    s_start, W_T = _scan_states(W0, f, d, diagonal=False, state_scan=state_scan)  # [n, v, k], [v, k]
     y = y_intra + jnp.einsum("nrk,nvk->nrv", q_eff, s_start)
     return y.reshape(t // s, d_v), W_T

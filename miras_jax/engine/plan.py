@@ -37,6 +37,15 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas", "auto")
 # until measured there.
 EXACT_CHUNK_CAP = {"channel": 16, "delta": 32}
 
+# The exact forms' chunk-state scan (``exact._scan_states``): "associative" (jax.lax.associative_scan
+# of the chunk summaries, depth log n, ~2-4x the matmul work) from this many chunks on, else
+# "sequential" (lax.scan, n dependent products). CPU: never; measured on the 2-core CPU (B=1, H=4,
+# d=64, T = 2k-64k, `python -m experiments.bench_context_parallel`): delta 1.6-2.1x slower fwd and
+# 1.4-1.6x fwd+bwd, Hebbian 0.97-1.3x slower (one tie at 64k fwd+bwd). GPU / TPU: not measured (no
+# accelerator in this workplace); 64 chunks is a guess where a sequential scan's per-step latency
+# dominates. On those backends "auto" runs the Pallas kernels anyway; this applies to "xla" there.
+ASSOCIATIVE_FROM = {"cpu": None, "gpu": 64, "tpu": 64}
+
 # The retention maps the Pallas kernels implement (their residual maps: KERNEL_RESIDUALS).
 KERNEL_RETENTION = {"identity": "linear", "lq": "scale", "kl": "lag"}
 
@@ -245,7 +254,8 @@ def plan(spec, implementation: str = "auto", chunk_size: int = 64, *, backend: s
         cap = EXACT_CHUNK_CAP["channel"] if (family == "hebbian" and channel) else (
             EXACT_CHUNK_CAP["delta"] if family == "delta" else None)
         chunk = chunk_size if cap is None else min(chunk_size, cap)
-        why.append(f"exact {family} chunk form: equals the token recurrence at any chunk size")
+        why.append(f"exact {family} chunk form: equals the token recurrence at any chunk size; chunk states by "
+                   "state_scan(n_chunks) (ASSOCIATIVE_FROM)")
         if chunk != chunk_size:
             why.append(f"chunk capped at {chunk} (EXACT_CHUNK_CAP: fastest measured; same result)")
         return Plan(engine=family, chunk=chunk, vjp="custom", why=tuple(why), **common)
@@ -255,6 +265,13 @@ def plan(spec, implementation: str = "auto", chunk_size: int = 64, *, backend: s
     why.append("hand-written VJP" if blocker is None else f"autodiff backward ({blocker})")
     return Plan(engine="minibatch", chunk=chunk_size, vjp="hand" if blocker is None else "autodiff",
                 why=tuple(why), **common)
+
+
+def state_scan(n_chunks: int, backend: str | None = None) -> str:
+    """The exact forms' chunk-state scan for ``n_chunks`` chunks on ``backend`` (default: JAX's):
+    ``"associative"`` from ``ASSOCIATIVE_FROM[backend]`` chunks on, else ``"sequential"``."""
+    start = ASSOCIATIVE_FROM.get(backend or jax.default_backend())
+    return "associative" if start is not None and n_chunks >= start else "sequential"
 
 
 def _auto_reason(impl: str) -> str:
