@@ -3,9 +3,11 @@
 One place says how every parameter and activation maps onto the mesh:
 
   mesh axes   ``data`` (pure data parallel), ``fsdp`` (data parallel + parameters sharded along
-              the model width), ``tensor`` (heads / MLP hidden / vocabulary)
-  RULES       logical axis -> mesh axes: batch -> (data, fsdp); embed -> fsdp; heads, mlp,
-              vocab -> tensor; everything else replicated
+              the model width), ``seq`` (context parallel: each device a contiguous slice of every
+              sequence; the memories exchange state summaries, ``engine/context.py``), ``tensor``
+              (heads / MLP hidden / vocabulary)
+  RULES       logical axis -> mesh axes: batch -> (data, fsdp); embed -> fsdp; seq -> seq; heads,
+              mlp, vocab -> tensor; everything else replicated
   PARAM_AXES  parameter name -> logical axes of its dims (``logical_axes``)
 
 A dimension whose size the mesh axes do not divide is replicated instead (small layers on big
@@ -27,7 +29,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "seq", "tensor")
 
 RULES: dict[str, tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
@@ -35,7 +37,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "heads": ("tensor",),        # per-head memories [h, ...] and flattened [h * k] projections
     "mlp": ("tensor",),
     "vocab": ("tensor",),
-    "seq": None,
+    "seq": ("seq",),             # activations [batch, seq, ...]: context parallelism
     "dim": None,
 }
 
@@ -66,7 +68,7 @@ def per_batch_shard(batch: int, sizes: dict[str, int]) -> int:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """``"data:2,fsdp:4"`` -> ``{"data": 2, "fsdp": 4, "tensor": 1}`` (missing axes have size 1)."""
+    """``"data:2,fsdp:4"`` -> ``{"data": 2, "fsdp": 4, "seq": 1, "tensor": 1}`` (missing axes: size 1)."""
     sizes = dict.fromkeys(AXES, 1)
     seen = set()
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -85,7 +87,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def make_mesh(text: str, devices=None) -> Mesh:
-    """A mesh with axes ``(data, fsdp, tensor)`` from ``--mesh`` text over the first ``N`` of ``devices``
+    """A mesh with axes ``(data, fsdp, seq, tensor)`` from ``--mesh`` text over the first ``N`` of ``devices``
     (default ``jax.devices()``; fewer than ``N``: error)."""
     sizes = parse_mesh(text)
     devices = jax.devices() if devices is None else devices
@@ -169,10 +171,10 @@ def constrain(x, logical: tuple):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(mesh, logical, x.shape)))
 
 
-def mesh_axes(logical: str, size: int):
-    """Mesh axes a logical axis of ``size`` maps to on the active mesh (``None``: replicated —
-    no mesh, no rule, or the axes do not divide ``size``)."""
-    mesh = _ACTIVE.get()
+def mesh_axes(logical: str, size: int, mesh=None):
+    """Mesh axes a logical axis of ``size`` maps to on ``mesh`` (default: the active mesh; ``None``:
+    replicated — no mesh, no rule, or the axes do not divide ``size``)."""
+    mesh = _ACTIVE.get() if mesh is None else mesh
     if mesh is None:
         return None
     spec = spec_for(mesh, (logical,), (size,))

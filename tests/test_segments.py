@@ -288,8 +288,9 @@ def _lm(preset, pattern, chunk=4, **kw):
     return MirasLM(cfg, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("preset,pattern", [pytest.param("moneta", "MS", marks=SLOW),
-                                            pytest.param("gated_deltanet", "MA", marks=SLOW), ("titans", "M")])
+@pytest.mark.parametrize("preset,pattern", [pytest.param("moneta", "MS", marks=SLOW), ("moneta", "M"),
+                                            pytest.param("gated_deltanet", "MA", marks=SLOW),
+                                            pytest.param("titans", "M", marks=SLOW)])
 def test_lm_packed_row_equals_documents_run_alone(preset, pattern):
     """``MirasLM`` on a packed row (documents on the chunk grid, then padding) gives each document
     the logits it gets alone: the memory restarts, the short convolution and the attention
@@ -328,7 +329,7 @@ def test_block_outputs_of_a_document_do_not_depend_on_earlier_documents(kind):
 
 
 def test_a_rows_anchor_is_its_initial_states(x64):
-    """An anchored retention: a row has one anchor, the initial state's (``api.row_reset_state``), so
+    """An anchored retention: a row has one anchor, the initial state's (``segments.row_reset_state``), so
     with an initial state built from other params the mini-batch form equals its reference loops."""
     from miras_jax.engine.tokens import init_state
     spec, params, xs = _setup("moneta", 12)

@@ -121,7 +121,7 @@ def test_packed_pallas_continues_the_first_document_from_the_initial_state(name)
 
 @SLOW
 def test_packed_pallas_takes_the_initial_states_anchor_as_the_rows():
-    """A row has one anchor, the initial state's (``api.row_reset_state``): with an initial state
+    """A row has one anchor, the initial state's (``segments.row_reset_state``): with an initial state
     built from other params, pallas == xla, single row and batched."""
     from miras_jax.engine.tokens import init_state
     spec, params, args = _setup("moneta", 12)

@@ -25,7 +25,7 @@ def _cfg(preset="yaad", **kw):
 
 
 def test_parse_mesh_and_errors():
-    assert sharding.parse_mesh("data:2,fsdp:4") == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sharding.parse_mesh("data:2,fsdp:4") == {"data": 2, "fsdp": 4, "seq": 1, "tensor": 1}
     for bad, msg in (("model:2", "unknown mesh axis"), ("data:0", "positive"), ("data:2,data:2", "twice"),
                      ("", "empty")):
         with pytest.raises(ValueError, match=msg):
@@ -71,10 +71,18 @@ def _one_step(cfg, mesh_text):
     return float(loss), jax.tree.map(np.asarray, params), params
 
 
-def test_train_step_on_a_2x4_mesh_equals_one_device():
-    cfg = _cfg()
+@pytest.mark.parametrize("mesh_text,preset", [("data:2,fsdp:4", "yaad"),
+                                              ("data:2,seq:4", "gated_deltanet"),   # context parallel: summaries
+                                              ("data:2,seq:4", "yaad")])            # ... the state travels
+def test_train_step_on_a_2x4_mesh_equals_one_device(mesh_text, preset, monkeypatch):
+    from miras_jax.engine import context
+    calls = []
+    real = context.memorize_seq_sharded
+    monkeypatch.setattr(context, "memorize_seq_sharded", lambda *a, **kw: calls.append(kw["mode"]) or real(*a, **kw))
+    cfg = _cfg(preset)
     loss1, p1, _ = _one_step(cfg, None)
-    loss8, p8, placed = _one_step(cfg, "data:2,fsdp:4")
+    loss8, p8, placed = _one_step(cfg, mesh_text)
+    assert bool(calls) == ("seq" in mesh_text)     # the memory ran context-parallel on the seq mesh
     assert abs(loss1 - loss8) < 1e-5
     a, b = (np.concatenate([x.ravel() for x in jax.tree.leaves(p)]) for p in (p8, p1))
     # Adam's normalised step moves a parameter by ~lr whatever its gradient's size, so a gradient

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from miras_jax._checks import concrete
-from miras_jax.engine import dispatch
+from miras_jax.engine import context, dispatch
 from miras_jax.engine import horizon as horizon_lib
 from miras_jax.engine import pallas as pallas_path
 from miras_jax.engine import plan as plan_lib
@@ -205,7 +205,7 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
     reset_state = init_state(spec, cast(params))
     state = reset_state if initial_state is None else cast(initial_state)
     if packed:
-        reset_state = row_reset_state(spec, reset_state, state)
+        reset_state = segments_lib.row_reset_state(spec, reset_state, state)
     xs = (q, k, v, gates)
     if packed:
         xs = xs + segments_lib.boundaries(segment_ids)
@@ -230,20 +230,14 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
     return y.astype(v.dtype), final
 
 
-def row_reset_state(spec, reset_state: MemoryState, state: MemoryState) -> MemoryState:
-    """Packed rows: the state a document restarts from, ``init_state(params)`` with an anchored
-    retention's anchor ``z_*`` taken from the row's initial ``state``: a row has one anchor (equal to
-    ``init_state(params)``'s unless ``initial_state`` was built from other params)."""
-    return reset_state._replace(retention=spec.retention.with_anchor(
-        reset_state.retention, spec.retention.anchor_of(state.retention)))
-
-
 def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Array, v: chex.Array,
                      gates: dict[str, chex.Array] | None = None, *, chunk_size: int = 1,
                      implementation: str = "auto", initial_state: MemoryState | None = None,
                      remat_every: int = 0, mesh=None, batch_axes="data", head_axes=None,
                      grad_horizon: int | None = None,
-                     segment_ids: chex.Array | None = None, segment_align: int = 0) -> tuple[chex.Array, MemoryState]:
+                     segment_ids: chex.Array | None = None, segment_align: int = 0,
+                     seq_axis: str | None = None, seq_mode: str = "auto",
+                     seq_microbatches: int | None = None) -> tuple[chex.Array, MemoryState]:
     """Canonical batched entry point: ``q, k: [B, T, H, k]``, ``v: [B, T, H, v]``.
 
     ``params`` holds one memory per head (leading axis ``H`` on every leaf); gates are
@@ -258,6 +252,11 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     as in :func:`memorize` (truncated backpropagation through the state, segments of that many tokens).
     ``segment_ids``: int ``[B, T]`` for packed rows (as in :func:`memorize`; shared by the heads), and
     ``segment_align`` as there (the Pallas kernels run every packed row in their general form).
+    ``seq_axis`` (with ``mesh``): context parallelism, the token axis split over that mesh axis, each
+    device a contiguous slice (``engine/context.py``; exact): ``seq_mode`` ``"summary"`` (the exact
+    families: slices exchange affine state summaries), ``"pipeline"`` (any spec: the state travels
+    device to device over ``seq_microbatches`` micro-batches of the local rows, default one row each)
+    or ``"auto"`` (summary where it exists).
     """
     if getattr(q, "ndim", None) != 4:
         raise ValueError(f"memorize_batched takes q of shape [B, T, H, d_k], got {getattr(q, 'shape', q)}")
@@ -280,6 +279,12 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     segment_align = segments_lib.check_align(segment_ids, segment_align)
     implementation = plan_lib.resolve(spec, implementation, chunk_size,
                                       channel=plan_lib.channel_decay(spec, gates, token_ndim=3))
+    if seq_axis is not None:
+        return _seq_sharded(spec, params, q, k, v, gates or {}, chunk_size=chunk_size,
+                            implementation=implementation, initial_state=initial_state, remat_every=remat_every,
+                            mesh=mesh, batch_axes=batch_axes, head_axes=head_axes, grad_horizon=grad_horizon,
+                            segment_ids=segment_ids, segment_align=segment_align, seq_axis=seq_axis,
+                            seq_mode=seq_mode, seq_microbatches=seq_microbatches)
     if implementation == "pallas":
         return _pallas_batched(spec, params, q, k, v, gates or {}, chunk_size, initial_state, mesh,
                                batch_axes, head_axes, grad_horizon, segment_ids)
@@ -311,6 +316,32 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     return jnp.swapaxes(y.reshape((B, H) + y.shape[1:]), 1, 2), state
 
 
+def _seq_sharded(spec, params, q, k, v, gates, *, mesh, seq_axis, seq_mode, seq_microbatches, batch_axes,
+                 head_axes, chunk_size, implementation, initial_state, remat_every, grad_horizon,
+                 segment_ids, segment_align):
+    """``memorize_batched`` with the tokens split over ``seq_axis`` (``engine/context.py``)."""
+    if mesh is None:
+        raise ValueError(f"seq_axis needs a mesh (got seq_axis={seq_axis!r}, mesh=None)")
+    if seq_axis not in mesh.shape:
+        raise ValueError(f"seq_axis {seq_axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+    if seq_microbatches is not None and (not isinstance(seq_microbatches, int) or seq_microbatches < 1):
+        raise ValueError(f"seq_microbatches must be a positive int or None, got {seq_microbatches!r}")
+    n = mesh.shape[seq_axis]
+    if segment_align and (q.shape[1] // max(n, 1)) % segment_align:
+        segment_align = 0   # the slices do not start on the alignment grid: the general packed form
+    horizon_lib.check_horizon(grad_horizon, chunk_size)
+
+    def local(p, q_, k_, v_, g_, st, seg):
+        return memorize_batched(spec, p, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
+                                initial_state=st, remat_every=remat_every, grad_horizon=grad_horizon,
+                                segment_ids=seg, segment_align=segment_align if seg is not None else 0)
+
+    return context.memorize_seq_sharded(local, spec, params, q, k, v, gates, mesh=mesh, seq_axis=seq_axis,
+                                        batch_axes=batch_axes, head_axes=head_axes, initial_state=initial_state,
+                                        segment_ids=segment_ids, mode=seq_mode, microbatches=seq_microbatches,
+                                        chunk_size=chunk_size, grad_horizon=grad_horizon)
+
+
 def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mesh, batch_axes, head_axes,
                     grad_horizon=None, segment_ids=None):
     """``memorize_batched`` on the Pallas kernels (one grid over all batch x head rows); ``segment_ids``
@@ -331,7 +362,7 @@ def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mes
         reset_state = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), st)
     state = reset_state if initial_state is None else f32(initial_state)
     if segment_ids is not None:
-        reset_state = row_reset_state(spec, reset_state, state)
+        reset_state = segments_lib.row_reset_state(spec, reset_state, state)
     spec = spec.replace(hparams=f32(spec.hparams))
     g = {n: f32(gates[n]) for n in spec.required_gates}
     xs = (f32(q), f32(k), f32(v), g)

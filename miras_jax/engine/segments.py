@@ -85,3 +85,11 @@ def document_ids(segment_ids) -> jax.Array:
 def where_tree(c, a, b):
     """Leafwise ``where(c, a, b)`` (``c`` a scalar bool)."""
     return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
+
+
+def row_reset_state(spec, reset_state, state):
+    """Packed rows (``MemoryState``s): the state a document restarts from, ``init_state(params)`` with an anchored
+    retention's anchor ``z_*`` taken from the row's initial ``state``: a row has one anchor (equal to
+    ``init_state(params)``'s unless ``initial_state`` was built from other params)."""
+    return reset_state._replace(retention=spec.retention.with_anchor(
+        reset_state.retention, spec.retention.anchor_of(state.retention)))

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from miras_jax import presets, sharding
+from miras_jax.engine import context
 from miras_jax.engine import decode as decode_lib
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine import segments as segments_lib
@@ -240,15 +241,20 @@ class MirasLayer(nnx.Module):
         """The engine plan of this layer's memory (``mj.plan``): which engine runs it and why."""
         return plan_lib.plan(self.spec, self.implementation, self.chunk_size, channel=self.channel_decay)
 
-    def _mesh_kw(self, batch: int) -> dict:
+    def _mesh_kw(self, batch: int, T: int) -> dict:
         """``memorize_batched``'s sharding arguments on the active mesh (none without one): the
-        heads' mesh axes, and for ``"pallas"`` the mesh and batch axes of its ``shard_map``."""
+        heads' mesh axes; for ``"pallas"`` the mesh and batch axes of its ``shard_map``; on a mesh
+        with a ``seq`` axis, context parallelism (``engine/context.py``) where ``T`` splits into
+        equal slices (of whole chunks for the pipeline), else the tokens are gathered (XLA)."""
         mesh = sharding.active_mesh()
         if mesh is None:
             return {}
         kw = dict(head_axes=sharding.mesh_axes("heads", self.h))
         if self.plan.implementation == "pallas":
             kw.update(mesh=mesh, batch_axes=sharding.mesh_axes("batch", batch))
+        n = mesh.shape.get("seq", 1)
+        if n > 1 and context.splits(self.spec, T, n, self.chunk_size, self.grad_horizon):
+            kw.update(mesh=mesh, batch_axes=sharding.mesh_axes("batch", batch), seq_axis="seq")
         return kw
 
     def _out(self, x, y):
@@ -269,7 +275,7 @@ class MirasLayer(nnx.Module):
                                 chunk_size=self.chunk_size, implementation=self.plan.implementation,
                                 remat_every=self.remat_every, grad_horizon=self.grad_horizon,
                                 segment_ids=segment_ids, segment_align=segment_align,
-                                **self._mesh_kw(q.shape[0]))
+                                **self._mesh_kw(q.shape[0], q.shape[1]))
         y = sharding.constrain(y, ("batch", "seq", "heads", "dim"))
         return self._out(x, y)
 
@@ -298,9 +304,10 @@ class MirasLayer(nnx.Module):
         gates = self._gates(x)
         c, impl = self.chunk_size, self.plan.implementation
         T = x.shape[1]
-        kw = dict(chunk_size=c, implementation=impl, remat_every=self.remat_every, **self._mesh_kw(x.shape[0]))
+        kw = dict(chunk_size=c, implementation=impl, remat_every=self.remat_every)
         if not decode_lib.buffered(self.spec, c, impl):
-            y, st = memorize_batched(self.spec, self.memory_init(), q, k, v, gates, **kw)
+            y, st = memorize_batched(self.spec, self.memory_init(), q, k, v, gates, **kw,
+                                     **self._mesh_kw(x.shape[0], T))
             ds = self._vmap_bh(lambda s: decode_lib.DecodeState(s, (), jnp.zeros((), jnp.int32)), st)
             return self._out(x, y), LayerCache(bufs, ds)
         # mini-batch form: full chunks through the engine, the remainder into the chunk buffer.
@@ -309,7 +316,7 @@ class MirasLayer(nnx.Module):
         b = x.shape[0]
         if m:
             y1, st = memorize_batched(self.spec, self.memory_init(), head(q), head(k), head(v),
-                                      jax.tree.map(head, gates), **kw)
+                                      jax.tree.map(head, gates), **kw, **self._mesh_kw(b, m))
         else:  # shorter than one chunk: the initial state, for every batch row
             y1 = jnp.zeros((b, 0, self.h, self.k), v.dtype)
             w0 = jax.tree.map(lambda a: a.astype(jnp.float32), self.memory_init())
@@ -336,10 +343,10 @@ class MirasLayer(nnx.Module):
         bufs = tuple(jnp.where(keep[..., None], buf, jnp.zeros_like(buf)) for buf in bufs)
         gates = self._gates(x)
         c, impl = self.chunk_size, self.plan.implementation
-        kw = dict(chunk_size=c, implementation=impl, remat_every=self.remat_every, **self._mesh_kw(b))
+        kw = dict(chunk_size=c, implementation=impl, remat_every=self.remat_every)
         if not decode_lib.buffered(self.spec, c, impl):
             y, st = memorize_batched(self.spec, self.memory_init(), q, k, v, gates, segment_ids=segment_ids,
-                                     **kw)
+                                     **kw, **self._mesh_kw(b, T))
             ds = self._vmap_bh(lambda s: decode_lib.DecodeState(s, (), jnp.zeros((), jnp.int32)), st)
             return self._out(x, y), LayerCache(bufs, ds)
         m = T - T % c
@@ -347,7 +354,8 @@ class MirasLayer(nnx.Module):
         rs = self._reset_state()
         if m:
             y1, st = memorize_batched(self.spec, self.memory_init(), head(q), head(k), head(v),
-                                      jax.tree.map(head, gates), segment_ids=head(segment_ids), **kw)
+                                      jax.tree.map(head, gates), segment_ids=head(segment_ids), **kw,
+                                      **self._mesh_kw(b, m))
         else:
             y1 = jnp.zeros((b, 0, self.h, self.k), v.dtype)
             st = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), rs)

@@ -1,0 +1,214 @@
+"""Context parallelism: one sequence split over a ``seq`` mesh axis, each of its ``N`` devices
+holding a contiguous slice of ``T / N`` tokens of every row. Exact: outputs, final state and
+gradients equal one device's (``memorize_batched(..., mesh=, seq_axis=)``).
+
+``summary`` (the exact families, ``plan.exact_family``: Hebbian, delta)
+    A slice maps the state entering it affinely, ``S_out = S_in F + D`` (``W: [v, k]``, ``F: [k, k]``),
+    and the rows of ``W`` evolve independently. So ONE local engine call on the augmented memory
+    ``[W; I]`` (``[v + k, k]``: values ``[v; 0]``, entering state ``[0; I]``, reset state ``[W_0; 0]``)
+    gives ``D`` (its first ``v`` rows), ``F`` (its last ``k`` rows) and the reads
+    ``y_t = y^D_t + S_in y^F_t``. The devices all-gather their ``(F_j, D_j)`` (the only collective),
+    each composes the prefix of its left neighbours with ``jax.lax.associative_scan`` over the device
+    axis, ``(F_a, D_a) . (F_b, D_b) = (F_a F_b, D_a F_b + D_b)``, and finishes with one matmul.
+    Cost: the local engine on ``v + k`` value rows instead of ``v``; ``N (k + v) k`` numbers gathered
+    per (row, head).
+
+``pipeline`` (every spec: MLP memories, the mini-batch forms)
+    No affine summary exists, so the state travels: the local batch is cut into ``M`` micro-batches
+    and at step ``s`` device ``i`` runs micro-batch ``s - i`` from the state device ``i - 1`` sent it
+    (``ppermute``) at step ``s - 1``. ``N + M - 1`` steps of one micro-batch's slice each: the
+    bubble is ``(N - 1) / (N + M - 1)`` of the steps (devices idle at the start and the end);
+    ``M = b`` (one row per micro-batch, the default) makes it smallest. The final states come back
+    by a ``psum`` over ``seq`` (only the last device's are non-zero). The mini-batch forms depend on
+    the chunk grid, so a slice must be a whole number of chunks.
+
+Packed rows (``segment_ids``): a slice whose first real token starts a new document (its id differs
+from the last real id before the slice) enters from the row's reset state instead of its left
+neighbour's; the flags come from the whole row (``entry_resets``) before the slices are cut.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from miras_jax.engine import plan as plan_lib
+from miras_jax.engine import segments as segments_lib
+from miras_jax.engine.tokens import MemoryState, init_state
+
+SEQ_MODES = ("auto", "summary", "pipeline")
+
+
+def seq_mode(spec, mode: str = "auto") -> str:
+    """``"summary"`` for the exact families, ``"pipeline"`` otherwise (``mode="auto"``); an explicit
+    ``"summary"`` for a spec without an affine chunk summary is a ``ValueError`` naming why."""
+    if mode not in SEQ_MODES:
+        raise ValueError(f"seq_mode must be one of {SEQ_MODES}, got {mode!r}")
+    family = plan_lib.exact_family(spec)
+    if mode == "auto":
+        return "summary" if family else "pipeline"
+    if mode == "summary" and not family:
+        raise ValueError(f"seq_mode='summary' needs an exact (affine) family; {spec.name!r}: "
+                         f"{plan_lib.exact_blocker(spec)} (use 'pipeline')")
+    return mode
+
+
+def entry_resets(segment_ids, n: int) -> jax.Array:
+    """``[B, T] -> [B, n]`` bool: slice ``j`` (tokens ``[j T/n, (j+1) T/n)``) begins a new document at
+    its first real token while an earlier real token of the row exists (``segments.boundaries``)."""
+    doc = segments_lib.document_ids(segment_ids)                 # 1, 2, ... nondecreasing; pads 0
+    B, T = doc.shape
+    t = T // n
+    before = jnp.concatenate([jnp.zeros((B, 1), doc.dtype), jax.lax.cummax(doc, axis=1)[:, :-1]], axis=1)
+    before = before[:, ::t]                                          # last real doc id before slice j
+    big = jnp.iinfo(doc.dtype).max
+    first = jnp.min(jnp.where(doc > 0, doc, big).reshape(B, n, t), axis=2)   # first real doc id in it
+    return (before > 0) & (first != big) & (first != before)
+
+
+def _axes(x):
+    return x if x is None or isinstance(x, tuple) else tuple(x) if isinstance(x, list) else (x,)
+
+
+def _tok_spec(ndim, b, s, h):
+    return P(b, s, h, *(None,) * (ndim - 3))
+
+
+def splits(spec, T: int, n: int, chunk_size: int, grad_horizon=None) -> bool:
+    """Whether ``T`` tokens split over ``n`` devices as :func:`check` asks (``seq_mode="auto"``)."""
+    try:
+        check(spec, T, n, chunk_size, seq_mode(spec), grad_horizon)
+    except ValueError:
+        return False
+    return True
+
+
+def check(spec, T: int, n: int, chunk_size: int, mode: str, grad_horizon) -> None:
+    """Slices of equal length; for the pipeline, whole chunks (the mini-batch forms' chunk grid)."""
+    if T % n:
+        raise ValueError(f"sequence length {T} must be divisible by the seq axis size {n}")
+    t = T // n
+    if mode == "pipeline" and t % chunk_size:
+        raise ValueError(f"each device's slice ({T} / {n} = {t} tokens) must be a multiple of "
+                         f"chunk_size={chunk_size} (the chunk grid of the mini-batch form)")
+    if grad_horizon and t % grad_horizon:
+        raise ValueError(f"grad_horizon={grad_horizon} must divide each device's slice of {t} tokens")
+
+
+def memorize_seq_sharded(local_call, spec, params, q, k, v, gates, *, mesh, seq_axis, batch_axes,
+                         head_axes, initial_state, segment_ids, mode: str, microbatches, chunk_size: int,
+                         grad_horizon=None):
+    """``memorize_batched`` with the token axis split over ``seq_axis`` of ``mesh``.
+
+    ``local_call(params, q, k, v, gates, initial_state, segment_ids) -> (y, state)`` runs one slice
+    (``memorize_batched`` without a mesh). Shapes as ``memorize_batched``'s; returns ``(y, state)``."""
+    mode = seq_mode(spec, mode)
+    n = mesh.shape[seq_axis]
+    B, T, H = q.shape[:3]
+    check(spec, T, n, chunk_size, mode, grad_horizon)
+    b_ax, h_ax = _axes(batch_axes), _axes(head_axes)
+    packed = segment_ids is not None
+    new = entry_resets(segment_ids, n) if packed else jnp.zeros((B, n), bool)
+    seg = segments_lib.document_ids(segment_ids) if packed else jnp.zeros((B, T), jnp.int32)
+    if initial_state is None:
+        st = jax.vmap(lambda p: init_state(spec, p))(params)
+        initial_state = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (B,) + x.shape), st)
+    tok = lambda x: _tok_spec(x.ndim, b_ax, seq_axis, h_ax)  # noqa: E731
+    in_specs = (jax.tree.map(lambda x: P(h_ax), params), tok(q), tok(k), tok(v), jax.tree.map(tok, gates),
+                jax.tree.map(lambda x: P(b_ax, h_ax), initial_state), P(b_ax, seq_axis), P(b_ax, seq_axis))
+    out_specs = (tok(v), jax.tree.map(lambda x: P(b_ax, h_ax), initial_state))
+    body = _summary if mode == "summary" else _pipeline
+    kw = dict(local_call=local_call, spec=spec, seq_axis=seq_axis, n=n, packed=packed,
+              microbatches=microbatches, horizon=bool(grad_horizon))
+    fn = lambda *a: body(*a, **kw)  # noqa: E731
+    y, state = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+        params, q, k, v, gates, initial_state, seg, new)
+    return y, state
+
+
+def _summary(params, q, k, v, gates, s0, seg, new, *, local_call, spec, seq_axis, n, packed, microbatches,
+             horizon):
+    del microbatches
+    W0 = params["W"].astype(jnp.float32)                         # [h, v, k]
+    h, dv, dk = W0.shape
+    b = q.shape[0]
+    f32 = jnp.float32
+    p_aug = {"W": jnp.concatenate([W0, jnp.zeros((h, dk, dk), f32)], axis=1)}
+    v_aug = jnp.concatenate([v.astype(f32), jnp.zeros(v.shape[:-1] + (dk,), f32)], axis=-1)
+    eye = jnp.broadcast_to(jnp.eye(dk, dtype=f32), (b, h, dk, dk))
+    s_aug = MemoryState({"W": jnp.concatenate([jnp.zeros((b, h, dv, dk), f32), eye], axis=2)}, (), ())
+    y_aug, fin = local_call(p_aug, q, k, v_aug, gates, s_aug, seg if packed else None)
+    yD, yF = y_aug[..., :dv], y_aug[..., dv:]                   # [b, t, h, v], [b, t, h, k]
+    D, F = fin.memory["W"][:, :, :dv], fin.memory["W"][:, :, dv:]   # [b, h, v, k], [b, h, k, k]
+    if packed:   # a slice opening a new document forgets what entered it: S_out = W_0 F + D
+        e = new[:, 0, None, None, None]
+        D = jnp.where(e, jnp.einsum("hvk,bhkj->bhvj", W0, F) + D, D)
+        F = jnp.where(e, 0.0, F)
+    Fs = jax.lax.all_gather(F, seq_axis)                         # [n, b, h, k, k]
+    Ds = jax.lax.all_gather(D, seq_axis)                         # [n, b, h, v, k]
+
+    def compose(a, c):
+        return a[0] @ c[0], a[1] @ c[0] + c[1]
+
+    Fp, Dp = jax.lax.associative_scan(compose, (Fs, Ds), axis=0)   # slices 0..j composed
+    S0 = s0.memory["W"].astype(f32)
+    ends = S0[None] @ Fp + Dp                                    # state after slice j: [n, b, h, v, k]
+    i = jax.lax.axis_index(seq_axis)
+    S_in = jnp.where(i == 0, S0, ends[jnp.maximum(i - 1, 0)])
+    if horizon:
+        S_in = jax.lax.stop_gradient(S_in)
+    if packed:
+        S_in = jnp.where(new[:, 0, None, None, None], W0[None], S_in)
+    y = yD + jnp.einsum("bhvk,bthk->bthv", S_in, yF)
+    final = MemoryState({"W": ends[-1].astype(s0.memory["W"].dtype)}, s0.retention, s0.optimizer)
+    return y.astype(v.dtype), final
+
+
+def _pipeline(params, q, k, v, gates, s0, seg, new, *, local_call, spec, seq_axis, n, packed, microbatches,
+              horizon):
+    b = q.shape[0]
+    M = b if microbatches is None else microbatches
+    if M < 1 or b % M:
+        raise ValueError(f"microbatches={M} must divide the {b} rows each device holds")
+    mb = b // M
+    split = lambda t: jax.tree.map(lambda x: x.reshape((M, mb) + x.shape[1:]), t)  # noqa: E731
+    xs = split((q, k, v, gates, seg))
+    s0m, newm = split(s0), split(new[:, 0])
+    one = jax.tree.map(lambda x: x[0], (xs, s0m))
+    y_shape, fin_shape = jax.eval_shape(lambda x, s: local_call(params, *x[:4], s, x[4] if packed else None), *one)
+    like = lambda t, ref: jax.tree.map(lambda x, r: x.astype(r.dtype), t, ref)  # noqa: E731
+    s0m = like(s0m, jax.tree.map(lambda r: jax.ShapeDtypeStruct((M,) + r.shape, r.dtype), fin_shape))
+    reset = jax.vmap(lambda p: init_state(spec, p))(params)
+    reset = like(jax.tree.map(lambda x: jnp.broadcast_to(x[None], (mb,) + x.shape), reset), fin_shape)
+    i = jax.lax.axis_index(seq_axis)
+    perm = [(j, j + 1) for j in range(n - 1)]
+    rows = lambda c, t: jax.tree.map(  # noqa: E731   per-row where on [mb, ...] leaves
+        lambda a, z: jnp.where(c.reshape((mb,) + (1,) * (a.ndim - 1)), a, z), *t)
+
+    def step(carry, s):
+        recv, ybuf, fbuf = carry
+        m = s - i
+        mc = jnp.clip(m, 0, M - 1)
+        x = jax.tree.map(lambda a: a[mc], xs)
+        if horizon:   # truncated backpropagation: no gradient through the state between slices
+            recv = jax.lax.stop_gradient(recv)
+        start = jax.tree.map(lambda a, r: jnp.where(i == 0, a[mc], r), s0m, recv)
+        if packed:
+            start = rows(newm[mc], (segments_lib.row_reset_state(spec, reset, start), start))
+        y, fin = local_call(params, *x[:4], start, x[4] if packed else None)
+        valid = (m >= 0) & (m < M)
+        ybuf = ybuf.at[mc].set(jnp.where(valid, y, ybuf[mc]))
+        keep = valid & (i == n - 1)
+        fbuf = jax.tree.map(lambda buf, f: buf.at[mc].set(jnp.where(keep, f, buf[mc])), fbuf, fin)
+        recv = jax.tree.map(lambda f: jax.lax.ppermute(f, seq_axis, perm), fin)
+        return (recv, ybuf, fbuf), None
+
+    ybuf = jnp.zeros((M,) + y_shape.shape, y_shape.dtype)
+    fbuf = jax.tree.map(jnp.zeros_like, s0m)
+    recv = jax.tree.map(lambda x: x[0], s0m)
+    carry = (recv, ybuf, fbuf)
+    (_, ybuf, fbuf), _ = jax.lax.scan(step, carry, jnp.arange(n + M - 1))
+    final = jax.tree.map(lambda f: jax.lax.psum(f, seq_axis), fbuf)
+    merge = lambda x: x.reshape((b,) + x.shape[2:])  # noqa: E731
+    return merge(ybuf), jax.tree.map(merge, final)
