@@ -48,8 +48,12 @@ def _run(spec, params, args, *, mesh=None, seq_axis=None, initial_state=None, se
 
 
 def _close(a, b, tol=2e-4):
+    """Leafwise, the absolute tolerance relative to the leaf's scale (Moneta's gradients reach
+    O(100); float32 rounding through its l_q map is relative to that, JAX_NOTES trap 8)."""
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+        y = np.asarray(y)
+        scale = max(1.0, float(np.max(np.abs(y)))) if y.size else 1.0
+        np.testing.assert_allclose(np.asarray(x), y, rtol=tol, atol=tol * scale)
 
 
 def _state(spec, params, B, seed=3):

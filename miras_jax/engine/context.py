@@ -122,6 +122,9 @@ def memorize_seq_sharded(local_call, spec, params, q, k, v, gates, *, mesh, seq_
     kw = dict(local_call=local_call, spec=spec, seq_axis=seq_axis, n=n, packed=packed,
               microbatches=microbatches, horizon=bool(grad_horizon))
     fn = lambda *a: body(*a, **kw)  # noqa: E731
+    # check_vma=False: the engines' loops start from carries that do not vary over the mesh axes
+    # (as the Pallas entry, pallas_kernels/common/sharding.py); gradients are checked against one
+    # device in tests/test_context.py
     y, state = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
         params, q, k, v, gates, initial_state, seg, new)
     return y, state
@@ -196,8 +199,10 @@ def _pipeline(params, q, k, v, gates, s0, seg, new, *, local_call, spec, seq_axi
         start = jax.tree.map(lambda a, r: jnp.where(i == 0, a[mc], r), s0m, recv)
         if packed:
             start = rows(newm[mc], (segments_lib.row_reset_state(spec, reset, start), start))
-        y, fin = local_call(params, *x[:4], start, x[4] if packed else None)
         valid = (m >= 0) & (m < M)
+        # a device outside its M steps (the bubble) skips the engine (its result would be dropped)
+        y, fin = jax.lax.cond(valid, lambda: local_call(params, *x[:4], start, x[4] if packed else None),
+                              lambda: (jnp.zeros(y_shape.shape, y_shape.dtype), start))
         ybuf = ybuf.at[mc].set(jnp.where(valid, y, ybuf[mc]))
         keep = valid & (i == n - 1)
         fbuf = jax.tree.map(lambda buf, f: buf.at[mc].set(jnp.where(keep, f, buf[mc])), fbuf, fin)
