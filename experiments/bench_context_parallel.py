@@ -3,7 +3,8 @@
 sequential against associative (``exact._scan_states``). One JSON line per measurement.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.bench_context_parallel \
-        [--presets=gated_deltanet,moneta] [--lengths=8192,32768,131072] [--seq=8] [--modes=fwd,fwd+bwd]
+        [--presets=gated_deltanet,moneta] [--lengths=8192,32768,131072] [--seq=8] [--modes=fwd,fwd+bwd] \
+        [--seq_modes=auto,hierarchy]
 
 Rows: ``{"bench": "seq_axis", "preset", "T", "devices", "seq_mode", "mode", "tokens_per_s", "s"}``
 (``devices`` 1: ``memorize_batched`` without a mesh; ``N``: ``seq:N``) and ``{"bench": "state_scan",
@@ -30,6 +31,8 @@ from miras_jax.engine import api, context, exact
 flags.DEFINE_list("presets", ["gated_deltanet", "moneta"], "presets (summary where exact, else pipeline)")
 flags.DEFINE_list("lengths", ["8192", "32768", "131072"], "sequence lengths")
 flags.DEFINE_integer("seq", 8, "devices on the seq axis (host devices: XLA_FLAGS)")
+flags.DEFINE_list("seq_modes", ["auto"], "seq_mode per seq-axis point: auto (summary / pipeline), pipeline, "
+                  "hierarchy (global chunk: the slice)")
 flags.DEFINE_list("modes", ["fwd", "fwd+bwd"], "fwd and / or fwd+bwd")
 flags.DEFINE_integer("heads", 2, "heads")
 flags.DEFINE_integer("dim", 64, "head width d_k = d_v")
@@ -62,12 +65,12 @@ def _inputs(spec, T, H, d):
     return params, (q, k, v, gates)
 
 
-def seq_axis_point(name, T, n, mode, *, H, d, chunk, iters):
+def seq_axis_point(name, T, n, mode, *, H, d, chunk, iters, seq_mode="auto"):
     spec = presets.get(name)
     params, args = _inputs(spec, T, H, d)
     kw = dict(chunk_size=chunk, implementation="xla")
     if n > 1:
-        kw.update(mesh=sharding.make_mesh(f"seq:{n}"), seq_axis="seq", batch_axes=None)
+        kw.update(mesh=sharding.make_mesh(f"seq:{n}"), seq_axis="seq", batch_axes=None, seq_mode=seq_mode)
 
     def fwd(p, a):
         return api.memorize_batched(spec, p, *a, **kw)[0]
@@ -75,7 +78,7 @@ def seq_axis_point(name, T, n, mode, *, H, d, chunk, iters):
     fn = jax.jit(fwd) if mode == "fwd" else jax.jit(jax.grad(lambda p, a: jnp.sum(fwd(p, a) ** 2), argnums=(0, 1)))
     s = _time(fn, params, args, iters=iters)
     return {"bench": "seq_axis", "preset": name, "T": T, "devices": n,
-            "seq_mode": context.seq_mode(spec) if n > 1 else None, "mode": mode,
+            "seq_mode": context.seq_mode(spec, seq_mode) if n > 1 else None, "mode": mode,
             "tokens_per_s": round(T / s), "s": round(s, 4)}
 
 
@@ -112,8 +115,9 @@ def main(_):
     for name in FLAGS.presets:
         for T in map(int, FLAGS.lengths):
             for mode in FLAGS.modes:
-                for n in (1, FLAGS.seq):
-                    print(json.dumps(seq_axis_point(name, T, n, mode, **kw)), flush=True)
+                print(json.dumps(seq_axis_point(name, T, 1, mode, **kw)), flush=True)
+                for seq_mode in FLAGS.seq_modes:
+                    print(json.dumps(seq_axis_point(name, T, FLAGS.seq, mode, seq_mode=seq_mode, **kw)), flush=True)
 
 
 if __name__ == "__main__":

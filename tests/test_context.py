@@ -212,3 +212,51 @@ def test_sequence_sharded_prefill_then_decoding_equals_one_device(pattern, prese
     assert calls, "the prefill did not run context-parallel"
     np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(ref, model(toks), rtol=2e-4, atol=2e-4)
+
+
+def _memorize_fn(spec, params, **kw):
+    def fn(q, k, v, gates, st, chunk):
+        return mj.memorize_batched(spec, params, q, k, v, gates, chunk_size=chunk, implementation="xla",
+                                   initial_state=st, **kw)
+    return fn
+
+
+@pytest.mark.parametrize("name", ["moneta", pytest.param("titans", marks=SLOW)])
+def test_hierarchy_equals_its_one_device_definition_and_is_an_approximation(name):
+    """``seq_mode="hierarchy"`` (global memory at the slice's chunk, relayed; slices from it in
+    parallel) equals ``hierarchy_reference`` on one device, values and gradients; it differs from the
+    exact result (an approximation), and with ``seq_global_chunk = chunk_size`` it is exact."""
+    spec, params, args = _inputs(name, T=32)
+    st = _state(spec, params, 2)
+    mesh = sharding.make_mesh("data:2,seq:4")
+
+    def ref_run(params, args, st, global_chunk):
+        y, fin = context.hierarchy_reference(_memorize_fn(spec, params), 4, *args, chunk_size=4,
+                                             global_chunk=global_chunk, initial_state=st)
+        ct = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
+        return jnp.sum(ct * y) + sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(fin)), (y, fin)
+
+    (_, (y, fin)), g = jax.jit(jax.value_and_grad(ref_run, argnums=(0, 1, 2), has_aux=True), static_argnums=3)(
+        params, args, st, None)
+    got = _run(spec, params, args, mesh=mesh, seq_axis="seq", initial_state=st, seq_mode="hierarchy")
+    _close(got, (y, fin, g), tol=1e-3)
+    exact = _run(spec, params, args, initial_state=st)
+    assert float(jnp.max(jnp.abs(got[0] - exact[0]))) > 1e-2          # coarse global steps: not exact
+    fine = _run(spec, params, args, mesh=mesh, seq_axis="seq", initial_state=st, seq_mode="hierarchy",
+                seq_global_chunk=4)
+    _close(fine, exact, tol=1e-3)
+
+
+def test_hierarchy_bad_global_chunk_and_bad_mode():
+    spec, params, args = _inputs("moneta", T=32)
+    mesh = sharding.make_mesh("seq:4")
+    with pytest.raises(ValueError, match="seq_global_chunk=6"):
+        mj.memorize_batched(spec, params, *args, chunk_size=2, mesh=mesh, seq_axis="seq", seq_mode="hierarchy",
+                            seq_global_chunk=6)
+    with pytest.raises(ValueError, match="seq_mode must be one of"):
+        mj.memorize_batched(spec, params, *args, chunk_size=4, mesh=mesh, seq_axis="seq", seq_mode="tnt")
+    from flax import nnx
+
+    from miras_jax.nn import MirasLayer
+    with pytest.raises(ValueError, match="seq_mode must be one of"):
+        MirasLayer(16, 2, "moneta", chunk_size=4, gate_rank=4, seq_mode="tnt", rngs=nnx.Rngs(0))

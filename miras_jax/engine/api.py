@@ -237,7 +237,8 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
                      grad_horizon: int | None = None,
                      segment_ids: chex.Array | None = None, segment_align: int = 0,
                      seq_axis: str | None = None, seq_mode: str = "auto",
-                     seq_microbatches: int | None = None) -> tuple[chex.Array, MemoryState]:
+                     seq_microbatches: int | None = None,
+                     seq_global_chunk: int | None = None) -> tuple[chex.Array, MemoryState]:
     """Canonical batched entry point: ``q, k: [B, T, H, k]``, ``v: [B, T, H, v]``.
 
     ``params`` holds one memory per head (leading axis ``H`` on every leaf); gates are
@@ -255,8 +256,10 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     ``seq_axis`` (with ``mesh``): context parallelism, the token axis split over that mesh axis, each
     device a contiguous slice (``engine/context.py``; exact): ``seq_mode`` ``"summary"`` (the exact
     families: slices exchange affine state summaries), ``"pipeline"`` (any spec: the state travels
-    device to device over ``seq_microbatches`` micro-batches of the local rows, default one row each)
-    or ``"auto"`` (summary where it exists).
+    device to device over ``seq_microbatches`` micro-batches of the local rows, default one row each),
+    ``"auto"`` (summary where it exists) or ``"hierarchy"`` (an approximation: a global memory at chunk
+    ``seq_global_chunk`` (default ``context.default_global_chunk``) relayed over the devices, then
+    every slice in parallel from it).
     """
     if getattr(q, "ndim", None) != 4:
         raise ValueError(f"memorize_batched takes q of shape [B, T, H, d_k], got {getattr(q, 'shape', q)}")
@@ -284,7 +287,8 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
                             implementation=implementation, initial_state=initial_state, remat_every=remat_every,
                             mesh=mesh, batch_axes=batch_axes, head_axes=head_axes, grad_horizon=grad_horizon,
                             segment_ids=segment_ids, segment_align=segment_align, seq_axis=seq_axis,
-                            seq_mode=seq_mode, seq_microbatches=seq_microbatches)
+                            seq_mode=seq_mode, seq_microbatches=seq_microbatches,
+                            seq_global_chunk=seq_global_chunk)
     if implementation == "pallas":
         return _pallas_batched(spec, params, q, k, v, gates or {}, chunk_size, initial_state, mesh,
                                batch_axes, head_axes, grad_horizon, segment_ids)
@@ -318,7 +322,7 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
 
 def _seq_sharded(spec, params, q, k, v, gates, *, mesh, seq_axis, seq_mode, seq_microbatches, batch_axes,
                  head_axes, chunk_size, implementation, initial_state, remat_every, grad_horizon,
-                 segment_ids, segment_align):
+                 segment_ids, segment_align, seq_global_chunk=None):
     """``memorize_batched`` with the tokens split over ``seq_axis`` (``engine/context.py``)."""
     if mesh is None:
         raise ValueError(f"seq_axis needs a mesh (got seq_axis={seq_axis!r}, mesh=None)")
@@ -331,15 +335,19 @@ def _seq_sharded(spec, params, q, k, v, gates, *, mesh, seq_axis, seq_mode, seq_
         segment_align = 0   # the slices do not start on the alignment grid: the general packed form
     horizon_lib.check_horizon(grad_horizon, chunk_size)
 
-    def local(p, q_, k_, v_, g_, st, seg):
-        return memorize_batched(spec, p, q_, k_, v_, g_, chunk_size=chunk_size, implementation=implementation,
+    if seq_global_chunk is not None and (not isinstance(seq_global_chunk, int) or seq_global_chunk < 1):
+        raise ValueError(f"seq_global_chunk must be a positive int or None, got {seq_global_chunk!r}")
+
+    def local(p, q_, k_, v_, g_, st, seg, chunk=None):
+        return memorize_batched(spec, p, q_, k_, v_, g_, chunk_size=chunk or chunk_size, implementation=implementation,
                                 initial_state=st, remat_every=remat_every, grad_horizon=grad_horizon,
                                 segment_ids=seg, segment_align=segment_align if seg is not None else 0)
 
     return context.memorize_seq_sharded(local, spec, params, q, k, v, gates, mesh=mesh, seq_axis=seq_axis,
                                         batch_axes=batch_axes, head_axes=head_axes, initial_state=initial_state,
                                         segment_ids=segment_ids, mode=seq_mode, microbatches=seq_microbatches,
-                                        chunk_size=chunk_size, grad_horizon=grad_horizon)
+                                        chunk_size=chunk_size, grad_horizon=grad_horizon,
+                                        global_chunk=seq_global_chunk)
 
 
 def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mesh, batch_axes, head_axes,

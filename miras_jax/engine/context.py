@@ -22,6 +22,18 @@ gradients equal one device's (``memorize_batched(..., mesh=, seq_axis=)``).
     by a ``psum`` over ``seq`` (only the last device's are non-zero). The mini-batch forms depend on
     the chunk grid, so a slice must be a whole number of chunks.
 
+``hierarchy`` (any spec; an APPROXIMATION, after TNT, arXiv 2511.07343; ours in the details)
+    A global memory steps through the sequence at a coarse chunk ``G`` (``seq_global_chunk``, a
+    multiple of ``chunk_size`` dividing the slice; default :func:`default_global_chunk`, at most
+    ``GLOBAL_CHUNKS`` chunks: the mini-batch form holds ``[G, G]`` arrays per chunk): ``S_j`` = the state after
+    slice ``j`` from ``S_{j-1}`` by the spec's mini-batch form at chunk ``G`` (``S_0`` the initial
+    state), relayed device to device as in the pipeline. Then every slice runs at the fine chunk
+    ``chunk_size`` from ``S_{j-1}``, all slices at once; its outputs are the layer's, the last
+    slice's final state the returned one. ``G = chunk_size`` gives the exact result (the pipeline's);
+    a larger ``G`` takes the coarse gradients at fewer chunk-start states: fewer sequential steps in
+    the relay (``T / (N G)`` per device) for an approximate state at each slice start.
+    ``hierarchy_reference`` is its one-device definition.
+
 Packed rows (``segment_ids``): a slice whose first real token starts a new document (its id differs
 from the last real id before the slice) enters from the row's reset state instead of its left
 neighbour's; the flags come from the whole row (``entry_resets``) before the slices are cut.
@@ -37,7 +49,15 @@ from miras_jax.engine import plan as plan_lib
 from miras_jax.engine import segments as segments_lib
 from miras_jax.engine.tokens import MemoryState, init_state
 
-SEQ_MODES = ("auto", "summary", "pipeline")
+SEQ_MODES = ("auto", "summary", "pipeline", "hierarchy")
+GLOBAL_CHUNKS = 16   # the hierarchy's default global chunk: at most this many chunks
+
+
+def default_global_chunk(t: int, chunk_size: int) -> int:
+    """The largest multiple ``g`` of ``chunk_size`` dividing a slice of ``t`` tokens with
+    ``g <= GLOBAL_CHUNKS * chunk_size`` (``t`` a multiple of ``chunk_size``)."""
+    n = t // chunk_size
+    return chunk_size * max(j for j in range(1, min(n, GLOBAL_CHUNKS) + 1) if n % j == 0)
 
 
 def seq_mode(spec, mode: str = "auto") -> str:
@@ -75,21 +95,29 @@ def _tok_spec(ndim, b, s, h):
     return P(b, s, h, *(None,) * (ndim - 3))
 
 
-def splits(spec, T: int, n: int, chunk_size: int, grad_horizon=None) -> bool:
-    """Whether ``T`` tokens split over ``n`` devices as :func:`check` asks (``seq_mode="auto"``)."""
+def splits(spec, T: int, n: int, chunk_size: int, grad_horizon=None, mode: str = "auto",
+           global_chunk: int | None = None) -> bool:
+    """Whether ``T`` tokens split over ``n`` devices as :func:`check` asks."""
     try:
-        check(spec, T, n, chunk_size, seq_mode(spec), grad_horizon)
+        check(spec, T, n, chunk_size, seq_mode(spec, mode), grad_horizon, global_chunk)
     except ValueError:
         return False
     return True
 
 
-def check(spec, T: int, n: int, chunk_size: int, mode: str, grad_horizon) -> None:
-    """Slices of equal length; for the pipeline, whole chunks (the mini-batch forms' chunk grid)."""
+def check(spec, T: int, n: int, chunk_size: int, mode: str, grad_horizon, global_chunk=None) -> None:
+    """Slices of equal length; for the pipeline, whole chunks (the mini-batch forms' chunk grid);
+    for the hierarchy, whole global chunks, themselves whole chunks."""
     if T % n:
         raise ValueError(f"sequence length {T} must be divisible by the seq axis size {n}")
     t = T // n
-    if mode == "pipeline" and t % chunk_size:
+    if mode == "hierarchy":
+        g = (default_global_chunk(t, chunk_size) if t % chunk_size == 0 else chunk_size) \
+            if global_chunk is None else global_chunk
+        if g < 1 or t % g or g % chunk_size:
+            raise ValueError(f"seq_global_chunk={g} must divide each device's slice ({t} tokens) and be a "
+                             f"multiple of chunk_size={chunk_size}")
+    if mode in ("pipeline", "hierarchy") and t % chunk_size:
         raise ValueError(f"each device's slice ({T} / {n} = {t} tokens) must be a multiple of "
                          f"chunk_size={chunk_size} (the chunk grid of the mini-batch form)")
     if grad_horizon and t % grad_horizon:
@@ -98,15 +126,16 @@ def check(spec, T: int, n: int, chunk_size: int, mode: str, grad_horizon) -> Non
 
 def memorize_seq_sharded(local_call, spec, params, q, k, v, gates, *, mesh, seq_axis, batch_axes,
                          head_axes, initial_state, segment_ids, mode: str, microbatches, chunk_size: int,
-                         grad_horizon=None):
+                         grad_horizon=None, global_chunk: int | None = None):
     """``memorize_batched`` with the token axis split over ``seq_axis`` of ``mesh``.
 
-    ``local_call(params, q, k, v, gates, initial_state, segment_ids) -> (y, state)`` runs one slice
-    (``memorize_batched`` without a mesh). Shapes as ``memorize_batched``'s; returns ``(y, state)``."""
+    ``local_call(params, q, k, v, gates, initial_state, segment_ids, chunk=None) -> (y, state)`` runs
+    one slice (``memorize_batched`` without a mesh; ``chunk`` overrides its chunk size). Shapes as
+    ``memorize_batched``'s; returns ``(y, state)``."""
     mode = seq_mode(spec, mode)
     n = mesh.shape[seq_axis]
     B, T, H = q.shape[:3]
-    check(spec, T, n, chunk_size, mode, grad_horizon)
+    check(spec, T, n, chunk_size, mode, grad_horizon, global_chunk)
     b_ax, h_ax = _axes(batch_axes), _axes(head_axes)
     packed = segment_ids is not None
     new = entry_resets(segment_ids, n) if packed else jnp.zeros((B, n), bool)
@@ -118,9 +147,11 @@ def memorize_seq_sharded(local_call, spec, params, q, k, v, gates, *, mesh, seq_
     in_specs = (jax.tree.map(lambda x: P(h_ax), params), tok(q), tok(k), tok(v), jax.tree.map(tok, gates),
                 jax.tree.map(lambda x: P(b_ax, h_ax), initial_state), P(b_ax, seq_axis), P(b_ax, seq_axis))
     out_specs = (tok(v), jax.tree.map(lambda x: P(b_ax, h_ax), initial_state))
-    body = _summary if mode == "summary" else _pipeline
+    body = {"summary": _summary, "pipeline": _pipeline, "hierarchy": _hierarchy}[mode]
     kw = dict(local_call=local_call, spec=spec, seq_axis=seq_axis, n=n, packed=packed,
               microbatches=microbatches, horizon=bool(grad_horizon))
+    if mode == "hierarchy":
+        kw["global_chunk"] = default_global_chunk(T // n, chunk_size) if global_chunk is None else global_chunk
     fn = lambda *a: body(*a, **kw)  # noqa: E731
     # check_vma=False: the engines' loops start from carries that do not vary over the mesh axes
     # (as the Pallas entry, pallas_kernels/common/sharding.py); gradients are checked against one
@@ -169,7 +200,9 @@ def _summary(params, q, k, v, gates, s0, seg, new, *, local_call, spec, seq_axis
 
 
 def _pipeline(params, q, k, v, gates, s0, seg, new, *, local_call, spec, seq_axis, n, packed, microbatches,
-              horizon):
+              horizon, collect_starts: bool = False):
+    """The relay (module docstring); ``collect_starts``: return each row's state entering this
+    device's slice instead of ``(y, final)`` (the hierarchy's global chain)."""
     b = q.shape[0]
     M = b if microbatches is None else microbatches
     if M < 1 or b % M:
@@ -190,7 +223,7 @@ def _pipeline(params, q, k, v, gates, s0, seg, new, *, local_call, spec, seq_axi
         lambda a, z: jnp.where(c.reshape((mb,) + (1,) * (a.ndim - 1)), a, z), *t)
 
     def step(carry, s):
-        recv, ybuf, fbuf = carry
+        recv, ybuf, fbuf, sbuf = carry
         m = s - i
         mc = jnp.clip(m, 0, M - 1)
         x = jax.tree.map(lambda a: a[mc], xs)
@@ -200,6 +233,7 @@ def _pipeline(params, q, k, v, gates, s0, seg, new, *, local_call, spec, seq_axi
         if packed:
             start = rows(newm[mc], (segments_lib.row_reset_state(spec, reset, start), start))
         valid = (m >= 0) & (m < M)
+        sbuf = jax.tree.map(lambda buf, a: buf.at[mc].set(jnp.where(valid, a, buf[mc])), sbuf, start)
         # a device outside its M steps (the bubble) skips the engine (its result would be dropped)
         y, fin = jax.lax.cond(valid, lambda: local_call(params, *x[:4], start, x[4] if packed else None),
                               lambda: (jnp.zeros(y_shape.shape, y_shape.dtype), start))
@@ -207,13 +241,45 @@ def _pipeline(params, q, k, v, gates, s0, seg, new, *, local_call, spec, seq_axi
         keep = valid & (i == n - 1)
         fbuf = jax.tree.map(lambda buf, f: buf.at[mc].set(jnp.where(keep, f, buf[mc])), fbuf, fin)
         recv = jax.tree.map(lambda f: jax.lax.ppermute(f, seq_axis, perm), fin)
-        return (recv, ybuf, fbuf), None
+        return (recv, ybuf, fbuf, sbuf), None
 
     ybuf = jnp.zeros((M,) + y_shape.shape, y_shape.dtype)
     fbuf = jax.tree.map(jnp.zeros_like, s0m)
     recv = jax.tree.map(lambda x: x[0], s0m)
-    carry = (recv, ybuf, fbuf)
-    (_, ybuf, fbuf), _ = jax.lax.scan(step, carry, jnp.arange(n + M - 1))
-    final = jax.tree.map(lambda f: jax.lax.psum(f, seq_axis), fbuf)
+    carry = (recv, ybuf, fbuf, s0m)
+    (_, ybuf, fbuf, sbuf), _ = jax.lax.scan(step, carry, jnp.arange(n + M - 1))
     merge = lambda x: x.reshape((b,) + x.shape[2:])  # noqa: E731
+    if collect_starts:
+        return jax.tree.map(merge, sbuf)
+    final = jax.tree.map(lambda f: jax.lax.psum(f, seq_axis), fbuf)
     return merge(ybuf), jax.tree.map(merge, final)
+
+
+def _hierarchy(params, q, k, v, gates, s0, seg, new, *, local_call, global_chunk, seq_axis, n, packed, **kw):
+    """The global chain at chunk ``global_chunk`` relayed over the devices, then every slice at the
+    fine chunk from its entering global state (module docstring)."""
+    coarse = lambda *a: local_call(*a, chunk=global_chunk)  # noqa: E731
+    starts = _pipeline(params, q, k, v, gates, s0, seg, new, local_call=coarse, seq_axis=seq_axis, n=n,
+                       packed=packed, collect_starts=True, **kw)
+    y, fin = local_call(params, q, k, v, gates, starts, seg if packed else None)
+    last = jax.lax.axis_index(seq_axis) == n - 1
+    final = jax.tree.map(lambda f: jax.lax.psum(jnp.where(last, f, jnp.zeros_like(f)), seq_axis), fin)
+    return y, final
+
+
+def hierarchy_reference(memorize_fn, n: int, q, k, v, gates, *, chunk_size: int, global_chunk: int | None = None,
+                        initial_state=None):
+    """The hierarchy's definition on one device, slice by slice: ``memorize_fn(q, k, v, gates,
+    initial_state, chunk_size) -> (y, state)`` is ``memorize_batched`` with the rest bound."""
+    T = q.shape[1]
+    t = T // n
+    g = default_global_chunk(t, chunk_size) if global_chunk is None else global_chunk
+    cut = lambda x, j: jax.tree.map(lambda a: a[:, j * t:(j + 1) * t], x)  # noqa: E731
+    state, ys = initial_state, []
+    for j in range(n):
+        xs = cut((q, k, v, gates), j)
+        y, fin = memorize_fn(*xs, state, chunk_size)
+        ys.append(y)
+        if j < n - 1:
+            _, state = memorize_fn(*xs, state, g)
+    return jnp.concatenate(ys, axis=1), fin

@@ -129,6 +129,8 @@ class MirasLayer(nnx.Module):
         ceiling (``lr = lr_max sigmoid(z)``); default ``default_lr_max(spec)``.
       grad_horizon: truncated backpropagation through the memory state every this many tokens
         (``engine/horizon.py``; a multiple of ``chunk_size``); 0 (default): exact gradients.
+      seq_mode / seq_global_chunk: on a mesh with a ``seq`` axis, how the memory runs context-parallel
+        (``memorize_batched``; ``engine/context.py``); ``seq_global_chunk`` 0: ``context.default_global_chunk``.
       dtype: the projections' and the memory inputs' dtype (float32 or bfloat16); the parameters,
         gates, memory state and its updates stay float32.
     """
@@ -137,7 +139,8 @@ class MirasLayer(nnx.Module):
                  preset_kwargs: dict | None = None, chunk_size: int = 64, implementation: str = "auto",
                  remat_every: int = 0, gate_rank: int = 32, conv_kernel: int = 4,
                  channel_decay: bool | None = None, decay_init: tuple[float, float] | None = None,
-                 lr_max: float | None = None, grad_horizon: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+                 lr_max: float | None = None, grad_horizon: int = 0, seq_mode: str = "auto",
+                 seq_global_chunk: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
         if isinstance(spec, str):
             spec = presets.get(spec, **(preset_kwargs or {}))
         if num_heads < 1 or (head_dim is None and d_model % num_heads):
@@ -159,6 +162,10 @@ class MirasLayer(nnx.Module):
         self.chunk_size, self.implementation, self.remat_every = chunk_size, implementation, remat_every
         check_horizon(grad_horizon, chunk_size)
         self.grad_horizon = int(grad_horizon)
+        context.seq_mode(spec, seq_mode)   # a ValueError now, not at the first call on a seq mesh
+        if not isinstance(seq_global_chunk, int) or seq_global_chunk < 0:
+            raise ValueError(f"seq_global_chunk must be an int >= 0, got {seq_global_chunk!r}")
+        self.seq_mode, self.seq_global_chunk = seq_mode, seq_global_chunk
         self.channel_decay = (spec.name == "gla") if channel_decay is None else channel_decay
         if self.channel_decay and spec.memory.kind != "linear":
             raise ValueError("channel-wise decay needs a matrix (linear) memory")
@@ -253,8 +260,10 @@ class MirasLayer(nnx.Module):
         if self.plan.implementation == "pallas":
             kw.update(mesh=mesh, batch_axes=sharding.mesh_axes("batch", batch))
         n = mesh.shape.get("seq", 1)
-        if n > 1 and context.splits(self.spec, T, n, self.chunk_size, self.grad_horizon):
-            kw.update(mesh=mesh, batch_axes=sharding.mesh_axes("batch", batch), seq_axis="seq")
+        g = self.seq_global_chunk or None
+        if n > 1 and context.splits(self.spec, T, n, self.chunk_size, self.grad_horizon, self.seq_mode, g):
+            kw.update(mesh=mesh, batch_axes=sharding.mesh_axes("batch", batch), seq_axis="seq",
+                      seq_mode=self.seq_mode, seq_global_chunk=g)
         return kw
 
     def _out(self, x, y):

@@ -61,6 +61,8 @@ class LMConfig:
     decay_init: tuple = ()                # (lo, hi): initial decay spread over heads (MirasLayer)
     lr_max: float | None = None           # inner step size ceiling; None: nn.layer.default_lr_max(spec)
     grad_horizon: int = 0                 # truncated BPTT through the memory every N tokens; 0: exact
+    seq_mode: str = "auto"                # on a seq mesh axis: auto / summary / pipeline / hierarchy (engine/context.py)
+    seq_global_chunk: int = 0             # hierarchy: the global memory's chunk; 0: context.default_global_chunk
     mlp_hidden: int | None = None
     tie_embeddings: bool = True
     dtype: str = "float32"                # activations and matmuls: "float32" or "bfloat16" (params float32)
@@ -139,7 +141,8 @@ class MirasBlock(nnx.Module):
                                     implementation=cfg.implementation, remat_every=cfg.remat_every,
                                     gate_rank=cfg.gate_rank, conv_kernel=cfg.conv_kernel,
                                     decay_init=tuple(cfg.decay_init) or None, lr_max=cfg.lr_max,
-                                    grad_horizon=cfg.grad_horizon, dtype=dt, rngs=rngs)
+                                    grad_horizon=cfg.grad_horizon, seq_mode=cfg.seq_mode,
+                                    seq_global_chunk=cfg.seq_global_chunk, dtype=dt, rngs=rngs)
         else:
             self.mixer = Attention(cfg.d_model, cfg.num_heads, window=cfg.window if kind == "S" else None,
                                    dtype=dt, rngs=rngs)
