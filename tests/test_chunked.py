@@ -38,9 +38,11 @@ def _vjp(spec, params, args, **kw):
         y, st = mj.memorize(spec, params, q, k, v, gates, **kw)
         return y, st.memory
 
-    out, vjp = jax.vjp(f, params, *args)
-    cot = jax.tree.map(lambda x: jax.random.normal(jax.random.key(42), x.shape, x.dtype), out)
-    return out, vjp(cot)
+    def go(params, args):   # jitted: eager dispatch of the engines' ops dominated the test time
+        out, vjp = jax.vjp(f, params, *args)
+        cot = jax.tree.map(lambda x: jax.random.normal(jax.random.key(42), x.shape, x.dtype), out)
+        return out, vjp(cot)
+    return jax.jit(go)(params, args)
 
 
 def _close(a, b, grads):
@@ -210,7 +212,8 @@ def test_batched_entry_point_gradients_and_carried_state(B):
                 tot = tot + jnp.sum(ct[b, :, h] * y)
         return tot
 
-    _close(jax.grad(batched, argnums=(0, 1))(params, q), jax.grad(per_row, argnums=(0, 1))(params, q), grads=True)
+    _close(jax.jit(jax.grad(batched, argnums=(0, 1)))(params, q), jax.jit(jax.grad(per_row, argnums=(0, 1)))(params, q),
+           grads=True)
     split = lambda t, s: jax.tree.map(lambda x: x[:, s], t)  # noqa: E731
     y_all, st_all = mj.memorize_batched(spec, params, q, k, v, gates, **kw)
     y_a, st_a = mj.memorize_batched(spec, params, *split((q, k, v, gates), slice(0, t1)), **kw)

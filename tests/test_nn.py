@@ -97,7 +97,7 @@ def test_gradients_reach_every_parameter_and_hparams_are_not_trained():
         logits = m(toks[:, :-1])
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1))
 
-    grads = nnx.grad(loss)(model)
+    grads = nnx.jit(nnx.grad(loss))(model)     # jitted: eager tracing of the engine's scans is slow
     leaves = jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param))
     assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for _, g in leaves)
     dead = [jax.tree_util.keystr(p) for p, g in leaves if float(jnp.max(jnp.abs(g))) == 0.0]

@@ -97,11 +97,13 @@ def _values_and_grads(spec, params, xs, seg, impl, c):
     def f(params, xs):
         y, st = _run(spec, params, xs, seg, impl, c)
         return y, st.memory
-    out, vjp = jax.vjp(f, params, xs)
-    keys = jax.random.split(jax.random.key(7), len(jax.tree.leaves(out)))
-    ct = jax.tree.unflatten(jax.tree.structure(out),
-                            [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, jax.tree.leaves(out))])
-    return out, vjp(ct)
+    def go(params, xs):   # jitted: eager dispatch of the engines' ops dominated the test time
+        out, vjp = jax.vjp(f, params, xs)
+        keys = jax.random.split(jax.random.key(7), len(jax.tree.leaves(out)))
+        ct = jax.tree.unflatten(jax.tree.structure(out),
+                                [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, jax.tree.leaves(out))])
+        return out, vjp(ct)
+    return jax.jit(go)(params, xs)
 
 
 @pytest.mark.parametrize("name", some_slow(MINIBATCH, {"ttt_linear", "ttt_mlp", "memora", "titans"}))
@@ -144,9 +146,11 @@ def test_aligned_rows_fast_path_equals_the_general_one(name, x64):
             y, st = mj.memorize(spec, params, *xs, chunk_size=c, implementation="xla", segment_ids=seg,
                                 segment_align=align)
             return y, st.memory
-        out, vjp = jax.vjp(f, params, xs)
-        ct = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape), out)
-        return out, vjp(ct)
+        def go(params, xs):
+            out, vjp = jax.vjp(f, params, xs)
+            ct = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape), out)
+            return out, vjp(ct)
+        return jax.jit(go)(params, xs)
 
     for a, b in zip(jax.tree.leaves(vg(c)), jax.tree.leaves(vg(0))):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10, err_msg=f"{name} {seg}")
@@ -180,8 +184,10 @@ def _no_leak(spec, params, xs, seg, impl, c):
         def f(xs):
             y, _ = _run(spec, params, xs, seg, impl, c)
             return jnp.where(jnp.asarray(ids == j)[:, None], y, 0.0)
-        y, vjp = jax.vjp(f, xs)
-        (g,) = vjp(jnp.ones_like(y))
+        def go(xs):
+            y, vjp = jax.vjp(f, xs)
+            return vjp(jnp.ones_like(y))
+        (g,) = jax.jit(go)(xs)
         first = int(np.argmax(ids == j))
         earlier = np.arange(len(ids)) < first
         for leaf in jax.tree.leaves(g):
@@ -231,8 +237,10 @@ def _padded(spec, params, xs, lengths, left, right, impl, c):
     def f(params, xs):
         y, _ = _run(spec, params, jax.tree.map(pad, xs, noise), seg, impl, c)
         return y[left:left + T]
-    y, vjp = jax.vjp(f, params, xs)
-    return y, vjp(jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape))
+    def go(params, xs):
+        y, vjp = jax.vjp(f, params, xs)
+        return y, vjp(jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape))
+    return jax.jit(go)(params, xs)
 
 
 def test_batched_rows_take_their_own_segment_ids():
@@ -299,11 +307,13 @@ def test_lm_packed_row_equals_documents_run_alone(preset, pattern):
     lengths = [8, 4, 12]
     tokens = jax.random.randint(jax.random.key(1), (1, sum(lengths) + 3), 1, 37)
     seg = _ids(lengths, pad_right=3)[None]
+    from flax import nnx
+    fwd = nnx.jit(lambda m, t, s, align: m(t, segment_ids=s, segment_align=align), static_argnums=3)
     for align in (0, 4):   # segment_align: the documents start on the chunk grid
-        packed = model(tokens, segment_ids=seg, segment_align=align)
+        packed = fwd(model, tokens, seg, align)
         lo = 0
         for n in lengths:
-            alone = model(tokens[:, lo:lo + n])
+            alone = fwd(model, tokens[:, lo:lo + n], None, 0)
             np.testing.assert_allclose(packed[:, lo:lo + n], alone, rtol=2e-4, atol=2e-4)
             lo += n
 

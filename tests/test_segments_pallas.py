@@ -65,11 +65,13 @@ def _vjp(spec, params, args, seg, impl, c, initial_state=None):
                             initial_state=state)
         return y, st.memory
 
-    out, vjp = jax.vjp(f, params, initial_state, *args)
-    keys = jax.random.split(jax.random.key(42), len(jax.tree.leaves(out)))
-    cot = jax.tree.unflatten(jax.tree.structure(out),
-                             [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, jax.tree.leaves(out))])
-    return out, vjp(cot)
+    def go(params, initial_state, args):   # jitted: eager dispatch dominated the test time
+        out, vjp = jax.vjp(f, params, initial_state, *args)
+        keys = jax.random.split(jax.random.key(42), len(jax.tree.leaves(out)))
+        cot = jax.tree.unflatten(jax.tree.structure(out),
+                                 [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, jax.tree.leaves(out))])
+        return out, vjp(cot)
+    return jax.jit(go)(params, initial_state, args)
 
 
 def _pallas_equals_xla(name, seg, c, initial_state=None, seed=0):
@@ -193,8 +195,10 @@ def test_packed_documents_do_not_leak_on_the_kernels():
             y, _ = mj.memorize(spec, params, *args, chunk_size=4, implementation="pallas",
                                segment_ids=jnp.asarray(ids))
             return jnp.where(jnp.asarray(ids == j)[:, None], y, 0.0)
-        y, vjp = jax.vjp(f, args)
-        (g,) = vjp(jnp.ones_like(y))
+        def go(args):
+            y, vjp = jax.vjp(f, args)
+            return vjp(jnp.ones_like(y))
+        (g,) = jax.jit(go)(args)
         earlier = np.arange(len(ids)) < int(np.argmax(ids == j))
         for leaf in jax.tree.leaves(g):
             assert np.all(np.asarray(leaf)[earlier] == 0.0), f"document {j} leaks into earlier tokens"
