@@ -20,7 +20,8 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": jax.co
     (["--config=smoke", "--preset=mambo"], "train: error: unknown preset 'mambo'"),
     (["--config=charlm", "--data=/nonexistent/text.txt"], "train: error: corpus file not found"),
     (["--config=smoke", "--steps=abc"], "train: error: flag --steps=abc"),
-    (["--config=smoke", "--set=model.nope=1"], "train: error: unknown config field 'model.nope'"),
+    pytest.param(["--config=smoke", "--set=model.nope=1"], "train: error: unknown config field 'model.nope'",
+                 marks=pytest.mark.slow),   # the message itself: test_train (in process)
 ])
 def test_train_usage_errors_are_one_line_exit_2(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "experiments.train", *args, f"--workdir={tmp_path / 'run'}"],

@@ -79,7 +79,7 @@ def _ids(B, T, n):
     return jnp.asarray(np.stack(rows))
 
 
-AFFINE = ["gated_deltanet", "mamba2", "deltanet", "longhorn", "retnet", "deltaproduct"]
+AFFINE = ["gated_deltanet", "mamba2", "deltanet", "longhorn", "retnet", "deltaproduct", "linear_attention"]
 
 
 # by default gated_deltanet on seq:8 and mamba2 on data:2,seq:4; -m slow: every pair
@@ -115,7 +115,7 @@ def test_pipeline_mode_equals_one_device(name):
     _close(got, ref, tol=1e-3)
 
 
-@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("microbatches", [pytest.param(1, marks=SLOW), 2])
 def test_pipeline_micro_batches_and_seq_8(microbatches):
     spec, params, args = _inputs("moneta", B=2, T=32)
     ref = _run(spec, params, args)
@@ -179,7 +179,8 @@ def test_only_the_designed_collectives():
     assert set(got) <= {"collective-permute", "all-reduce"} and "collective-permute" in got, got
 
 
-@pytest.mark.parametrize("pattern,preset,prompt", [("MS", "gated_deltanet", 20), ("M", "moneta", 18)])
+@pytest.mark.parametrize("pattern,preset,prompt", [pytest.param("MS", "gated_deltanet", 20, marks=SLOW),
+                                                  ("M", "moneta", 18)])
 def test_sequence_sharded_prefill_then_decoding_equals_one_device(pattern, preset, prompt, monkeypatch):
     """``MirasLM.prefill`` under a ``seq:4`` mesh (the memories context-parallel: Gated DeltaNet's 20
     tokens as 4 slices of 5; Moneta's first 16 of 18 as 4 slices of one chunk, the last 2 into the

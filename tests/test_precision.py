@@ -47,7 +47,7 @@ def test_bfloat16_model_is_finite_and_near_float32(preset, pattern):
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))   # parameters stay float32
 
 
-@pytest.mark.parametrize("policy", [pytest.param(p, marks=pytest.mark.slow) if p == "dots" else p
+@pytest.mark.parametrize("policy", [pytest.param(p, marks=pytest.mark.slow) if p != "nothing" else p
                                     for p in sorted(set(REMAT_POLICIES) - {"none"})])
 def test_remat_policies_give_the_same_loss_and_gradients(policy):
     sets = ["model.pattern=MS", "model.num_layers=2", "model.window=8", "model.preset=titans"]
@@ -85,7 +85,8 @@ def test_bad_dtype_or_remat_is_a_clear_error():
         configs.override(SMALL, ["model.remat=some"])
 
 
-@pytest.mark.parametrize("pattern,layers,remat", [("M", 3, "none"), ("MS", 5, "dots")])
+@pytest.mark.parametrize("pattern,layers,remat", [pytest.param("M", 3, "none", marks=pytest.mark.slow),
+                                                  ("MS", 5, "dots")])   # two periods scanned, one block after
 def test_scanned_blocks_give_the_same_loss_and_gradients(pattern, layers, remat):
     """``scan_blocks``: whole pattern periods as one lax.scan step (5 blocks of "MS": two periods
     scanned, one block after), same parameters, same loss and gradients."""
