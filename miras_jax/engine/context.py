@@ -41,10 +41,13 @@ neighbour's; the flags come from the whole row (``entry_resets``) before the sli
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from miras_jax.engine import exact
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine import segments as segments_lib
 from miras_jax.engine.tokens import MemoryState, init_state
@@ -181,10 +184,7 @@ def _summary(params, q, k, v, gates, s0, seg, new, *, local_call, spec, seq_axis
         F = jnp.where(e, 0.0, F)
     Fs = jax.lax.all_gather(F, seq_axis)                         # [n, b, h, k, k]
     Ds = jax.lax.all_gather(D, seq_axis)                         # [n, b, h, v, k]
-
-    def compose(a, c):
-        return a[0] @ c[0], a[1] @ c[0] + c[1]
-
+    compose = functools.partial(exact.compose_chunks, False)     # the chunk summaries' monoid
     Fp, Dp = jax.lax.associative_scan(compose, (Fs, Ds), axis=0)   # slices 0..j composed
     S0 = s0.memory["W"].astype(f32)
     ends = S0[None] @ Fp + Dp                                    # state after slice j: [n, b, h, v, k]
