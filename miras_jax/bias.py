@@ -255,6 +255,57 @@ class RobustBias:
         return r + hp["shift"] * r / jnp.where(n > 0, n, 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class OmegaBias:
+    """The Omega rule (Atlas, arXiv 2505.23735): ``base``'s per-token loss over a window of the last
+    ``window = c`` tokens, weighted by the gate ``omega`` (``gamma_i`` in [0, 1]): the inner gradient
+    at token t is ``g_t = sum_{i = max(1, t-c+1)}^{t} gamma_i grad_W l(W; k_i, v_i)`` at one point
+    ``W``. Tokens before the sequence (or, packed, the document) start are not in the window.
+
+    The engines feed ``window_inputs`` (``engine/window.py``: per token ``k [c, d]``, ``v [c, v]``,
+    gates ``[c]``, oldest first, out-of-window weights 0); ``loss`` / ``residual_map`` are the
+    base's per token. ``c = 1`` with ``gamma = 1`` is the base bias exactly."""
+
+    base: object
+    window: int = 4
+    exact_family: ClassVar[str | None] = None   # the engines lower window 1 to the base bias
+
+    def __post_init__(self):
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+            raise ValueError(f"the Omega window must be an int >= 1, got {self.window!r}")
+        if isinstance(self.base, OmegaBias):
+            raise ValueError("an Omega bias cannot wrap another Omega bias")
+
+    @property
+    def gates(self) -> tuple:
+        return tuple(self.base.gates) + ("omega",)
+
+    @property
+    def residual_kind(self) -> str:
+        return self.base.residual_kind
+
+    @property
+    def smooth(self):
+        return getattr(self.base, "smooth", True)
+
+    def default_hparams(self):
+        return self.base.default_hparams()
+
+    def validate(self, hp):
+        return self.base.validate(hp)
+
+    def loss(self, pred, target, hp, g):
+        return self.base.loss(pred, target, hp, g)
+
+    def residual_map(self, pred, target, hp, g):
+        return self.base.residual_map(pred, target, hp, g)
+
+
+def window_of(bias) -> int:
+    """The attentional bias's window (1 for every bias but :class:`OmegaBias`)."""
+    return getattr(bias, "window", 1) if isinstance(bias, OmegaBias) else 1
+
+
 # --- factories ------------------------------------------------------------------------------
 
 def dot_bias() -> DotBias:
@@ -284,3 +335,8 @@ def yaad_bias(smooth=True) -> HuberBias:
 
 def robust_bias(smooth=True) -> RobustBias:
     return RobustBias(smooth=_smooth_flag(smooth))
+
+
+def omega_bias(base=None, window: int = 4) -> OmegaBias:
+    """The Omega rule over ``window`` tokens around ``base`` (default l2); see :class:`OmegaBias`."""
+    return OmegaBias(base=L2Bias() if base is None else base, window=window)

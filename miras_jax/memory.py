@@ -110,6 +110,47 @@ def _init_matrix(key, shape, init: str, scale: float, dtype):
     return w.astype(dtype)
 
 
+FEATURE_MAPS = (None, "poly")
+
+
+def poly_features(x, degree: int):
+    """``phi(x) = concat_{j=0..p} vec(x^{(x) j}) / sqrt(j!)``: ``[..., d] -> [..., D]``,
+    ``D = sum_{j<=p} d^j`` (the truncated Taylor features of ``exp``:
+    ``phi(q)^T phi(k) = sum_{j<=p} (q^T k)^j / j!``). ``vec`` is row-major (the last factor fastest)."""
+    parts, term, fact = [jnp.ones(x.shape[:-1] + (1,), x.dtype)], None, 1.0
+    for j in range(1, degree + 1):
+        term = x if term is None else (term[..., :, None] * x[..., None, :]).reshape(x.shape[:-1] + (-1,))
+        fact *= j
+        parts.append(term / jnp.sqrt(jnp.asarray(fact, x.dtype)))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def feature_dim(d: int, feature_map: str | None, degree: int) -> int:
+    """``D``: ``d`` without a feature map, ``sum_{j<=p} d^j`` for ``"poly"`` of degree ``p``."""
+    return d if feature_map is None else sum(d ** j for j in range(degree + 1))
+
+
+def _check_features(feature_map, degree):
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature_map {feature_map!r}; valid: {FEATURE_MAPS}")
+    if feature_map is not None and (not isinstance(degree, int) or isinstance(degree, bool) or degree < 1):
+        raise ValueError(f"feature_map='poly' needs an int degree >= 1, got {degree!r}")
+
+
+class _Features:
+    """The feature-map part of a memory: ``features(x)`` (``phi``), ``input_dim(d_k)`` (``D``) and
+    ``plain()`` (the same memory without a feature map, for engines fed ``phi(k)``, ``phi(q)``)."""
+
+    def features(self, x):
+        return x if self.feature_map is None else poly_features(x, self.degree)
+
+    def input_dim(self, d_k: int) -> int:
+        return feature_dim(d_k, self.feature_map, self.degree)
+
+    def plain(self):
+        return self if self.feature_map is None else dataclasses.replace(self, feature_map=None)
+
+
 def layer_norm(x, eps: float = 1e-5):
     """LayerNorm without affine parameters over the last axis (affine terms are outer params)."""
     mu = jnp.mean(x, axis=-1, keepdims=True)
@@ -119,24 +160,29 @@ def layer_norm(x, eps: float = 1e-5):
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearMemory:
-    """Matrix memory ``M_W(x) = W x`` with ``W: [v, k]`` stored under ``"W"``."""
+class LinearMemory(_Features):
+    """Matrix memory ``M_W(x) = W phi(x)`` with ``W: [v, D]`` stored under ``"W"``; ``phi`` the
+    feature map (``feature_map="poly"``, ``degree``: :func:`poly_features`; default none:
+    ``phi(x) = x``, ``D = d_k``)."""
 
     init_method: str = "zeros"
     init_scale: float = 1.0
+    feature_map: str | None = None
+    degree: int = 2
     kind: str = dataclasses.field(default="linear", init=False)
 
     def __post_init__(self):
         if self.init_method not in INITS:
             raise ValueError(f"unknown memory init {self.init_method!r}; valid: {INITS}")
+        _check_features(self.feature_map, self.degree)
 
     def init(self, key, d_k: int, d_v: int, dtype=jnp.float32) -> Params:
-        """Returns ``{"W": [d_v, d_k]}``."""
-        return {"W": _init_matrix(key, (d_v, d_k), self.init_method, self.init_scale, dtype)}
+        """Returns ``{"W": [d_v, D]}``."""
+        return {"W": _init_matrix(key, (d_v, self.input_dim(d_k)), self.init_method, self.init_scale, dtype)}
 
     def forward(self, mm, x):
         """The architecture with its matmuls abstracted: ``mm(i, h)`` is weight ``i`` times ``h``."""
-        return mm(0, x)
+        return mm(0, self.features(x))
 
     def leaves(self, params) -> list:
         return [params["W"]]
@@ -146,16 +192,18 @@ class LinearMemory:
 
     def apply(self, params: Params, x):
         """``x: [k] -> [v]``."""
-        return params["W"] @ x
+        return params["W"] @ self.features(x)
 
 
 @dataclasses.dataclass(frozen=True)
-class MLPMemory:
-    """MLP memory ``M(x) = [x +] [LN](W_{L-1} act(... act(W_0 x)))`` (no biases).
+class MLPMemory(_Features):
+    """MLP memory ``M(x) = [h +] [LN](W_{L-1} act(... act(W_0 h)))``, ``h = phi(x)`` (no biases).
 
     ``depth=2, expansion=4, residual=True, layer_norm=True`` is the Miras memory
     ``x + LN(W_1 gelu(W_2 x))``; ``depth=1`` with residual and LN is TTT-Linear's ``x + LN(W x)``.
-    Params: ``{"layers": (W_0 [f, k], ..., W_{L-1} [v, f])}``. The residual needs ``d_k == d_v``.
+    Params: ``{"layers": (W_0 [f, D], ..., W_{L-1} [v, f])}``, ``f = expansion * d_k``. The
+    residual needs ``D == d_v``. ``feature_map`` / ``degree``: as :class:`LinearMemory`'s
+    (the memory reads ``phi(x)``, residual included).
     """
 
     depth: int = 2
@@ -165,6 +213,8 @@ class MLPMemory:
     activation: str = "gelu"
     init_method: str = "normal"
     init_scale: float = 1.0
+    feature_map: str | None = None
+    degree: int = 2
     kind: str = dataclasses.field(default="mlp", init=False)
 
     def __post_init__(self):
@@ -176,14 +226,17 @@ class MLPMemory:
             raise ValueError(f"unknown activation {self.activation!r}; valid: {tuple(ACTIVATIONS)}")
         if self.init_method not in INITS or self.init_method == "zeros":
             raise ValueError(f"MLP memory init must be one of {INITS[1:]}, got {self.init_method!r}")
+        _check_features(self.feature_map, self.degree)
 
     def widths(self, d_k: int, d_v: int) -> list[int]:
         hidden = self.expansion * d_k
-        return [d_k] + [hidden] * (self.depth - 1) + [d_v]
+        return [self.input_dim(d_k)] + [hidden] * (self.depth - 1) + [d_v]
 
     def init(self, key, d_k: int, d_v: int, dtype=jnp.float32) -> Params:
-        if self.residual and d_k != d_v:
-            raise ValueError(f"a residual MLP memory needs d_k == d_v, got d_k={d_k}, d_v={d_v}")
+        if self.residual and self.input_dim(d_k) != d_v:
+            raise ValueError(f"a residual MLP memory needs its input dim (D={self.input_dim(d_k)}, d_k={d_k}"
+                             f"{'' if self.feature_map is None else ' after the ' + self.feature_map + ' feature map'})"
+                             f" == d_v={d_v}; use residual=False")
         w = self.widths(d_k, d_v)
         keys = jax.random.split(key, self.depth)
         layers = tuple(
@@ -195,7 +248,7 @@ class MLPMemory:
     def forward(self, mm, x):
         """The architecture with its matmuls abstracted: ``mm(i, h)`` is layer ``i``'s ``W_i h``."""
         act = ACTIVATIONS[self.activation]
-        h = x
+        x = h = self.features(x)
         for i in range(self.depth):
             h = mm(i, h)
             if i < self.depth - 1:
@@ -216,16 +269,19 @@ class MLPMemory:
         return self.forward(lambda i, h: ws[i] @ h, x)
 
 
-def linear_memory(init: str = "zeros", init_scale: float = 1.0) -> LinearMemory:
-    """Matrix memory ``W x``; see :class:`LinearMemory`."""
-    return LinearMemory(init_method=init, init_scale=init_scale)
+def linear_memory(init: str = "zeros", init_scale: float = 1.0, feature_map: str | None = None,
+                  degree: int = 2) -> LinearMemory:
+    """Matrix memory ``W phi(x)``; see :class:`LinearMemory`."""
+    return LinearMemory(init_method=init, init_scale=init_scale, feature_map=feature_map, degree=degree)
 
 
 def mlp_memory(depth: int = 2, expansion: int = 4, residual: bool = True, layer_norm: bool = True,
-               activation: str = "gelu", init: str = "normal", init_scale: float = 1.0) -> MLPMemory:
+               activation: str = "gelu", init: str = "normal", init_scale: float = 1.0,
+               feature_map: str | None = None, degree: int = 2) -> MLPMemory:
     """MLP memory; see :class:`MLPMemory`."""
     return MLPMemory(depth=depth, expansion=expansion, residual=residual, layer_norm=layer_norm,
-                     activation=activation, init_method=init, init_scale=init_scale)
+                     activation=activation, init_method=init, init_scale=init_scale,
+                     feature_map=feature_map, degree=degree)
 
 
 def token_factors(memory, params, x, residual_fn):

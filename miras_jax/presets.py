@@ -195,3 +195,46 @@ def memora(memory: str = "mlp", expansion: int = 4, depth: int = 2, anchor: bool
     Anchored: ``+ (1 - a_t) log W_0`` inside the softmax."""
     mem = _memory(memory, init_linear="simplex", init_mlp="simplex", expansion=expansion, depth=depth)
     return _spec("memora", mem, B.l2_bias(), R.kl_retention(anchor=_anchor(anchor, memory)), O.gd())
+
+
+# --- Atlas (arXiv 2505.23735): the Omega rule, polynomial features, Muon ----------------------
+# Matrix memory W: [v, D] over phi(k) (D = sum_{j<=p} d_k^j with degree p), r_i = W phi(k_i) - v_i;
+# the gradient is taken at W_{t-1}; defaults window 4, degree 2 (matrix memory) / None (MLP).
+
+
+def _atlas_memory(memory, degree, expansion, depth):
+    fm = None if degree is None else "poly"
+    if memory == "linear":
+        return M.linear_memory(feature_map=fm, degree=degree or 2)
+    if memory == "mlp":   # a residual MLP needs D == d_v: over poly features it has no residual
+        return M.mlp_memory(expansion=expansion, depth=depth, residual=degree is None, feature_map=fm,
+                            degree=degree or 2)
+    raise ValueError(f"memory must be 'linear' or 'mlp', got {memory!r}")
+
+
+def _atlas_degree(memory, degree):
+    return (2 if memory == "linear" else None) if degree == "default" else degree
+
+
+@register
+def omeganet(memory: str = "linear", window: int = 4, degree: int | None | str = "default", expansion: int = 4,
+             depth: int = 2, anchor: bool | None = None) -> MirasSpec:
+    """OmegaNet: ``W_t = a_t W_{t-1} - b_t sum_{i=t-c+1}^{t} gamma_i (W_{t-1} phi(k_i) - v_i) phi(k_i)^T``
+    (Omega bias over ``window = c`` tokens, gate ``omega`` = gamma; decay retention; GD; ``phi`` the
+    polynomial features of ``degree``, ``None``: ``phi(x) = x``). MLP memory: anchored by default, as
+    the other MLP presets."""
+    degree = _atlas_degree(memory, degree)
+    mem = _atlas_memory(memory, degree, expansion, depth)
+    return _spec("omeganet", mem, B.omega_bias(B.l2_bias(), window),
+                 R.decay_retention(anchor=_anchor(anchor, memory)), O.gd())
+
+
+@register
+def atlas(memory: str = "linear", window: int = 4, degree: int | None | str = "default", ns_steps: int = 5,
+          expansion: int = 4, depth: int = 2, anchor: bool | None = None) -> MirasSpec:
+    """Atlas: OmegaNet's gradient ``g_t`` with Muon: ``S_t = m_t S_{t-1} + g_t``,
+    ``W_t = a_t W_{t-1} - b_t NS_5(S_t)`` (Newton-Schulz per weight matrix, ``inner_opt.newton_schulz``)."""
+    degree = _atlas_degree(memory, degree)
+    mem = _atlas_memory(memory, degree, expansion, depth)
+    return _spec("atlas", mem, B.omega_bias(B.l2_bias(), window),
+                 R.decay_retention(anchor=_anchor(anchor, memory)), O.muon(ns_steps))

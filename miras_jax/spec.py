@@ -53,6 +53,8 @@ class MirasSpec:
                 getattr(self.memory, "kind", None) == "linear" and isinstance(self.bias, bias_lib.L2Bias)):
             raise ValueError("implicit_gd has a closed form only for the l2 bias on a linear (matrix) "
                              "memory; use gd() for other combinations")
+        if isinstance(self.bias, bias_lib.OmegaBias) and self.optimizer.num_steps != 1:
+            raise ValueError("the Omega bias takes one inner step per token (num_steps=1)")
         if self.hparams is None:
             object.__setattr__(self, "hparams", self.default_hparams())
 

@@ -15,6 +15,7 @@ from miras_jax.engine import horizon as horizon_lib
 from miras_jax.engine import pallas as pallas_path
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine import segments as segments_lib
+from miras_jax.engine import window as window_lib
 from miras_jax.engine.plan import IMPLEMENTATIONS
 from miras_jax.engine.tokens import MemoryState, init_state
 
@@ -26,11 +27,13 @@ GATE_DOCS = {
     "decay": "retention alpha_t, shape [T] or channel-wise [T, d_k] (matrix memory)",
     "momentum": "momentum m_t, shape [T]",
     "delta": "Huber threshold delta_t, shape [T]",
+    "omega": "Omega rule weight gamma_t of token t's loss in the window, shape [T]",
 }
 
 
 # where each known gate must lie (checked on concrete values; ``None``: unbounded on that side)
-GATE_RANGES = {"lr": (0.0, None), "decay": (0.0, 1.0), "momentum": (0.0, 1.0), "delta": (0.0, None)}
+GATE_RANGES = {"lr": (0.0, None), "decay": (0.0, 1.0), "momentum": (0.0, 1.0), "delta": (0.0, None),
+               "omega": (0.0, 1.0)}
 
 
 def check_gates(spec, gates) -> None:
@@ -194,6 +197,7 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
     if packed:
         segment_ids = segments_lib.check_segment_ids(segment_ids, (q.shape[0],))
     segment_align = segments_lib.check_align(segment_ids, segment_align)
+    spec, q, k, gates = window_lib.lower_inputs(spec, q, k, gates)   # feature maps, window 1 (engine/window.py)
     implementation = plan_lib.resolve(spec, implementation, chunk_size, channel=plan_lib.channel_decay(spec, gates))
 
     leaves = [q, k, v, *gates.values(), *jax.tree.leaves(params)]
@@ -206,9 +210,10 @@ def memorize(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: chex.Arr
     state = reset_state if initial_state is None else cast(initial_state)
     if packed:
         reset_state = segments_lib.row_reset_state(spec, reset_state, state)
-    xs = (q, k, v, gates)
-    if packed:
-        xs = xs + segments_lib.boundaries(segment_ids)
+    bounds = segments_lib.boundaries(segment_ids) if packed else ()
+    if window_lib.is_omega(spec):   # the window over the whole row, before any split (grad_horizon)
+        k, v, gates = window_lib.window_inputs(spec, k, v, gates, bounds or None)
+    xs = (q, k, v, gates) + bounds
 
     def run(st, xs):
         q_, k_, v_, g_ = xs[:4]
@@ -280,9 +285,13 @@ def memorize_batched(spec: MirasSpec, params: chex.ArrayTree, q: chex.Array, k: 
     if packed:
         segment_ids = segments_lib.check_segment_ids(segment_ids, (B, T))
     segment_align = segments_lib.check_align(segment_ids, segment_align)
+    spec, q, k, gates = window_lib.lower_inputs(spec, q, k, gates)   # feature maps, window 1 (engine/window.py)
     implementation = plan_lib.resolve(spec, implementation, chunk_size,
                                       channel=plan_lib.channel_decay(spec, gates, token_ndim=3))
     if seq_axis is not None:
+        if window_lib.is_omega(spec):
+            raise NotImplementedError(f"spec {spec.name!r}: an Omega window of {spec.bias.window} tokens does "
+                                      "not run split over a seq mesh axis yet (the window crosses slices)")
         return _seq_sharded(spec, params, q, k, v, gates or {}, chunk_size=chunk_size,
                             implementation=implementation, initial_state=initial_state, remat_every=remat_every,
                             mesh=mesh, batch_axes=batch_axes, head_axes=head_axes, grad_horizon=grad_horizon,

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from miras_jax.engine import exact
+from miras_jax.engine import omega
 from miras_jax.engine.minibatch import chunk as chunked
 from miras_jax.engine.minibatch import decay
 from miras_jax.engine import plan as plan_lib
@@ -90,6 +91,8 @@ def run(spec, state: MemoryState, q, k, v, gates, *, chunk_size: int, implementa
         return memorize_tokens(spec, state, q, k, v, gates, segments)
     if p.engine == "chunked_reference":
         return memorize_chunked_reference(spec, state, q, k, v, gates, p.chunk, segments)
+    if p.engine == "omega":
+        return omega.memorize_omega_chunked(spec, state, q, k, v, gates, p.chunk, segments=segments)
     if p.engine in ("hebbian", "delta"):
         return run_exact(p, spec, state, q, k, v, gates, segments)
     if p.engine == "minibatch":

@@ -10,6 +10,8 @@ Engines (``Plan.engine``):
                          token recurrence for any chunk size.
   ``minibatch``          the mini-batch chunk form (``engine/minibatch/chunk.py``; hand VJP in
                          ``engine/minibatch/vjp.py`` where it applies, else autodiff).
+  ``omega``              the mini-batch chunk form of a matrix memory with an Omega window and / or
+                         Muon (``engine/omega.py``; autodiff).
   ``pallas``             the kernels of ``pallas_kernels/`` (``engine/pallas.py``).
 
 ``implementation``: ``"reference"`` (tokens, or chunked_reference when ``chunk_size > 1`` and the
@@ -25,6 +27,8 @@ from typing import Any
 
 import jax
 
+from miras_jax.engine import omega as omega_lib
+from miras_jax.engine import window as window_lib
 from pallas_kernels import MatrixChunkConfig, MLPChunkConfig
 from pallas_kernels.common.residuals import KINDS as KERNEL_RESIDUALS
 
@@ -100,6 +104,8 @@ def exact_family(spec) -> str | None:
 def exact_blocker(spec) -> str | None:
     """Why ``spec`` has no exact chunk form (``None`` if it has one)."""
     fam = _trait(spec.bias, "exact_family")
+    if window_lib.is_omega(spec):
+        return f"the Omega window ({spec.bias.window} tokens) has no exact chunk form"
     if fam is None:
         return f"bias {type(spec.bias).__name__} has no exact chunk form (only dot and l2 do)"
     if _trait(spec.memory, "kind") != "linear":
@@ -119,6 +125,9 @@ def minibatch_blocker(spec) -> str | None:
     """Why the mini-batch chunk form (``engine/minibatch/chunk.py``) cannot run ``spec`` (``None`` if it can)."""
     mode = _trait(spec.retention, "chunk_mode")
     form = _trait(spec.optimizer, "update_form")
+    if window_lib.is_omega(spec) or form == "muon":
+        what = "the Omega window" if window_lib.is_omega(spec) else "optimizer 'muon'"
+        return f"{what} is not in the mini-batch form of engine/minibatch (see the omega engine)"
     if mode is None:
         return f"retention {spec.retention.name!r} has no chunked form"
     if spec.grad_at != "previous":
@@ -149,6 +158,10 @@ def kernel_config(spec, chunk_size: int, channel: bool = False):
     naming the component no kernel covers."""
     mem, ret = spec.memory, spec.retention
     kind = _trait(mem, "kind")
+    if window_lib.is_omega(spec):
+        raise NotImplementedError(f"the Omega window ({spec.bias.window} tokens) has no Pallas kernel yet")
+    if _trait(spec.optimizer, "update_form") == "muon":
+        raise NotImplementedError("optimizer 'muon' has no Pallas kernel yet")
     if ret.anchor and kind != "mlp":
         raise NotImplementedError("an anchored retention (decay toward W_0) has a Pallas kernel for the "
                                   "MLP memory only")
@@ -199,18 +212,33 @@ def kernel_blocker(spec, channel: bool = False) -> str | None:
     return None
 
 
+def omega_blocker(spec) -> str | None:
+    """Why the Omega / Muon chunk form (``engine/omega.py``) does not run ``spec`` (``None`` if it does)."""
+    if not (window_lib.is_omega(spec) or _trait(spec.optimizer, "update_form") == "muon"):
+        return "not an Omega-window or Muon spec (the minibatch engine runs it)"
+    return omega_lib.blocker(spec)
+
+
+def chunk_blocker(spec) -> str | None:
+    """Why no XLA chunk form (mini-batch or Omega) runs ``spec``; ``None`` if one does."""
+    if window_lib.is_omega(spec) or _trait(spec.optimizer, "update_form") == "muon":
+        return omega_lib.blocker(spec)
+    return minibatch_blocker(spec)
+
+
 def resolve(spec, implementation: str, chunk_size: int = 64, backend: str | None = None,
             channel: bool = False) -> str:
     """``implementation`` with ``"auto"`` resolved (see the module docstring); ``"xla"`` /
     ``"pallas"`` for a spec they cannot run raise ``NotImplementedError`` naming the blocker. Every
     implementation takes packed rows (``segment_ids``)."""
+    spec = window_lib.lower_spec(spec)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
         backend = backend or jax.default_backend()
         if backend in ("tpu", "gpu") and kernel_blocker(spec, channel) is None:
             return "pallas"
-        if chunk_size > 1 and (exact_family(spec) is not None or minibatch_blocker(spec) is None):
+        if chunk_size > 1 and (exact_family(spec) is not None or chunk_blocker(spec) is None):
             return "xla"
         return "reference"
     if implementation == "pallas":
@@ -219,7 +247,7 @@ def resolve(spec, implementation: str, chunk_size: int = 64, backend: str | None
             raise NotImplementedError(f"implementation='pallas' cannot run spec {spec.name!r}: {reason}; "
                                       "use implementation='xla'")
     if implementation == "xla" and exact_family(spec) is None:
-        reason = minibatch_blocker(spec)
+        reason = chunk_blocker(spec)
         if reason is not None:
             raise NotImplementedError(f"implementation='xla' cannot run spec {spec.name!r}: {reason}; "
                                       "use implementation='reference' with chunk_size=1")
@@ -232,6 +260,7 @@ def plan(spec, implementation: str = "auto", chunk_size: int = 64, *, backend: s
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     asked = implementation
+    spec = window_lib.lower_spec(spec)   # feature maps and window-1 Omega biases (engine/window.py)
     impl = resolve(spec, implementation, chunk_size, backend, channel)
     family = exact_family(spec)
     common = dict(spec=spec.name, implementation=impl, chunk_size=chunk_size, family=family,
@@ -259,6 +288,10 @@ def plan(spec, implementation: str = "auto", chunk_size: int = 64, *, backend: s
         if chunk != chunk_size:
             why.append(f"chunk capped at {chunk} (EXACT_CHUNK_CAP: fastest measured; same result)")
         return Plan(engine=family, chunk=chunk, vjp="custom", why=tuple(why), **common)
+    if omega_blocker(spec) is None:
+        why.append(f"no exact form ({exact_blocker(spec)}): the Omega / Muon chunk form (engine/omega.py), "
+                   "gradients at each chunk's start memory; autodiff backward")
+        return Plan(engine="omega", chunk=chunk_size, why=tuple(why), **common)
     why.append(f"no exact form ({exact_blocker(spec)}): mini-batch form, gradients at each chunk's "
                "start memory")
     blocker = hand_vjp_blocker(spec, channel)

@@ -11,7 +11,9 @@ This is the truth every fast path is compared with. For one sequence of one head
     y_t     = M_{W_t}(q_t)                                   # read after the write
 
 With ``optimizer.num_steps = n`` the step is repeated n times per token (key/value ``j`` of
-``k: [T, n, k]``), the decay entering only the first sub-step (DeltaProduct).
+``k: [T, n, k]``), the decay entering only the first sub-step (DeltaProduct). An Omega bias of window
+``c`` (``bias.OmegaBias``) takes ``g_t = sum_j w_tj grad l(point; k_tj, v_tj)`` over the window of
+``engine/window.py`` (``k: [T, c, k]``; built here from ``[T, k]`` inputs if the caller has not).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from miras_jax.engine import window as window_lib
 from miras_jax.engine.segments import where_tree
 
 
@@ -48,11 +51,29 @@ def _sub_gates(gates_t: dict, j: int, n: int) -> dict:
     return out
 
 
+def inner_grad(spec, point, k_t, v_t, gates_t: dict):
+    """``grad_W l(point; k_t, v_t)`` (a VJP through the memory at the bias's residual map); for an
+    Omega bias, ``k_t: [c, k]``, ``v_t: [c, v]``, the bias's gates ``[c]``:
+    ``sum_j omega_j grad l(point; k_tj, v_tj)`` (one VJP of the ``c`` predictions)."""
+    hp = spec.hparams["bias"]
+    if not window_lib.is_omega(spec):
+        pred, vjp = jax.vjp(lambda w: spec.memory.apply(w, k_t), point)
+        phi = spec.bias.residual_map(pred, v_t, hp, gates_t)
+        return vjp(phi.astype(pred.dtype))[0]
+    win = set(spec.bias.gates)
+    g_win = {n: g for n, g in gates_t.items() if n in win}
+    pred, vjp = jax.vjp(lambda w: jax.vmap(lambda x: spec.memory.apply(w, x))(k_t), point)
+    phi = jax.vmap(lambda p, t, g: spec.bias.residual_map(p, t, hp, g))(pred, v_t, g_win)
+    return vjp((phi * g_win["omega"][:, None]).astype(pred.dtype))[0]
+
+
 def token_step(spec, state: MemoryState, k_t, v_t, gates_t: dict) -> MemoryState:
     """One token's update. ``k_t: [k]`` or ``[n, k]``, ``v_t: [v]`` or ``[n, v]``."""
     hp = spec.hparams
     params, rstate, ostate = state
     n = spec.num_steps
+    if window_lib.is_omega(spec) and k_t.ndim == 1:
+        raise ValueError("an Omega bias steps on the window's keys k_t [c, d] (engine/window.py)")
     if n > 1 and k_t.ndim == 1:
         k_t = jnp.broadcast_to(k_t, (n, k_t.shape[0]))
     if n > 1 and v_t.ndim == 1:
@@ -66,11 +87,9 @@ def token_step(spec, state: MemoryState, k_t, v_t, gates_t: dict) -> MemoryState
             point, _ = spec.retention.step(params, rstate, None, a_j, hp["retention"])
         else:
             point = params
-        pred, vjp = jax.vjp(lambda w: spec.memory.apply(w, k_j), point)
-        phi = spec.bias.residual_map(pred, v_j, hp["bias"], g_j)
-        (grads,) = vjp(phi.astype(pred.dtype))
-        updates, ostate = spec.optimizer.update(grads, ostate, point, gates=g_j,
-                                                hparams=hp["optimizer"], key=k_j)
+        grads = inner_grad(spec, point, k_j, v_j, g_j)
+        updates, ostate = spec.optimizer.update(grads, ostate, point, gates=g_j, hparams=hp["optimizer"],
+                                                key=k_j[-1] if window_lib.is_omega(spec) else k_j)
         params, rstate = spec.retention.step(params, rstate, updates, a_j, hp["retention"])
     return MemoryState(params, rstate, ostate)
 
@@ -81,6 +100,9 @@ def memorize_tokens(spec, state: MemoryState, q, k, v, gates: dict, segments=Non
     ``segments = (reset [T], real [T], reset_state)`` (``segments.boundaries``): at ``reset_t`` the
     state becomes ``reset_state`` before token t writes; a pad token (``real_t`` false) leaves the
     state unchanged and reads 0."""
+
+    if window_lib.is_omega(spec) and not window_lib.windowed(spec, k):
+        k, v, gates = window_lib.window_inputs(spec, k, v, gates, segments)
 
     # checkpointed: the backward pass keeps only the carried state per token, not the step's
     # intermediates (MLP memories otherwise need O(T x layer activations x state) memory).

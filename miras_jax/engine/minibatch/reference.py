@@ -5,6 +5,9 @@ Chunks of ``c`` tokens; inside a chunk every gradient is taken at the chunk-star
 ``P = W_{t'}`` (the paper's Eq. 28), then token by token (materialised states)::
 
     g_i = grad l(P; k_i, v_i);  u_i, S = optimizer.update(g_i, S)
+      (Omega window: g_i = sum_j w_ij grad l(P; k_ij, v_ij), window tokens of the previous chunk
+       included, all at this chunk's P; Muon: S_i = m_i S_{i-1} + g_i, u_i = -eta_i NS(S_i): the
+       Newton-Schulz step on every token's momentum)
     "linear" maps (none, decay):  W_i = retention.step(W_{i-1}, u_i, a_i)          (exact map)
                                   (with an anchor: a_i W_{i-1} + (1 - a_i) W_* + u_i)
     "scale"  (l_q, Moneta):       A_i = a_i A_{i-1} + u_i;  reads use W_i = s(A_0) A_i, except
@@ -33,8 +36,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from miras_jax.engine import window as window_lib
 from miras_jax.engine.segments import where_tree
-from miras_jax.engine.tokens import MemoryState
+from miras_jax.engine.tokens import MemoryState, inner_grad
 
 
 def pad_to_chunks(x, T_pad):
@@ -56,6 +60,8 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
         raise NotImplementedError("the mini-batch chunked form needs grad_at='previous' and one step per token")
     hp = spec.hparams
     ret, opt, mem = spec.retention, spec.optimizer, spec.memory
+    if window_lib.is_omega(spec) and not window_lib.windowed(spec, k):
+        k, v, gates = window_lib.window_inputs(spec, k, v, gates, segments)
     T, c = q.shape[0], chunk_size
     n = -(-T // c)
     mask = jnp.arange(n * c) < T
@@ -77,9 +83,9 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
                                           init.retention), (W, A, S, P, R0))
             A0 = ret.acc(R0)
             z_anchor = ret.anchor_of(R0)
-            pred, vjp = jax.vjp(lambda w: mem.apply(w, k_i), P)
-            (grad,) = vjp(spec.bias.residual_map(pred, v_i, hp["bias"], g_i))
-            u, S_new = opt.update(grad, S, P, gates=g_i, hparams=hp["optimizer"], key=k_i)
+            grad = inner_grad(spec, P, k_i, v_i, g_i)
+            u, S_new = opt.update(grad, S, P, gates=g_i, hparams=hp["optimizer"],
+                                  key=k_i[-1] if k_i.ndim == 2 else k_i)
             a = ret.decay_value(g_i, hp["retention"])
             if mode == "linear":
                 W_new, _ = ret.step(W, R0, u, a, hp["retention"])

@@ -1,0 +1,151 @@
+"""The Atlas chunk form (XLA): a matrix memory with an Omega window and / or Muon, mini-batch semantics.
+
+The semantics are ``minibatch/reference.py``'s ("linear" retention): per chunk of ``C`` tokens every
+gradient is taken at the chunk-start memory ``P``. One head, after ``window.lower_inputs``
+(``W: [v, D]``, ``q: [T, D]``, windowed ``k: [T, c, D]``, ``v: [T, c, v]``). Per chunk::
+
+    phi_jm = omega_jm residual(P k_jm, v_jm)          [C, c, v]  (the bias's map, window weights)
+    g_j    = sum_m phi_jm k_jm^T                       (the window's banded sum of per-token factors)
+    L_i = sum_{l<=i} log a_l,  R_ij = exp(L_i - L_j) [j <= i]   (decay.decay_matrix)
+    GD:        W_i = e^{L_i} P - sum_j R_ij eta_j g_j
+               y_i = e^{L_i} P q_i - sum_j R_ij eta_j sum_m phi_jm (k_jm . q_i)     (dual form)
+    momentum:  S_i = m_i S_{i-1} - eta_i g_i, W_i = a_i W_{i-1} + S_i   (decay.momentum_coefficients)
+    Muon:      S_i = m_i S_{i-1} + g_i = e^{M_i} S_0 + sum_j Rm_ij g_j     (linear: one masked matmul)
+               U_i = -eta_i NS(S_i)                     (the Newton-Schulz step on every token's S_i)
+               W_i = e^{L_i} P + sum_j R_ij U_j,   y_i = W_i q_i   (materialised: [C, v, D] per chunk)
+
+With ``C = 1`` this is the token engine. Padding (the last partial chunk, ``valid_len``, pads of
+packed rows): ``eta = 0``, ``omega = 0``, ``a = m = 1``. Packed rows: a document starting inside a
+chunk restarts from the reset state and takes its gradients there (``R`` and the cumulative logs
+masked to one document, ``decay.segment_cumsum``). The backward is autodiff through a
+checkpointed chunk body (the carried ``(P, S)`` per chunk is kept).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from miras_jax.engine import window as window_lib
+from miras_jax.engine.minibatch import decay
+from miras_jax.engine.minibatch.reference import pad_to_chunks
+from miras_jax.engine.tokens import MemoryState
+from miras_jax.inner_opt import newton_schulz
+
+
+def blocker(spec) -> str | None:
+    """Why this chunk form cannot run ``spec`` (``None`` if it can)."""
+    if getattr(spec.memory, "kind", None) != "linear":
+        return "the Omega / Muon chunk form needs a matrix (linear) memory"
+    if spec.retention.map_kind != "identity" or spec.retention.anchor:
+        return f"retention {spec.retention.name!r} is not a plain decay (identity map, no anchor)"
+    if spec.grad_at != "previous":
+        return "the Omega / Muon chunk form takes gradients at the chunk-start memory (grad_at='previous')"
+    if spec.optimizer.update_form not in ("gd", "momentum", "muon") or spec.num_steps != 1:
+        return f"optimizer {spec.optimizer.name!r} has no Omega chunk form"
+    if spec.optimizer.update_form == "gd" and not getattr(spec.optimizer, "grad_linear", False):
+        return f"optimizer {spec.optimizer.name!r} has a key-dependent step"
+    return None
+
+
+def _windowed(spec, k, v, gates):
+    """Windowed inputs for an Omega bias; a plain bias as a window of one token with weight 1."""
+    if window_lib.is_omega(spec):
+        return (k, v, gates) if window_lib.windowed(spec, k) else window_lib.window_inputs(spec, k, v, gates)
+    out = {n: (g[:, None] if n in spec.bias.gates else g) for n, g in gates.items()}
+    out["omega"] = jnp.ones(k.shape[:1] + (1,), k.dtype)
+    return k[:, None], v[:, None], out
+
+
+def memorize_omega_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int, valid_len=None,
+                           segments=None):
+    """``(y [T, v], final MemoryState)`` of one head under the module docstring's algebra.
+    ``valid_len`` (may be traced): only the first ``valid_len`` tokens write (decoding a partial
+    chunk). ``segments = (reset [T], real [T], reset_state)``: packed rows, the chunked reference's
+    semantics (a document starting inside a chunk restarts from ``reset_state`` and takes its
+    gradients there; ``same``-document masks on the decay / momentum matrices)."""
+    reason = blocker(spec)
+    if reason:
+        raise NotImplementedError(reason)
+    hp, opt = spec.hparams, spec.optimizer
+    form = opt.update_form
+    with_s = form in ("momentum", "muon")
+    packed = segments is not None
+    if window_lib.is_omega(spec) and not window_lib.windowed(spec, k):
+        k, v, gates = window_lib.window_inputs(spec, k, v, gates, segments)
+    k, v, gates = _windowed(spec, k, v, gates)
+    T, C = q.shape[0], chunk_size
+    n = -(-T // C)
+    mask = (jnp.arange(n * C) < (T if valid_len is None else valid_len)).astype(q.dtype)
+    reset = jnp.zeros((n * C,), q.dtype)
+    if packed:
+        reset_t, real, reset_state = segments
+        mask = mask * pad_to_chunks(real.astype(q.dtype), n * C)
+        reset = pad_to_chunks(reset_t.astype(q.dtype), n * C)
+    lr = jax.vmap(lambda g, k_i: opt.lr(g, hp["optimizer"], k_i))(gates, k[:, -1])
+    a = spec.retention.decay_value(gates, hp["retention"])
+    a = jnp.ones((T,), q.dtype) if a is None else jnp.broadcast_to(a, (T,)) if jnp.ndim(a) == 0 else a
+    if a.ndim != 1:
+        raise NotImplementedError("channel-wise decay has no Omega / Muon chunk form")
+    m = gates["momentum"] if with_s else jnp.ones((T,), q.dtype)
+    bias_gates = {g: gates[g] for g in spec.bias.gates if g != "omega"}
+    q, k, v, omega, bias_gates, lr, a, m = pad_to_chunks((q, k, v, gates["omega"], bias_gates, lr, a, m), n * C)
+    lr, omega = lr * mask, omega * mask[:, None]
+    log_a = decay.log_gate(jnp.where(mask > 0, a, 1.0))
+    log_m = decay.log_gate(jnp.where(mask > 0, m, 1.0))
+    chunks = lambda x: x.reshape((n, C) + x.shape[1:])  # noqa: E731
+    xs = jax.tree.map(chunks, (q, k, v, omega, bias_gates, lr, log_a, log_m, mask, reset))
+    residual = jax.vmap(jax.vmap(lambda p, t, g: spec.bias.residual_map(p, t, hp["bias"], g)))
+    W_star = state.memory["W"] if not packed else reset_state.memory["W"]
+    S_star = (state.optimizer["W"] if not packed else reset_state.optimizer["W"]) if with_s else None
+
+    @jax.checkpoint
+    def body(carry, xs_c):
+        P, S = carry
+        qc, kc, vc, om, bg, lrc, la, lm, mc, rc = xs_c
+        first = jnp.cumsum(rc) == 0                        # [C]: tokens of the chunk's first document
+        same = None
+        if packed:
+            dc = jnp.cumsum(rc)
+            same = (dc[:, None] == dc[None, :]).astype(qc.dtype)
+        pick = lambda x, y: x if not packed else jnp.where(  # noqa: E731
+            first.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
+        pred = jnp.einsum("imd,vd->imv", kc, P)
+        if packed:   # later documents take their gradients at the reset memory
+            pred = pick(pred, jnp.einsum("imd,vd->imv", kc, W_star))
+        phi = residual(pred, vc, bg) * om[..., None]       # [C, c, v]
+        R = decay.decay_matrix(la, same)
+        beta = jnp.exp(jnp.cumsum(la) if same is None else decay.segment_cumsum(la, same))
+        base_y = pick(qc @ P.T, qc @ W_star.T) * beta[:, None]
+        if with_s:
+            Rm = decay.decay_matrix(lm, same)
+            mcum = jnp.exp(jnp.cumsum(lm) if same is None else decay.segment_cumsum(lm, same))
+        if form == "muon":
+            G = jnp.einsum("jmv,jmd->jvd", phi, kc)
+            S_base = pick(jnp.broadcast_to(S, (C,) + S.shape), jnp.broadcast_to(S_star, (C,) + S.shape))
+            S_all = mcum[:, None, None] * S_base + jnp.einsum("ij,jvd->ivd", Rm, G)
+            U = -lrc[:, None, None] * jax.vmap(lambda x: newton_schulz(x, opt.ns_steps))(S_all)
+            P_base = pick(jnp.broadcast_to(P, (C,) + P.shape), jnp.broadcast_to(W_star, (C,) + P.shape))
+            W_all = beta[:, None, None] * P_base + jnp.einsum("ij,jvd->ivd", R, U)
+            return (W_all[-1], S_all[-1]), jnp.einsum("ivd,id->iv", W_all, qc)
+        scores = jnp.einsum("jmd,id->ijm", kc, qc)
+        last_base = P if not packed else jnp.where(first[-1], P, W_star)
+        if form == "gd":
+            Cf = -R * lrc[None, :]
+            y = base_y + jnp.einsum("ij,ijm,jmv->iv", Cf, scores, phi)
+            return (beta[-1] * last_base + jnp.einsum("j,jmv,jmd->vd", Cf[-1], phi, kc), S), y
+        # momentum: S_i = m_i S_{i-1} - lr_i g_i;  W_i = a_i W_{i-1} + real_i S_i
+        Rr = R * mc[None, :]
+        Cf = -(Rr @ Rm) * lrc[None, :]
+        gamma = Rr @ mcum
+        S_last = S if not packed else jnp.where(first[-1], S, S_star)
+        y = base_y + gamma[:, None] * pick(qc @ S.T, qc @ S_star.T) + jnp.einsum("ij,ijm,jmv->iv", Cf, scores, phi)
+        P_new = beta[-1] * last_base + gamma[-1] * S_last + jnp.einsum("j,jmv,jmd->vd", Cf[-1], phi, kc)
+        S_new = mcum[-1] * S_last - jnp.einsum("j,jmv,jmd->vd", Rm[-1] * lrc, phi, kc)
+        return (P_new, S_new), y
+
+    S0 = state.optimizer["W"] if with_s else jnp.zeros(())
+    (P, S), y = jax.lax.scan(body, (state.memory["W"], S0), xs)
+    final = MemoryState({"W": P}, state.retention, {"W": S} if with_s else state.optimizer)
+    y = y.reshape((n * C,) + y.shape[2:])[:T]
+    return (y if not packed else jnp.where(segments[1][:, None], y, 0.0)), final
