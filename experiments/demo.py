@@ -65,6 +65,7 @@ class Setting(NamedTuple):
     decay: float = 1.0
     momentum: float = 0.0
     delta: float = 1.0
+    omega: float = 1.0
     hparams: tuple = ()   # ((name, value), ...)
 
 
@@ -100,6 +101,11 @@ SETTINGS = {
     "memora": Setting(1.0, 30, "multiplicative step W = c softmax(decay log W - lr g): lr is a step in "
                       "log W, so ~1 (layer ceiling LR_MAX_KL_MLP = 0.1 is slower here); decay 0.999 "
                       "anchors log W toward log W_0 (err 0.23 after 30 passes), so decay = 1"),
+    "omeganet": Setting(0.2, 10, "delta rule over a window of 4 pairs and degree-2 features: phi(k_i) . "
+                        "phi(k_j) = 1 for orthonormal keys (the constant feature), so writes interfere; "
+                        "lr 0.4 diverges (lr x the window's top curvature ~5.5 > 2), 0.2 x 10 passes reach 0.013"),
+    "atlas": Setting(0.2, 10, "Muon's step NS(S) has unit-size singular values whatever the error, so "
+                     "the step sets the write size; momentum 0 (0.9 overshoots here: 0.20 at 10 passes)"),
 }
 
 
@@ -129,7 +135,7 @@ def rel_err(pred, values) -> float:
 
 def constant_gates(spec, s: Setting, T: int, d: int) -> dict:
     """``[T]`` gates (channel-wise ``decay: [T, d]`` for GLA) for the gates ``spec`` reads."""
-    value = {"lr": s.lr, "decay": s.decay, "momentum": s.momentum, "delta": s.delta}
+    value = {"lr": s.lr, "decay": s.decay, "momentum": s.momentum, "delta": s.delta, "omega": s.omega}
     gates = {g: jnp.full((T,), value[g]) for g in spec.required_gates}
     if spec.name == "gla":
         gates["decay"] = jnp.full((T, d), s.decay)

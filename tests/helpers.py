@@ -40,6 +40,7 @@ def random_inputs(seed, T, d_k, d_v, *, num_steps=1, channel_decay=False, dtype=
         "decay": jax.random.uniform(ks[4], (T, d_k) if channel_decay else (T,), minval=0.8, maxval=1.0),
         "momentum": jax.random.uniform(ks[5], (T,), minval=0.5, maxval=0.95),
         "delta": jax.random.uniform(ks[6], (T,), minval=0.1, maxval=1.0),
+        "omega": jax.random.uniform(ks[7], (T,), minval=0.3, maxval=1.0),
     }
     cast = lambda x: x.astype(dtype)  # noqa: E731
     return cast(q), cast(k), cast(v), jax.tree.map(cast, gates)

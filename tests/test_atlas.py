@@ -324,3 +324,29 @@ def test_batched_and_vmapped_hparams():
                                 chunk_size=4, implementation="xla")[0]
     grid = jax.vmap(run)(scales)
     np.testing.assert_allclose(grid[2], run(2.0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, chunk", [("atlas", 4), ("omeganet", 1)])
+def test_layer_packed_decode_equals_packed_forward(name, chunk):
+    """Prefill a packed prompt, then steps with resets: each token's output is the packed forward's
+    (the Omega window restarts with its document; buffered chunk decode for chunk 4)."""
+    from flax import nnx
+    from miras_jax.engine import segments
+    from miras_jax.nn import MirasLayer
+
+    layer = MirasLayer(16, 2, name, chunk_size=chunk, gate_rank=4, rngs=nnx.Rngs(0))
+    ids = jnp.asarray([[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3],
+                       [7, 7, 7, 0, 7, 5, 0, 5, 5, 5, 5, 6, 8, 9]], jnp.int32)
+    x = jax.random.normal(jax.random.key(1), (2, 14, 16))
+    prefill = nnx.jit(lambda m, x, seg: m.prefill(x, segment_ids=seg))
+    step = nnx.jit(lambda m, x, cache, r: m.step(x, cache, reset=r))
+    short = ids.at[1, 2:11].set(5)   # no pad after a 2-token prompt (decoding takes real tokens only)
+    for ids, prompt in ((ids, 7), (short, 2)):
+        full = layer(x, ids)
+        reset = jax.vmap(lambda s: segments.boundaries(s)[0])(ids)
+        y, cache = prefill(layer, x[:, :prompt], ids[:, :prompt])
+        ys = [y]
+        for t in range(prompt, 14):
+            y_t, cache = step(layer, x[:, t], cache, reset[:, t])
+            ys.append(y_t[:, None])
+        np.testing.assert_allclose(jnp.concatenate(ys, axis=1), full, rtol=1e-4, atol=1e-4, err_msg=str(prompt))

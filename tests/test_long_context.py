@@ -27,7 +27,7 @@ def _inputs(name, T, d, regime, dtype=jnp.float32, seed=0):
     q, k, v, gates = random_inputs(seed, T, d, d, num_steps=spec.num_steps, channel_decay=(name == "gla"))
     lo, hi = REGIMES[regime]
     gates["decay"] = jax.random.uniform(jax.random.key(seed + 5), gates["decay"].shape, minval=lo, maxval=hi)
-    gates["lr"] = jnp.full_like(gates["lr"], default_lr_max(spec))
+    gates["lr"] = jnp.full_like(gates["lr"], default_lr_max(spec, 64))   # the chunk _check runs
     gates = {n: gates[n] for n in spec.required_gates}
     params = spec.memory.init(jax.random.key(seed + 1), d, d)
     cast = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)  # noqa: E731

@@ -23,7 +23,8 @@ from tests.helpers import random_inputs
 HEBBIAN = {"linear_attention", "retnet", "mamba2", "gla"}
 DELTA = {"deltanet", "gated_deltanet", "longhorn", "deltaproduct"}
 HAND_VJP = {"ttt_linear", "ttt_mlp", "moneta", "yaad", "memora", "titans"}   # every mini-batch preset
-NO_KERNEL = {"deltaproduct", "ttt_linear", "titans"}
+NO_KERNEL = {"deltaproduct", "ttt_linear", "titans", "omeganet", "atlas"}
+OMEGA = {"omeganet", "atlas"}   # the Omega / Muon chunk form (engine/omega.py)
 
 
 @pytest.mark.parametrize("name", mj.presets.names())
@@ -32,6 +33,8 @@ def test_every_preset_has_the_engine_its_components_allow(name):
     p = mj.plan(spec, "xla", 64)
     if name in HEBBIAN | DELTA:
         assert (p.engine, p.family, p.vjp) == ("hebbian" if name in HEBBIAN else "delta", p.engine, "custom")
+    elif name in OMEGA:
+        assert (p.engine, p.family, p.vjp, p.chunk) == ("omega", None, "autodiff", 64)
     else:
         assert p.engine == "minibatch" and p.family is None and p.chunk == 64
         assert p.vjp == ("hand" if name in HAND_VJP else "autodiff")

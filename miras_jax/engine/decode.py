@@ -20,6 +20,11 @@ reset state, the buffer tokens before the reset become padding (``real``), and t
 the chunk with a restart flag at ``lo``, the reset's buffer position, so the new document's tokens
 take their gradients at ``W_0`` exactly as in the packed full forward. Decoding takes real tokens
 only (no pad tokens); a packed prompt's pads are handled by :func:`decode_prefill`.
+
+The Atlas choices (``engine/window.py``): every entry lowers the spec and the token's inputs (a
+feature map becomes ``phi(q)``, ``phi(k)``; the buffer holds ``D``-wide keys); an Omega window of
+``c`` tokens keeps the last ``c - 1`` tokens' keys, values and bias gates in ``DecodeState.win``
+(``window.window_state``), so each step sees the same window as the full forward.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from miras_jax.engine.minibatch import chunk as chunked
+from miras_jax.engine import omega as omega_lib
 from miras_jax.engine import plan as plan_lib
+from miras_jax.engine import window as window_lib
 from miras_jax.engine import segments as segments_lib
 from miras_jax.engine.minibatch.reference import pad_to_chunks
 from miras_jax.engine.segments import where_tree
@@ -42,13 +49,15 @@ class DecodeState(NamedTuple):
     chunk's ``(q [C, k], k [C, k], v [C, v], gates {name: [C, ...]})`` or ``()``; ``n``: tokens
     in the buffer (int32). Packed documents, buffered specs only (else ``None``): ``lo`` (int32)
     the buffer position where the current document starts (0: at or before the chunk start) and
-    ``real [C]`` (bool) the buffer tokens that write (the current document's, no pads)."""
+    ``real [C]`` (bool) the buffer tokens that write (the current document's, no pads). ``win``:
+    an Omega window's last ``c - 1`` tokens (``window.window_state``), else ``None``."""
 
     start: MemoryState
     buf: Any
     n: jax.Array
     lo: jax.Array | None = None
     real: jax.Array | None = None
+    win: Any = None
 
 
 def buffered(spec, chunk_size: int, implementation: str) -> bool:
@@ -56,7 +65,35 @@ def buffered(spec, chunk_size: int, implementation: str) -> bool:
     semantics with chunks of more than one token (engine ``minibatch`` / ``chunked_reference``, or
     a kernel running a spec with no exact form)."""
     p = plan_lib.plan(spec, implementation, chunk_size)
-    return p.family is None and p.chunk > 1 and p.engine in ("minibatch", "chunked_reference", "pallas")
+    return p.family is None and p.chunk > 1 and p.engine in ("minibatch", "chunked_reference", "pallas", "omega")
+
+
+def _chunk_engine(spec):
+    """The chunk form a buffered decode runs (same semantics as the training plan's)."""
+    if plan_lib.omega_blocker(spec) is None:
+        return omega_lib.memorize_omega_chunked
+    return chunked.memorize_chunked
+
+
+def _lower_token(spec, q_t, k_t, gates_t):
+    """The spec and one token's inputs as the engines run them (``window.lower_inputs``)."""
+    return window_lib.lower_inputs(spec, q_t, k_t, gates_t)
+
+
+def empty_window(spec, d_k: int, d_v: int, gate_shapes: dict, dtype=jnp.float32):
+    """The Omega window before any token (``None`` for other specs): ``c - 1`` zero-weight slots."""
+    D = spec_input_dim(spec, d_k)
+    spec = window_lib.lower_spec(spec)
+    if not window_lib.is_omega(spec):
+        return None
+    n = spec.bias.window - 1
+    return {"k": jnp.zeros((n, D), dtype), "v": jnp.zeros((n, d_v), dtype),
+            "gates": {g: jnp.zeros((n, *gate_shapes.get(g, ())), dtype) for g in spec.bias.gates}}
+
+
+def spec_input_dim(spec, d_k: int) -> int:
+    mem = spec.memory
+    return mem.input_dim(d_k) if hasattr(mem, "input_dim") else d_k
 
 
 def last_document(segment_ids) -> jax.Array:
@@ -67,22 +104,35 @@ def last_document(segment_ids) -> jax.Array:
 
 
 def decode_init(spec, state: MemoryState, *, chunk_size: int, implementation: str, d_k: int,
-                d_v: int, gate_shapes: dict) -> DecodeState:
+                d_v: int, gate_shapes: dict, win=None) -> DecodeState:
     """The decode state after ``state`` (e.g. a prefill's final state, at a chunk boundary).
 
-    ``gate_shapes``: per-token shape of every gate (``()`` or ``(d_k,)``), for the buffer.
+    ``gate_shapes``: per-token shape of every gate (``()`` or ``(d_k,)``), for the buffer. ``win``:
+    an Omega window's state after the prefill (``window.window_state``; default: empty).
     """
-    if not buffered(spec, chunk_size, implementation):
-        return DecodeState(state, (), jnp.zeros((), jnp.int32))
-    c = chunk_size
     dtype = jax.tree.leaves(state.memory)[0].dtype
-    buf = (jnp.zeros((c, d_k), dtype), jnp.zeros((c, d_k), dtype), jnp.zeros((c, d_v), dtype),
-           {name: jnp.zeros((c, *shape), dtype) for name, shape in gate_shapes.items()})
-    return DecodeState(state, buf, jnp.zeros((), jnp.int32))
+    if win is None:
+        win = empty_window(spec, d_k, d_v, gate_shapes, dtype)
+    if not buffered(spec, chunk_size, implementation):
+        return DecodeState(state, (), jnp.zeros((), jnp.int32), win=win)
+    c = chunk_size
+    low = window_lib.lower_spec(spec)
+    D = spec_input_dim(spec, d_k)
+    w = (low.bias.window,) if window_lib.is_omega(low) else ()   # windowed keys / values / bias gates
+    in_win = set(low.bias.gates) if w else set()
+    buf = (jnp.zeros((c, D), dtype), jnp.zeros((c, *w, D), dtype), jnp.zeros((c, *w, d_v), dtype),
+           {name: jnp.zeros((c, *(w if name in in_win else ()), *shape), dtype)
+            for name, shape in _lowered_gate_shapes(spec, gate_shapes).items()})
+    return DecodeState(state, buf, jnp.zeros((), jnp.int32), win=win)
+
+
+def _lowered_gate_shapes(spec, gate_shapes: dict) -> dict:
+    """Gate shapes after ``window.lower_inputs`` (a folded window-1 ``omega`` is gone)."""
+    return {n: s for n, s in gate_shapes.items() if not (n == "omega" and window_lib.folds_window(spec))}
 
 
 def decode_prefill(spec, state: MemoryState, q, k, v, gates: dict, reset, real, reset_state: MemoryState, *,
-                   chunk_size: int) -> tuple[jax.Array, DecodeState]:
+                   chunk_size: int, win=None) -> tuple[jax.Array, DecodeState]:
     """A packed prompt's last partial chunk (buffered specs): ``(y [r, v], DecodeState)``.
 
     ``state``: the state after the prompt's full chunks; ``q, k: [r, k]``, ``v: [r, v]``, gates,
@@ -90,22 +140,25 @@ def decode_prefill(spec, state: MemoryState, q, k, v, gates: dict, reset, real, 
     remaining tokens. ``y`` is the packed forward's (one engine call on the partial chunk); the
     decode state continues the row's last document: if it starts at buffer position ``p``, the
     chunk start becomes ``reset_state``, ``lo = p`` and the tokens before ``p`` (and pads) stop writing.
+    ``win``: an Omega window's state before these tokens (``window.window_state`` of the full chunks).
     """
+    spec, q, k, gates = _lower_token(spec, q, k, gates)
+    if window_lib.is_omega(spec):
+        k, v, gates, win = window_lib.continue_windows(spec, win, k, v, gates, (reset, real))
     c, r = chunk_size, q.shape[0]
     dtype = jax.tree.leaves(state.memory)[0].dtype
     pad = lambda a: pad_to_chunks(a, c)  # noqa: E731
     buf = jax.tree.map(lambda a: pad(a).astype(dtype), (q, k, v, gates))
     reset, real = pad(reset), pad(real)
     if r:
-        y, _ = chunked.memorize_chunked(spec, state, *buf, c, valid_len=r,
-                                        segments=(reset, real, reset_state))
+        y, _ = _chunk_engine(spec)(spec, state, *buf, c, valid_len=r, segments=(reset, real, reset_state))
     else:
         y = jnp.zeros((c, v.shape[-1]), v.dtype)
     idx = jnp.arange(c)
     p = jnp.max(jnp.where(reset, idx, -1))       # the last document start in the buffer, or -1
     start = where_tree(p >= 0, reset_state, state)
     lo = jnp.maximum(p, 0).astype(jnp.int32)
-    ds = DecodeState(start, buf, jnp.asarray(r, jnp.int32), lo, real & (idx >= lo))
+    ds = DecodeState(start, buf, jnp.asarray(r, jnp.int32), lo, real & (idx >= lo), win)
     return y[:r], ds
 
 
@@ -117,7 +170,16 @@ def decode_step(spec, ds: DecodeState, q_t, k_t, v_t, gates_t: dict, *, chunk_si
     from ``reset_state`` (``init_state(spec, W_0)``) before it writes. ``reset_state`` is needed
     with ``reset_t`` and on a buffered state that tracks documents (``ds.lo`` set).
     """
-    if not buffered(spec, chunk_size, implementation):
+    is_buffered = buffered(spec, chunk_size, implementation)
+    spec, q_t, k_t, gates_t = _lower_token(spec, q_t, k_t, gates_t)
+    if window_lib.is_omega(spec):
+        one = lambda x: jnp.asarray(x)[None]  # noqa: E731
+        segs = None if reset_t is None else (one(reset_t).astype(bool), jnp.ones((1,), bool))
+        kw, vw, gw, win = window_lib.continue_windows(spec, ds.win, one(k_t), one(v_t),
+                                                      jax.tree.map(one, gates_t), segs)
+        k_t, v_t, gates_t = kw[0], vw[0], jax.tree.map(lambda x: x[0], gw)
+        ds = ds._replace(win=win)
+    if not is_buffered:
         start = ds.start if reset_t is None else where_tree(reset_t, reset_state, ds.start)
         st = token_step(spec, start, k_t, v_t, gates_t)
         return spec.memory.apply(st.memory, q_t), ds._replace(start=st)
@@ -126,10 +188,11 @@ def decode_step(spec, ds: DecodeState, q_t, k_t, v_t, gates_t: dict, *, chunk_si
     bq, bk, bv, bg = ds.buf
     buf = (put(bq, q_t), put(bk, k_t), put(bv, v_t), {g: put(bg[g], gates_t[g]) for g in bg})
     full = n + 1 == c
+    engine = _chunk_engine(spec)
     if reset_t is None and ds.lo is None:   # one document throughout
-        y, st = chunked.memorize_chunked(spec, ds.start, *buf, c, valid_len=n + 1)
+        y, st = engine(spec, ds.start, *buf, c, valid_len=n + 1)
         start = jax.tree.map(lambda new, old: jnp.where(full, new, old), st, ds.start)
-        return y[n], DecodeState(start, buf, jnp.where(full, 0, n + 1).astype(jnp.int32))
+        return y[n], DecodeState(start, buf, jnp.where(full, 0, n + 1).astype(jnp.int32), win=ds.win)
     if reset_state is None:
         raise ValueError("decode_step needs reset_state to decode packed documents")
     idx = jnp.arange(c)
@@ -143,7 +206,7 @@ def decode_step(spec, ds: DecodeState, q_t, k_t, v_t, gates_t: dict, *, chunk_si
     real = real | (idx == n)
     # a restart flag at lo > 0 (a document starting at position 0 already starts from reset_state)
     segs = ((idx == lo) & (lo > 0), real, reset_state)
-    y, st = chunked.memorize_chunked(spec, start, *buf, c, valid_len=n + 1, segments=segs)
+    y, st = engine(spec, start, *buf, c, valid_len=n + 1, segments=segs)
     start = where_tree(full, st, start)
     return y[n], DecodeState(start, buf, jnp.where(full, 0, n + 1).astype(jnp.int32),
-                             jnp.where(full, 0, lo).astype(jnp.int32), real & ~full)
+                             jnp.where(full, 0, lo).astype(jnp.int32), real & ~full, ds.win)

@@ -17,6 +17,8 @@ so ``g_t = sum_j w[t, j] grad l(W; k[t, j], v[t, j])`` (``tokens.inner_grad``).
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 from miras_jax import bias as bias_lib
@@ -55,6 +57,18 @@ def lower_inputs(spec, q, k, gates):
     return lower_spec(spec), q, k, gates
 
 
+def write_gain(spec) -> float:
+    """How much larger one inner step is than a single unit-key write: ``window x ||phi(k)||^2`` for a
+    unit key (``sum_{j<=p} 1 / j!`` with poly features of degree p, else 1); 1 for plain specs. The
+    window's Hessian has eigenvalues up to this (times gamma <= 1), so GD stays non-expansive where
+    ``lr <= 1 / write_gain`` (a layer's default ``lr_max`` divides by it)."""
+    mem = spec.memory
+    feat = 1.0
+    if getattr(mem, "feature_map", None) == "poly":
+        feat = sum(1.0 / math.factorial(j) for j in range(mem.degree + 1))
+    return float(getattr(spec.bias, "window", 1) if is_omega(spec) else 1) * feat
+
+
 def windowed(spec, k) -> bool:
     """Whether ``k`` already holds the Omega window (``[T, c, d]``)."""
     return is_omega(spec) and k.ndim == 3
@@ -64,6 +78,7 @@ def shift(x, o: int):
     """``x[t - o]`` along the leading axis, zeros for ``t < o``."""
     if o == 0:
         return x
+    o = min(o, x.shape[0])
     pad = jnp.zeros((o,) + x.shape[1:], x.dtype)
     return jnp.concatenate([pad, x[:-o]], axis=0)
 
@@ -87,3 +102,46 @@ def window_inputs(spec, k, v, gates, segments=None):
     out = {n: (stack(g) if n in win else g) for n, g in gates.items()}
     out["omega"] = jnp.where(valid, out["omega"], 0.0).astype(out["omega"].dtype)
     return stack(k), stack(v), out
+
+
+def window_gates(spec, gates) -> dict:
+    """The gates an Omega window carries per window slot: the bias's (``omega`` included)."""
+    win = set(spec.bias.gates)
+    return {n: g for n, g in gates.items() if n in win}
+
+
+def window_state(spec, k, v, gates, segments=None) -> dict:
+    """What decoding keeps of the Omega window after tokens ``k [T, d]`` (lowered inputs): the last
+    ``c - 1`` tokens' ``{"k", "v", "gates"}`` (oldest first, zeros before the row start), their
+    ``omega`` weights 0 outside the row's last document (``segments = (reset, real, ...)``) and on pads."""
+    n = spec.bias.window - 1
+    T = k.shape[0]
+    keep = jnp.ones((T,), bool)
+    if segments is not None:
+        reset, real = segments[0], segments[1]
+        doc = jnp.cumsum(reset.astype(jnp.int32))
+        keep = real & (doc == doc[-1])
+    g = dict(window_gates(spec, gates))
+    g["omega"] = jnp.where(keep, g["omega"], 0.0).astype(g["omega"].dtype)
+    last = lambda x: jnp.concatenate([jnp.zeros((n,) + x.shape[1:], x.dtype), x])[T:]  # noqa: E731
+    return {"k": last(k), "v": last(v), "gates": {name: last(x) for name, x in g.items()}}
+
+
+def continue_windows(spec, win: dict, k, v, gates, segments=None):
+    """Windowed inputs (as :func:`window_inputs`) of new tokens ``k [r, d]`` that follow the ``c - 1``
+    tokens of ``win`` (:func:`window_state`), and the window after them: ``(k, v, gates, win)``.
+    ``segments = (reset [r], real [r], ...)``: a reset among the new tokens ends the old window."""
+    n = spec.bias.window - 1
+    cat = lambda a, b: jnp.concatenate([a, b.astype(a.dtype)])  # noqa: E731
+    wg = window_gates(spec, gates)
+    kk, vv = cat(win["k"], k), cat(win["v"], v)
+    gg = {name: cat(win["gates"][name], x) for name, x in wg.items()}
+    segs = None
+    if segments is not None:
+        segs = (jnp.concatenate([jnp.zeros((n,), bool), segments[0]]),
+                jnp.concatenate([jnp.ones((n,), bool), segments[1]]))
+    kw, vw, gw = window_inputs(spec, kk, vv, gg, segs)
+    out = dict(gates)
+    out.update({name: x[n:] for name, x in gw.items()})
+    new_win = window_state(spec, kk, vv, gg, segs)
+    return kw[n:], vw[n:], out, new_win

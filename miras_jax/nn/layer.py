@@ -35,12 +35,14 @@ from miras_jax.engine import context
 from miras_jax.engine import decode as decode_lib
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine import segments as segments_lib
+from miras_jax.engine import window as window_lib
 from miras_jax.engine.api import memorize_batched
 from miras_jax.engine.horizon import check_horizon
 from miras_jax.engine.tokens import init_state
 from miras_jax.spec import MirasSpec
 
-GATE_INIT = {"lr": 0.0, "decay": 2.944, "momentum": 2.197, "delta": 0.541}  # logit(.95), logit(.9)
+GATE_INIT = {"lr": 0.0, "decay": 2.944, "momentum": 2.197, "delta": 0.541,  # logit(.95), logit(.9)
+             "omega": 2.944}   # the Omega window starts as a near-uniform sum
 # The inner step's ceiling (``lr = lr_max sigmoid(.)``), each the largest that keeps the memory's
 # recurrence stable (exact gradients finite and O(1) at 16k tokens, every decay in [0.5, 0.9999]):
 LR_MAX = {"linear": 1.0,     # a matrix memory with unit keys: the delta rule is non-expansive up to 1
@@ -55,17 +57,31 @@ LR_MAX_LQ_MLP = 1e-3
 LR_MAX_KL_MLP = 0.1
 LR_MAX_MOMENTUM_MLP = 5e-3   # Titans: momentum 0.9 multiplies the effective step about 10x
 LR_MAX_BY_RETENTION = {("mlp", "lq"): LR_MAX_LQ_MLP, ("mlp", "kl"): LR_MAX_KL_MLP}
-GATE_RANGE = {"decay": jax.nn.sigmoid, "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus}  # lr: below
+GATE_RANGE = {"decay": jax.nn.sigmoid, "momentum": jax.nn.sigmoid, "delta": jax.nn.softplus,
+              "omega": jax.nn.sigmoid}  # lr: below
+# Muon (Atlas): NS(S) has singular values ~1 whatever the gradient's scale, so the step eta moves W by
+# ~eta in spectral norm per token; with decay a, ||W|| ~ eta / (1 - a): 0.1 keeps it O(1) at a = 0.9.
+LR_MAX_MUON = 0.1
 
 
-def default_lr_max(spec: MirasSpec) -> float:
+def default_lr_max(spec: MirasSpec, chunk_size: int = 1) -> float:
     """The inner step ceiling a layer gets when ``lr_max`` is not given: ``LR_MAX_MOMENTUM_MLP`` for an
     MLP memory with momentum, ``LR_MAX_BY_RETENTION`` for (memory kind, retention name) if listed,
-    else ``LR_MAX[memory kind]``."""
+    else ``LR_MAX[memory kind]``. Muon: ``LR_MAX_MUON`` (matrix) or ``LR_MAX_MOMENTUM_MLP`` (its step
+    has a fixed size whatever the gradient's). An Omega window under GD / momentum: divided by
+    ``window.write_gain`` (c tokens over poly features write up to ``c sum_j 1/j!`` unit keys at once)
+    and by ``chunk_size`` (the chunk form takes a chunk's ``C c`` writes at one point; poly features'
+    constant 1 makes them all share a direction, so the step's curvature grows with ``C c``)."""
     kind = spec.memory.kind
+    if spec.optimizer.update_form == "muon":
+        return LR_MAX_MUON if kind == "linear" else LR_MAX_MOMENTUM_MLP
     if kind == "mlp" and spec.optimizer.name == "momentum_gd":
-        return LR_MAX_MOMENTUM_MLP
-    return LR_MAX_BY_RETENTION.get((kind, spec.retention.name), LR_MAX[kind])
+        base = LR_MAX_MOMENTUM_MLP
+    else:
+        base = LR_MAX_BY_RETENTION.get((kind, spec.retention.name), LR_MAX[kind])
+    if not window_lib.is_omega(spec):
+        return base
+    return base / (window_lib.write_gain(spec) * max(int(chunk_size), 1))
 
 
 def decay_bias(num_heads: int, lo: float, hi: float):
@@ -147,7 +163,7 @@ class MirasLayer(nnx.Module):
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} "
                              "(or pass head_dim)")
         head_dim = head_dim or d_model // num_heads
-        lr_max = default_lr_max(spec) if lr_max is None else lr_max
+        lr_max = default_lr_max(spec, chunk_size) if lr_max is None else lr_max
         if not (isinstance(lr_max, (int, float)) and 0.0 < lr_max < float("inf")):
             raise ValueError(f"lr_max must be a positive finite number, got {lr_max!r}")
         self.lr_max = float(lr_max)
@@ -317,7 +333,8 @@ class MirasLayer(nnx.Module):
         if not decode_lib.buffered(self.spec, c, impl):
             y, st = memorize_batched(self.spec, self.memory_init(), q, k, v, gates, **kw,
                                      **self._mesh_kw(x.shape[0], T))
-            ds = self._vmap_bh(lambda s: decode_lib.DecodeState(s, (), jnp.zeros((), jnp.int32)), st)
+            ds = self._vmap_bh(lambda s, w: decode_lib.DecodeState(s, (), jnp.zeros((), jnp.int32), win=w), st,
+                               self._window(k, v, gates))
             return self._out(x, y), LayerCache(bufs, ds)
         # mini-batch form: full chunks through the engine, the remainder into the chunk buffer.
         m = T - T % c
@@ -331,9 +348,10 @@ class MirasLayer(nnx.Module):
             w0 = jax.tree.map(lambda a: a.astype(jnp.float32), self.memory_init())
             st0 = jax.vmap(lambda p: init_state(self.spec, p))(w0)
             st = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), st0)
-        ds = self._vmap_bh(lambda s: decode_lib.decode_init(
+        ds = self._vmap_bh(lambda s, w: decode_lib.decode_init(
             self.spec, s, chunk_size=c, implementation=impl, d_k=self.k, d_v=self.k,
-            gate_shapes=self._gate_shapes()), st)
+            gate_shapes=self._gate_shapes(), win=w), st,
+            self._window(head(k), head(v), jax.tree.map(head, gates)) if m else None)
         ys = [y1]
         for i in range(m, T):  # the remainder (< c tokens), token by token into the buffer
             y_i, ds = self._memory_step(ds, q[:, i], k[:, i], v[:, i], jax.tree.map(lambda a, i=i: a[:, i], gates))
@@ -356,7 +374,8 @@ class MirasLayer(nnx.Module):
         if not decode_lib.buffered(self.spec, c, impl):
             y, st = memorize_batched(self.spec, self.memory_init(), q, k, v, gates, segment_ids=segment_ids,
                                      **kw, **self._mesh_kw(b, T))
-            ds = self._vmap_bh(lambda s: decode_lib.DecodeState(s, (), jnp.zeros((), jnp.int32)), st)
+            ds = self._vmap_bh(lambda s, w: decode_lib.DecodeState(s, (), jnp.zeros((), jnp.int32), win=w), st,
+                               self._window(k, v, gates, segment_ids))
             return self._out(x, y), LayerCache(bufs, ds)
         m = T - T % c
         head = lambda a: a[:, :m]  # noqa: E731
@@ -371,16 +390,38 @@ class MirasLayer(nnx.Module):
         reset, real = jax.vmap(segments_lib.boundaries)(segment_ids)                  # [b, t]
         tail = lambda a: a[:, m:]  # noqa: E731
 
-        def one(st, q, k, v, g, reset, real, rs):
-            return decode_lib.decode_prefill(self.spec, st, q, k, v, g, reset, real, rs, chunk_size=c)
+        win = self._window(head(k), head(v), jax.tree.map(head, gates), head(segment_ids)) if m else None
+        if win is None and window_lib.is_omega(window_lib.lower_spec(self.spec)):
+            win = self._vmap_bh(lambda _: decode_lib.empty_window(self.spec, self.k, self.k, self._gate_shapes()),
+                                jnp.zeros((b, self.h)))
+
+        def one(st, q, k, v, g, reset, real, rs, w):
+            return decode_lib.decode_prefill(self.spec, st, q, k, v, g, reset, real, rs, chunk_size=c, win=w)
 
         # [b, r, h, ...] -> per (b, h): heads after the token axis
         th = lambda a: jnp.moveaxis(tail(a), 2, 1)  # noqa: E731
-        y2, ds = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None, None, 0)),
-                          in_axes=(0, 0, 0, 0, 0, 0, 0, None))(
-            st, th(q), th(k), th(v), jax.tree.map(th, gates), tail(reset), tail(real), rs)
+        y2, ds = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None, None, 0, 0)),
+                          in_axes=(0, 0, 0, 0, 0, 0, 0, None, 0))(
+            st, th(q), th(k), th(v), jax.tree.map(th, gates), tail(reset), tail(real), rs, win)
         y = jnp.concatenate([y1, jnp.moveaxis(y2, 1, 2).astype(y1.dtype)], axis=1)
         return self._out(x, y), LayerCache(bufs, ds)
+
+    def _window(self, k, v, gates, segment_ids=None):
+        """An Omega window's decode state after ``k, v [b, t, h, .]``, gates ``[b, t, h]`` (leaves
+        ``[b, h, c - 1, ...]``, ``window.window_state``), or ``None`` for other specs."""
+        spec = self.spec
+        low = window_lib.lower_spec(spec)
+        if not window_lib.is_omega(low):
+            return None
+
+        def one(k, v, g, seg):
+            _, _, k, g = window_lib.lower_inputs(spec, k, k, g)
+            return window_lib.window_state(low, k, v, g, None if seg is None else segments_lib.boundaries(seg))
+
+        th = lambda a: jnp.moveaxis(a, 2, 1)  # noqa: E731   [b, t, h, ...] -> [b, h, t, ...]
+        inner = jax.vmap(one, in_axes=(0, 0, 0, None))
+        return jax.vmap(inner, in_axes=(0, 0, 0, None if segment_ids is None else 0))(
+            th(k), th(v), jax.tree.map(th, gates), segment_ids)
 
     def _memory_step(self, ds, q_t, k_t, v_t, gates_t, reset=None):
         """``q_t, k_t, v_t: [b, h, k]``, gates ``[b, h(, k)]``, ``reset [b]`` -> ``(y [b, h, v], ds)``."""

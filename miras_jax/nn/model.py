@@ -101,7 +101,7 @@ class LMConfig:
         return spec.with_hparams(**dict(self.hparams)) if self.hparams else spec
 
     def resolved(self) -> LMConfig:
-        """This config with ``lr_max`` the number the Miras layers use (``default_lr_max(spec)``
+        """This config with ``lr_max`` the number the Miras layers use (``default_lr_max(spec, chunk_size)``
         when None) and, for a preset with the ``anchor`` option, its value in ``preset_kwargs``, so
         what is saved records the step ceiling and retention map a model trained with."""
         if "M" not in self.pattern:
@@ -112,7 +112,7 @@ class LMConfig:
             kw["anchor"] = self.spec().retention.anchor
             out = dataclasses.replace(out, preset_kwargs=tuple(sorted(kw.items())))
         if out.lr_max is None:
-            out = dataclasses.replace(out, lr_max=default_lr_max(out.spec()))
+            out = dataclasses.replace(out, lr_max=default_lr_max(out.spec(), out.chunk_size))
         return out
 
 
