@@ -68,7 +68,8 @@ def define_flags():
     flags.DEFINE_string("workdir", "runs/mqar_sweep", "output directory")
     flags.DEFINE_list("seq_lens", [str(n) for n in KV_PAIRS], "sequence lengths (pairs: KV_PAIRS)")
     flags.DEFINE_list("widths", [str(d) for d in ZOOLOGY_WIDTHS], "model widths d_model")
-    flags.DEFINE_list("presets", list(DEFAULT_PRESETS), "presets; 'transformer' = pattern A")
+    flags.DEFINE_list("presets", list(DEFAULT_PRESETS), "presets; 'transformer' = pattern A; structural "
+                      "options after a colon: 'atlas:window=4;degree=2' (model.preset_kwargs)")
     flags.DEFINE_list("lrs", [repr(x) for x in ZOOLOGY_LRS], "learning rates, one vmapped grid per cell")
     flags.DEFINE_integer("steps", None, "training steps per cell (default: the config's)")
     flags.DEFINE_enum("filler", "zero", ["zero", "random"],
@@ -142,12 +143,24 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"L{self.seq_len}_d{self.d_model}_{self.preset}"
+        return f"L{self.seq_len}_d{self.d_model}_{safe_name(self.preset)}"
+
+
+def split_preset(entry: str) -> tuple[str, str]:
+    """``"atlas:window=4;degree=2"`` -> ``("atlas", "window=4;degree=2")`` (structural options, as
+    ``model.preset_kwargs``); a plain name -> ``(name, "")``."""
+    name, _, kw = entry.partition(":")
+    return name, kw
+
+
+def safe_name(entry: str) -> str:
+    """A preset entry as a directory name: ``atlas:window=4;degree=2`` -> ``atlas-window4-degree2``."""
+    return entry.replace(":", "-").replace(";", "-").replace("=", "")
 
 
 def cells(seq_lens, widths, preset_names) -> list[Cell]:
     """Every (sequence length, width, preset), sequence length outermost."""
-    unknown = [p for p in preset_names if p not in (*presets.names(), compare.TRANSFORMER)]
+    unknown = [p for p in preset_names if split_preset(p)[0] not in (*presets.names(), compare.TRANSFORMER)]
     if unknown:
         raise ValueError(f"unknown presets {unknown}; valid: {[*presets.names(), compare.TRANSFORMER]}")
     if not (seq_lens and widths and preset_names):
@@ -170,7 +183,10 @@ def base_config(name: str = "mqar", filler: str = "zero", sets=(),
 
 
 def cell_config(base: configs.TrainConfig, cell: Cell) -> configs.TrainConfig:
-    arch = ["model.pattern=A"] if cell.preset == compare.TRANSFORMER else [f"model.preset={cell.preset}"]
+    name, kw = split_preset(cell.preset)
+    arch = ["model.pattern=A"] if name == compare.TRANSFORMER else [f"model.preset={name}"]
+    if kw:
+        arch.append(f"model.preset_kwargs={kw}")
     return configs.override(base, [f"seq_len={cell.seq_len}", f"num_pairs={cell.num_pairs}",
                                    f"model.d_model={cell.d_model}", *arch])
 

@@ -36,7 +36,8 @@ class AttentionalBias(Protocol):
     Traits: ``exact_family``: ``"hebbian"`` (``phi`` independent of the prediction: linear
     attention's exact chunk form), ``"delta"`` (``phi = M(k) - v``: the WY delta-rule form) or
     ``None``; ``residual_kind``: the name of ``phi`` in the Pallas kernels (``"dot"``, ``"l2"``,
-    ``"lp"``, ``"l1"``, ``"huber_<form>"``, ...)."""
+    ``"lp"``, ``"l1"``, ``"huber_<form>"``, ...); ``window`` (Omega rule: the inner gradient sums the
+    loss over that many recent tokens, gate ``omega``; absent on the other biases)."""
 
     gates: tuple
     exact_family: str | None
@@ -75,8 +76,10 @@ class InnerOptimizer(Protocol):
     ``update(grads, state, W, *, gates, hparams, key) -> (u_t, state)``; ``lr(gates, hp, key)`` the
     step size eta_t the chunk forms use.
 
-    Traits: ``update_form``: ``"gd"`` (``u = -eta grad``) or ``"momentum"`` (``S = m S - eta grad``,
-    ``u = S``); ``num_steps``: inner steps per token (DeltaProduct)."""
+    Traits: ``update_form``: ``"gd"`` (``u = -eta grad``), ``"momentum"`` (``S = m S - eta grad``,
+    ``u = S``) or ``"muon"`` (``S = m S + grad``, ``u = -eta NS(S)``); ``num_steps``: inner steps per
+    token (DeltaProduct); ``grad_linear``: ``u`` is linear in ``eta_t grad`` (a per-token weight on
+    the gradient folds into ``eta``)."""
 
     gates: tuple
     name: str

@@ -303,7 +303,7 @@ class OmegaBias:
 
 def window_of(bias) -> int:
     """The attentional bias's window (1 for every bias but :class:`OmegaBias`)."""
-    return getattr(bias, "window", 1) if isinstance(bias, OmegaBias) else 1
+    return getattr(bias, "window", None) or 1
 
 
 # --- factories ------------------------------------------------------------------------------

@@ -234,9 +234,8 @@ class MLPMemory(_Features):
 
     def init(self, key, d_k: int, d_v: int, dtype=jnp.float32) -> Params:
         if self.residual and self.input_dim(d_k) != d_v:
-            raise ValueError(f"a residual MLP memory needs its input dim (D={self.input_dim(d_k)}, d_k={d_k}"
-                             f"{'' if self.feature_map is None else ' after the ' + self.feature_map + ' feature map'})"
-                             f" == d_v={d_v}; use residual=False")
+            what = "d_k == d_v" if self.feature_map is None else f"its feature dimension D={self.input_dim(d_k)} == d_v"
+            raise ValueError(f"a residual MLP memory needs {what}, got d_k={d_k}, d_v={d_v}; use residual=False")
         w = self.widths(d_k, d_v)
         keys = jax.random.split(key, self.depth)
         layers = tuple(

@@ -21,7 +21,7 @@ from miras_jax.engine.minibatch.reference import memorize_chunked_reference
 from miras_jax.engine.omega import memorize_omega_chunked
 from miras_jax.engine.tokens import init_state, memorize_tokens
 from miras_jax.spec import MirasSpec
-from tests.helpers import random_inputs
+from tests.helpers import random_inputs, rotate
 
 
 # --- the conventions, in numpy float64 --------------------------------------------------------
@@ -221,10 +221,11 @@ def _chunk_spec(name, window, degree):
 SEGS = [1, 1, 1, 2, 2, 0, 2, 2, 2, 2, 3, 3, 0, 0, 4, 4, 4, 4, 4, 5]   # starts inside chunks, pads
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["row", "packed"])
-@pytest.mark.parametrize("name, window, degree, c, T", CHUNK_CASES)
-def test_chunk_form_equals_chunk_reference(x64, name, window, degree, c, T, packed):
+@pytest.mark.parametrize("case, packed", rotate(CHUNK_CASES, [False, True], name_id=lambda c: "-".join(map(str, c)),
+                                                option_id=lambda p: "packed" if p else "row"))
+def test_chunk_form_equals_chunk_reference(x64, case, packed):
     """Values, final states and gradients, float64 (Newton-Schulz amplifies float32 rounding)."""
+    name, window, degree, c, T = case
     spec = window_lib.lower_spec(_chunk_spec(name, window, degree))
     spec = spec.replace(hparams=f64(spec.hparams))
     d = 3
@@ -350,3 +351,15 @@ def test_layer_packed_decode_equals_packed_forward(name, chunk):
             y_t, cache = step(layer, x[:, t], cache, reset[:, t])
             ys.append(y_t[:, None])
         np.testing.assert_allclose(jnp.concatenate(ys, axis=1), full, rtol=1e-4, atol=1e-4, err_msg=str(prompt))
+
+
+def test_missing_omega_gate_is_an_error_on_every_entry():
+    spec = presets.get("omeganet", window=1, degree=None)
+    q, k, v, g = inputs(11, 6, 4)
+    del g["omega"]
+    W0 = spec.memory.init(jax.random.key(0), 4, 4)
+    with pytest.raises(ValueError, match="needs gate 'omega'"):
+        mj.memorize(spec, W0, q, k, v, g)
+    with pytest.raises(ValueError, match="needs gate 'omega'"):
+        mj.memorize_batched(spec, jax.tree.map(lambda x: x[None], W0), *(x[None, :, None] for x in (q, k, v)),
+                            {n: x[None, :, None] for n, x in g.items()})

@@ -39,6 +39,23 @@ def test_state_size_of_known_configs():
     assert mqar_sweep.state_size(hybrid, 64) == 2 * 32 * 32 + 2 * 16 * 64
 
 
+def test_structural_preset_options_and_the_feature_dimension_in_the_state():
+    """``atlas:window=4;degree=2`` cells: structural options as model.preset_kwargs (ints stay ints,
+    none is None); the state counts the feature dimension D = 1 + k + k^2 and Muon's momentum."""
+    cell = mqar_sweep.cells([64], [64], ["atlas:window=4;degree=2"])[0]
+    assert cell.name == "L64_d64_atlas-window4-degree2"
+    cfg = mqar_sweep.cell_config(mqar_sweep.base_config(steps=10), cell)
+    assert cfg.model.preset == "atlas" and dict(cfg.model.preset_kwargs) == {"window": 4, "degree": 2}
+    D = 1 + 32 + 32 * 32
+    assert mqar_sweep.state_size(cfg, 64) == 2 * 2 * (2 * 32 * D)      # W [v, D] and S [v, D], 2 layers x 2 heads
+    plain = mqar_sweep.cell_config(mqar_sweep.base_config(steps=10),
+                                   mqar_sweep.cells([64], [64], ["omeganet:degree=none"])[0])
+    assert dict(plain.model.preset_kwargs) == {"degree": None}
+    assert mqar_sweep.state_size(plain, 64) == 2 * 2 * 32 * 32
+    with pytest.raises(ValueError, match="unknown presets"):
+        mqar_sweep.cells([64], [64], ["atlass:window=4"])
+
+
 def test_cells_kv_pairs_and_configs():
     assert {t: mqar_sweep.kv_pairs(t) for t in (64, 128, 256, 512)} == {64: 4, 128: 8, 256: 16, 512: 64}
     assert mqar_sweep.kv_pairs(1024) == 64 and mqar_sweep.kv_pairs(32) == 2       # outside Zoology's: t // 16

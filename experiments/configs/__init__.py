@@ -85,17 +85,28 @@ def get(name: str) -> TrainConfig:
 
 
 def _pairs(value: str) -> tuple:
-    """``"p=3;q=4"`` -> ``(("p", 3.0), ("q", 4.0))`` (numbers as floats, other values as text)."""
+    """``"p=3.5;window=4;degree=none;anchor=false"`` -> ``(("p", 3.5), ("window", 4), ("degree", None),
+    ("anchor", False))``: integer literals as ints (structural options: window, degree, num_steps),
+    other numbers as floats (hyper-parameters take either), none / true / false, else text."""
     out = []
     for item in filter(None, value.split(";")):
         name, eq, v = item.partition("=")
         if not eq:
             raise ValueError(f"expected name=value;name=value, got {value!r}")
-        try:
-            out.append((name, float(v)))
-        except ValueError:
-            out.append((name, v))
+        out.append((name, _scalar(v)))
     return tuple(out)
+
+
+def _scalar(v: str):
+    low = v.strip().lower()
+    if low in ("none", "true", "false"):
+        return {"none": None, "true": True, "false": False}[low]
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 def _parse(value: str, like):

@@ -21,11 +21,11 @@ import math
 
 import jax.numpy as jnp
 
-from miras_jax import bias as bias_lib
 
 
 def is_omega(spec) -> bool:
-    return isinstance(spec.bias, bias_lib.OmegaBias)
+    """Whether the bias sums over a window (trait ``window``: ``bias.OmegaBias``)."""
+    return getattr(spec.bias, "window", None) is not None
 
 
 def folds_window(spec) -> bool:
@@ -50,7 +50,10 @@ def lower_inputs(spec, q, k, gates):
     mem = spec.memory
     if getattr(mem, "feature_map", None) is not None:
         q, k = mem.features(q), mem.features(k)
-    if folds_window(spec) and gates is not None and "omega" in gates:
+    if folds_window(spec):
+        if gates is None or "omega" not in gates:
+            raise ValueError(f"spec {spec.name!r} needs gate 'omega' (the Omega rule's weight gamma_t, "
+                             f"shape [T]); got gates {sorted(gates or {})}")
         gates = dict(gates)
         omega = gates.pop("omega")
         gates["lr"] = gates["lr"] * omega
