@@ -25,7 +25,7 @@ import time
 
 from absl import flags
 
-from experiments import cli
+from experiments import cli, configs
 from experiments.bench_packed import packed_ids, segments_flag
 
 flags.DEFINE_list("presets", ["gated_deltanet", "deltanet", "mamba2", "titans", "moneta", "yaad", "memora"],
@@ -60,7 +60,9 @@ def _program(preset: str, impl: str, T: int, mode: str):
 
     f = FLAGS
     B, H, d = f.B, f.H, f.d
-    spec = mj.presets.get(preset)
+    name, _, kw = preset.partition(":")      # structural options: "omeganet:window=4;degree=none"
+    spec = mj.presets.get(name, **dict(configs.parse_pairs(kw)))
+    from miras_jax.engine.window import write_gain
     n = spec.num_steps
     ks = jax.random.split(jax.random.key(0), 8)
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
@@ -69,10 +71,12 @@ def _program(preset: str, impl: str, T: int, mode: str):
     k = unit(jax.random.normal(ks[1], (B, T, H) + sub + (d,)))
     v = jax.random.normal(ks[2], (B, T, H) + sub + (d,))
     gates = {
-        "lr": jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H) + sub)) * (0.1 if spec.memory.kind == "mlp" else 1.0),
-        "decay": jax.nn.sigmoid(4.0 + jax.random.normal(ks[4], (B, T, H) + ((d,) if preset == "gla" else ()))),
+        "lr": jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H) + sub)) * (0.1 if spec.memory.kind == "mlp" else 1.0)
+        / write_gain(spec),
+        "decay": jax.nn.sigmoid(4.0 + jax.random.normal(ks[4], (B, T, H) + ((d,) if name == "gla" else ()))),
         "momentum": jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H))),
         "delta": jax.nn.softplus(jax.random.normal(ks[6], (B, T, H))),
+        "omega": jax.nn.sigmoid(2.0 + jax.random.normal(ks[6], (B, T, H))),
     }
     gates = {g: gates[g] for g in spec.required_gates}
     params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(ks[7], H))

@@ -327,6 +327,25 @@ def test_batched_and_vmapped_hparams():
     np.testing.assert_allclose(grid[2], run(2.0), rtol=1e-4, atol=1e-5)
 
 
+def test_mlp_memory_layer_decode_equals_forward():
+    """An MLP memory with an Omega window and Muon trains on the chunked reference (chunk 4); its
+    buffered decode runs the same loops on the partial chunk."""
+    from flax import nnx
+    from miras_jax.nn import MirasLayer
+
+    layer = MirasLayer(8, 2, "atlas", preset_kwargs={"memory": "mlp", "window": 3, "expansion": 2},
+                       chunk_size=4, gate_rank=4, rngs=nnx.Rngs(0))
+    assert layer.plan.engine == "chunked_reference"
+    x = jax.random.normal(jax.random.key(1), (1, 9, 8))
+    full = layer(x)
+    y, cache = nnx.jit(lambda m, x: m.prefill(x))(layer, x[:, :5])
+    ys, step = [y], nnx.jit(lambda m, x, c: m.step(x, c))
+    for t in range(5, 9):
+        y_t, cache = step(layer, x[:, t], cache)
+        ys.append(y_t[:, None])
+    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), full, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name, chunk", [("atlas", 4), ("omeganet", 1)])
 def test_layer_packed_decode_equals_packed_forward(name, chunk):
     """Prefill a packed prompt, then steps with resets: each token's output is the packed forward's

@@ -97,6 +97,9 @@ def _pairs(value: str) -> tuple:
     return tuple(out)
 
 
+parse_pairs = _pairs   # public: benchmarks parse "preset:name=value;..." the same way
+
+
 def _scalar(v: str):
     low = v.strip().lower()
     if low in ("none", "true", "false"):

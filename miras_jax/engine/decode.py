@@ -39,7 +39,7 @@ from miras_jax.engine import omega as omega_lib
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine import window as window_lib
 from miras_jax.engine import segments as segments_lib
-from miras_jax.engine.minibatch.reference import pad_to_chunks
+from miras_jax.engine.minibatch.reference import memorize_chunked_reference, pad_to_chunks
 from miras_jax.engine.segments import where_tree
 from miras_jax.engine.tokens import MemoryState, token_step
 
@@ -69,10 +69,13 @@ def buffered(spec, chunk_size: int, implementation: str) -> bool:
 
 
 def _chunk_engine(spec):
-    """The chunk form a buffered decode runs (same semantics as the training plan's)."""
+    """The chunk form a buffered decode runs (the training plan's semantics): the mini-batch form,
+    the Omega / Muon form, else the chunked reference (e.g. an MLP memory with an Omega window)."""
+    if plan_lib.minibatch_blocker(spec) is None:
+        return chunked.memorize_chunked
     if plan_lib.omega_blocker(spec) is None:
         return omega_lib.memorize_omega_chunked
-    return chunked.memorize_chunked
+    return memorize_chunked_reference
 
 
 def _lower_token(spec, q_t, k_t, gates_t):

@@ -50,9 +50,10 @@ _where = where_tree
 
 
 def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int,
-                               segments=None):
+                               segments=None, valid_len=None):
     """``(y [T, v], final MemoryState)`` under the mini-batch semantics above (one head);
-    ``segments = (reset [T], real [T], reset_state)`` or ``None``."""
+    ``segments = (reset [T], real [T], reset_state)`` or ``None``; ``valid_len`` (may be traced):
+    only the first ``valid_len`` tokens write (decoding a partial chunk)."""
     mode = spec.retention.chunk_mode
     if mode is None:
         raise NotImplementedError(f"retention {spec.retention.name!r} has no chunked form; use chunk_size=1")
@@ -64,7 +65,7 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
         k, v, gates = window_lib.window_inputs(spec, k, v, gates, segments)
     T, c = q.shape[0], chunk_size
     n = -(-T // c)
-    mask = jnp.arange(n * c) < T
+    mask = jnp.arange(n * c) < (T if valid_len is None else valid_len)
     if segments is None:
         reset, init = jnp.zeros((T,), bool), state
     else:
