@@ -261,3 +261,28 @@ def test_hierarchy_bad_global_chunk_and_bad_mode():
     from miras_jax.nn import MirasLayer
     with pytest.raises(ValueError, match="seq_mode must be one of"):
         MirasLayer(16, 2, "moneta", chunk_size=4, gate_rank=4, seq_mode="tnt", rngs=nnx.Rngs(0))
+
+
+def test_an_omega_window_on_a_seq_mesh_is_gathered_not_split(monkeypatch):
+    """An Omega window crosses the slices: the layer does not run it context-parallel (the tokens are
+    gathered, as for a length that does not split) and equals one device; the engine entry refuses it."""
+    from flax import nnx
+
+    from miras_jax.nn import MirasLayer
+    calls = []
+    real = context.memorize_seq_sharded
+    monkeypatch.setattr(context, "memorize_seq_sharded", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    layer = MirasLayer(16, 2, "omeganet", preset_kwargs={"degree": None}, chunk_size=4, gate_rank=4,
+                       rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16))
+    ref = nnx.jit(lambda m, x: m(x))(layer, x)
+    with sharding.use_mesh(sharding.make_mesh("seq:4")):
+        got = nnx.jit(lambda m, x: m(x))(layer, x)
+    assert not calls
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    spec = mj.presets.get("omeganet")
+    q = jnp.ones((1, 8, 1, 2))
+    with pytest.raises(NotImplementedError, match="Omega window of 4 tokens"):
+        mj.memorize_batched(spec, {"W": jnp.zeros((1, 2, 7))}, q, q, q,
+                            {g: jnp.full((1, 8, 1), 0.5) for g in spec.required_gates},
+                            mesh=sharding.make_mesh("seq:4"), seq_axis="seq")

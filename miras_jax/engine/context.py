@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from miras_jax.engine import window as window_lib
 from miras_jax.engine import exact
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine import segments as segments_lib
@@ -100,7 +101,10 @@ def _tok_spec(ndim, b, s, h):
 
 def splits(spec, T: int, n: int, chunk_size: int, grad_horizon=None, mode: str = "auto",
            global_chunk: int | None = None) -> bool:
-    """Whether ``T`` tokens split over ``n`` devices as :func:`check` asks."""
+    """Whether ``T`` tokens split over ``n`` devices as :func:`check` asks (never for an Omega window
+    of more than one token: it would cross the slices; the layer then gathers the tokens)."""
+    if window_lib.is_omega(window_lib.lower_spec(spec)):
+        return False
     try:
         check(spec, T, n, chunk_size, seq_mode(spec, mode), grad_horizon, global_chunk)
     except ValueError:
