@@ -114,37 +114,28 @@ def newton_schulz(G, steps: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class Muon:
+class Muon(GD):
     """Muon (Atlas): ``S_t = m_t S_{t-1} + g_t`` (``S_0 = 0``), ``u_t = -eta_t NS(S_t)`` per weight
     matrix (:func:`newton_schulz`, ``ns_steps`` static, >= 1); the retention then gives
-    ``W_t = a_t W_{t-1} + u_t``. Gates ``lr`` (eta_t), ``momentum`` (m_t)."""
+    ``W_t = a_t W_{t-1} + u_t``. Gates ``lr`` (eta_t), ``momentum`` (m_t); ``lr_scale`` as GD's."""
 
     update_form: ClassVar[str] = "muon"
     grad_linear: ClassVar[bool] = False   # u is not linear in the gradient: a window weight stays in g
 
-    ns_steps: int = 5
-    num_steps: int = 1
     gates: tuple = ("lr", "momentum")
     name: str = "muon"
+    ns_steps: int = 5
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.ns_steps, int) or isinstance(self.ns_steps, bool) or self.ns_steps < 1:
             raise ValueError(f"muon needs ns_steps >= 1 Newton-Schulz iterations, got {self.ns_steps!r} "
                              "(ns_steps=0 would be momentum with a normalised step, not Muon)")
         if self.num_steps != 1:
             raise ValueError(f"muon takes one step per token, got num_steps={self.num_steps}")
 
-    def default_hparams(self):
-        return {"lr_scale": 1.0}
-
-    def validate(self, hp):
-        check_range("lr_scale", hp["lr_scale"], low=0.0)
-
     def init(self, params):
         return jax.tree.map(jnp.zeros_like, params)
-
-    def lr(self, gates, hparams, key):
-        return hparams["lr_scale"] * gates["lr"]
 
     def update(self, grads, state, params, *, gates, hparams, key=None):
         lr = self.lr(gates, hparams, key)
