@@ -123,6 +123,23 @@ def test_hand_vjp_equals_autodiff_on_random_shapes(name, kw, x64):
                   _outputs_and_vjp(spec, state, args, chunk, "autodiff"), **EXACT)
 
 
+def test_hand_vjp_with_wide_keys(x64):
+    """A matrix memory over poly features (``d_k = D = 1 + d + d^2 != d_v``: omeganet's window-1
+    lowering, ``engine/window.py``): the hand VJP's dq has the keys' width, not the values'."""
+    from miras_jax.engine import window
+    spec = window.lower_spec(mj.presets.get("omeganet", window=1, degree=2))
+    assert spec.memory.feature_map is None and plan_lib.hand_vjp_blocker(spec) is None
+    T, d = 21, 3
+    q, k, v, gates = _f64(random_inputs(5, T, d, d))
+    _, q, k, _ = window.lower_inputs(mj.presets.get("omeganet", window=1, degree=2), q, k, dict(gates))
+    gates = {g: gates[g] for g in spec.required_gates}
+    W0 = {"W": 0.2 * jax.random.normal(jax.random.key(3), (d, q.shape[1]), jnp.float64)}
+    spec = spec.replace(hparams=_f64(spec.hparams))
+    state = init_state(spec, W0)
+    _assert_close(_outputs_and_vjp(spec, state, (q, k, v, gates), 8, "hand"),
+                  _outputs_and_vjp(spec, state, (q, k, v, gates), 8, "autodiff"), **EXACT)
+
+
 def test_lag_mode_without_an_analytic_from_dual_vjp(x64):
     """"lag" mode for a retention with no ``from_dual_vjp`` (elastic net: soft threshold, hparam
     ``gamma``): ``jax.vjp`` of ``from_dual`` at the recomputed ``z``, ``d/dgamma`` included."""

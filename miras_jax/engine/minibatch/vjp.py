@@ -165,7 +165,7 @@ def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy, N=(), extra
     """VJP of :func:`_reads` (``A1U_l = act'(U_l)`` for the hidden layers):
     ``(dQ, dB, dbeta, dC, dS, dX, dE, dN, dextra)`` with ``dextra = [(dcoef, dG), ...]``."""
     L = lay.depth
-    dQ = dy if lay.res else jnp.zeros_like(dy)
+    dQ = dy if lay.res else None     # [c, d_k]: no residual, no d_k == d_v (poly features: D != d_v)
     u_top = R[-1] if S is None else S[-1][:, None] * R[-1]
     du = _ln_vjp(u_top, dy) if lay.ln else dy
     dB, dX, dE, dS, dN = [None] * L, [None] * L, [None] * L, [None] * L, [None] * L
@@ -199,7 +199,7 @@ def _reads_bwd(lay: Layout, Bw, beta, C, S, X, E, Y, A1U, YX, R, dy, N=(), extra
         if l > 0:
             du = dY * A1U[l - 1]
         else:
-            dQ = dQ + dY
+            dQ = dY if dQ is None else dQ + dY
     return dQ, dB, dbeta, dC, dS, dX, dE, (dN if N else []), dextra
 
 
