@@ -269,7 +269,7 @@ def test_chunk_form_at_chunk_one_is_the_token_engine():
     np.testing.assert_allclose(s1.memory["W"], s0.memory["W"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["omeganet", "atlas"])
+@pytest.mark.parametrize("name", [pytest.param("omeganet", marks=pytest.mark.slow), "atlas"])
 def test_every_implementation_runs_or_names_its_blocker(name):
     spec = presets.get(name, memory="linear", window=4, degree=2)
     q, k, v, g = inputs(7, 12, 3)
@@ -284,7 +284,7 @@ def test_every_implementation_runs_or_names_its_blocker(name):
 
 # --- packed rows, truncation, batching, decoding ----------------------------------------------
 
-@pytest.mark.parametrize("impl, c", [("reference", 1), ("xla", 4)])
+@pytest.mark.parametrize("impl, c", [pytest.param("reference", 1, marks=pytest.mark.slow), ("xla", 4)])
 def test_packed_window_stops_at_the_document_start(impl, c):
     spec = presets.get("atlas", window=3, degree=None)
     q, k, v, g = inputs(8, 14, 4)
