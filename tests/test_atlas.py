@@ -275,11 +275,13 @@ def test_every_implementation_runs_or_names_its_blocker(name):
     q, k, v, g = inputs(7, 12, 3)
     W0 = spec.memory.init(jax.random.key(0), 3, 3)
     outs = {impl: mj.memorize(spec, W0, q, k, v, g, implementation=impl, chunk_size=4)[0]
-            for impl in ("reference", "xla", "auto")}
+            for impl in ("reference", "xla", "pallas", "auto")}
     np.testing.assert_allclose(outs["xla"], outs["reference"], rtol=2e-4, atol=2e-5)   # chunked_reference
+    np.testing.assert_allclose(outs["pallas"], outs["reference"], rtol=2e-4, atol=2e-5)   # kernel, interpreted
     np.testing.assert_allclose(outs["auto"], outs["xla"], rtol=0, atol=0)
-    with pytest.raises(NotImplementedError, match="no Pallas kernel yet"):
-        mj.memorize(spec, W0, q, k, v, g, implementation="pallas", chunk_size=4)
+    mlp = presets.get(name, memory="mlp")
+    with pytest.raises(NotImplementedError, match="matrix .linear. memory only"):
+        mj.memorize(mlp, mlp.memory.init(jax.random.key(0), 3, 3), q, k, v, g, implementation="pallas", chunk_size=4)
 
 
 # --- packed rows, truncation, batching, decoding ----------------------------------------------

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 import miras_jax as mj
 from miras_jax.engine.api import memorize_batched
 from miras_jax.engine.plan import kernel_blocker, resolve
-from pallas_kernels import MatrixChunkConfig, MLPChunkConfig, matrix_chunk, mlp_chunk
+from pallas_kernels import MatrixChunkConfig, MLPChunkConfig, Segments, Window, matrix_chunk, mlp_chunk
 from tests.helpers import random_inputs, rotate, some_slow, unit_rows
 
 VAL_TOL = 1e-4        # float32, reordered chunk math; relative to the largest reference entry
@@ -21,9 +21,12 @@ LAG_TOL = 3e-3        # Memora (softmax of log-weights amplifies rounding)
 BF16_TOL = 2e-2       # bfloat16 inputs (same rounded inputs on both sides; float32 inside)
 
 def _get(name, **kw):
-    """The preset (``name`` ending in ``-paper``: with the paper's retention map, ``anchor=False``)."""
+    """The preset (``name`` ending in ``-paper``: with the paper's retention map, ``anchor=False``;
+    ``-linear``: with a matrix memory)."""
     if name.endswith("-paper"):
         name, kw = name[:-len("-paper")], {**kw, "anchor": False}
+    if name.endswith("-linear"):
+        name, kw = name[:-len("-linear")], {**kw, "memory": "linear"}
     return mj.presets.get(name, **kw)
 
 
@@ -68,7 +71,7 @@ def _vjp(spec, params, args, **kw):
 
 
 # retnet, deltanet and longhorn run the kernels of linear_attention and gated_deltanet with other gates
-@pytest.mark.parametrize("name", some_slow(PALLAS + PAPER, slow=("retnet", "deltanet", "longhorn",
+@pytest.mark.parametrize("name", some_slow(PALLAS + PAPER + ["titans-linear"], slow=("retnet", "deltanet", "longhorn",
                                                                  "yaad-paper", "memora-paper")))
 @pytest.mark.parametrize("T,chunk", [(45, 16), pytest.param(64, 32, marks=pytest.mark.slow)])
 def test_pallas_equals_xla(name, T, chunk):
@@ -131,8 +134,10 @@ def batched_inputs(spec, B, H, T, d):
     return params, shape(q), shape(k), shape(v), gates
 
 
-def test_pallas_sharded_over_a_mesh_equals_unsharded():
-    spec = _get("yaad", memory="linear")
+@pytest.mark.parametrize("name,kw", [("yaad", {"memory": "linear"}), ("titans", {"memory": "linear"}),
+                                     ("omeganet", {"degree": None})], ids=str)
+def test_pallas_sharded_over_a_mesh_equals_unsharded(name, kw):
+    spec = _get(name, **kw)   # titans, omeganet: the momentum state, the window's inputs through shard_map
     params, q, k, v, gates = batched_inputs(spec, 2, 4, 24, 16)
     mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     f = lambda mesh: jax.jit(lambda *a: memorize_batched(  # noqa: E731
@@ -321,6 +326,108 @@ def test_kernels_bfloat16_inputs():
            BF16_TOL)
 
 
+# momentum (Titans), Muon and the Omega window (Atlas) on the matrix kernel: rows and packed rows
+ATLAS_CASES = [   # (config, packed, backend); the other packing under -m slow
+    (MatrixChunkConfig(optimizer="momentum", chunk_size=16), True, "triton"),
+    (MatrixChunkConfig(residual="lp", window=3, chunk_size=16), False, "triton"),
+    (MatrixChunkConfig(residual="huber_switch", optimizer="momentum", window=5, chunk_size=4), True, "tpu"),
+    (MatrixChunkConfig(optimizer="muon", ns_steps=2, chunk_size=4), False, "tpu"),
+    (MatrixChunkConfig(optimizer="muon", ns_steps=2, window=4, chunk_size=4), True, "tpu"),
+]
+
+
+def _atlas_cases():
+    out = []
+    for cfg, packed, backend in ATLAS_CASES:
+        name = f"{cfg.optimizer}-w{cfg.window}-{cfg.residual}"
+        for p in (packed, not packed):
+            out.append(pytest.param(cfg, p, backend, id=f"{name}-{'packed' if p else 'rows'}",
+                                    marks=() if p == packed else pytest.mark.slow))
+    return out
+
+
+def _atlas_inputs(cfg, B=1, H=2, T=21, d=16, packed=False, seed=0):
+    """Kernel inputs with momentum and window extras; packed: documents starting inside chunks and
+    pads, window weights masked to one document and to real tokens (the caller's contract)."""
+    q, k, v, lr, la, m0, gate = _kernel_inputs(B, H, T, d, seed=seed)
+    ks = jax.random.split(jax.random.key(seed + 1), 5)
+    lm = jnp.log(jax.random.uniform(ks[0], (B, H, T), minval=0.5, maxval=0.95))
+    s0 = 0.1 * jax.random.normal(ks[1], (B, H, d, d))
+    seg = None
+    reset = jnp.zeros((B, H, T)).at[..., 5].set(1).at[..., 8].set(1).at[..., 16].set(1)
+    real = jnp.ones((B, H, T)).at[..., 11].set(0).at[..., T - 1].set(0)
+    if packed:
+        seg = Segments(reset, real, 0.2 * m0, None, 0.5 * s0)
+    win = None
+    if cfg.window is not None:
+        w = cfg.window
+        wts = jax.random.uniform(ks[2], (B, H, T, w))
+        if packed:
+            doc = jnp.cumsum(reset, -1)
+            t = jnp.arange(T)[:, None]
+            p = t - w + 1 + jnp.arange(w)[None]
+            pc = jnp.clip(p, 0, T - 1)
+            ok = jnp.where(p >= 0, (doc[..., pc] == doc[..., t]) & (real[..., pc] > 0), doc[..., t] == 0)
+            wts = jnp.where(ok, wts, 0.0)
+        win = Window(wts, unit_rows(jax.random.normal(ks[3], (B, H, w - 1, d))),
+                     jax.random.normal(ks[4], (B, H, w - 1, d)), jnp.full((B, H, w - 1), 0.05))
+    return (q, k, v, lr, la, m0, s0), dict(gate=gate, log_momentum=lm, segments=seg, window=win)
+
+
+def _run_atlas(cfg, extra, **kw):
+    def f(q, k, v, lr, la, m0, s0):
+        y, st = matrix_chunk(q, k, v, lr, m0, la, None, extra["gate"], {"p": 3.0}, config=cfg,
+                             segments=extra["segments"], log_momentum=extra["log_momentum"],
+                             s0=s0 if cfg.optimizer != "gd" else None, window=extra["window"], **kw)
+        return y, st.memory, st.momentum
+    return f
+
+
+@pytest.mark.parametrize("cfg,packed,backend", _atlas_cases())
+def test_matrix_kernel_momentum_muon_window_equal_reference(cfg, packed, backend):
+    args, extra = _atlas_inputs(cfg, packed=packed, d=12 if backend == "triton" else 16)   # Triton: widths padded
+    ref = _run_atlas(cfg, extra, implementation="reference")
+    ker = _run_atlas(cfg, extra, backend=backend, interpret=True)
+    out_r, vjp_r = jax.vjp(ref, *args)
+    out_k, vjp_k = jax.vjp(ker, *args)
+    cot = jax.tree.map(lambda x: jax.random.normal(jax.random.key(7), x.shape, x.dtype), out_r)
+    _close(out_k, out_r, VAL_TOL)
+    _close(vjp_k(cot), vjp_r(cot), GRAD_TOL)
+
+
+def test_matrix_kernel_reference_of_a_window_of_one_equals_scaled_gd():
+    """The twin's semantics pinned independently: an Omega window of 1 with weights omega under GD is
+    GD with lr * omega; momentum with m = 0 and no decay is GD."""
+    cfg = MatrixChunkConfig(window=1, chunk_size=4)
+    (q, k, v, lr, la, m0, _), extra = _atlas_inputs(cfg)
+    om = extra["window"].weights
+    y1, st1 = matrix_chunk(q, k, v, lr, m0, la, window=extra["window"], config=cfg, implementation="reference")
+    y0, st0 = matrix_chunk(q, k, v, lr * om[..., 0], m0, la, config=MatrixChunkConfig(chunk_size=4),
+                           implementation="reference")
+    _close((y1, st1.memory), (y0, st0.memory), 1e-6)
+    cfg = MatrixChunkConfig(optimizer="momentum", chunk_size=4)
+    y2, st2 = matrix_chunk(q, k, v, lr, m0, None, log_momentum=jnp.full(lr.shape, -jnp.inf), config=cfg,
+                           implementation="reference")
+    y3, st3 = matrix_chunk(q, k, v, lr, m0, None, config=MatrixChunkConfig(chunk_size=4), implementation="reference")
+    _close((y2, st2.memory), (y3, st3.memory), 1e-6)
+
+
+def test_atlas_kernel_input_errors():
+    (q, k, v, lr, la, m0, s0), extra = _atlas_inputs(MatrixChunkConfig(window=3, chunk_size=4))
+    with pytest.raises(ValueError, match="needs log_momentum"):
+        matrix_chunk(q, k, v, lr, m0, la, config=MatrixChunkConfig(optimizer="momentum"))
+    with pytest.raises(ValueError, match="needs window=Window"):
+        matrix_chunk(q, k, v, lr, m0, la, config=MatrixChunkConfig(window=3, chunk_size=4))
+    with pytest.raises(ValueError, match="window.weights must have shape"):
+        matrix_chunk(q, k, v, lr, m0, la, config=MatrixChunkConfig(window=2, chunk_size=4), window=extra["window"])
+    with pytest.raises(ValueError, match="chunk_size >= window - 1"):
+        MatrixChunkConfig(window=6, chunk_size=4)
+    with pytest.raises(ValueError, match="ns_steps >= 1"):
+        MatrixChunkConfig(optimizer="muon", ns_steps=0)
+    with pytest.raises(ValueError, match="retention='linear'"):
+        MatrixChunkConfig(optimizer="momentum", retention="scale")
+
+
 # ---------------------------------------------------------------------------------------------
 # lowering: Mosaic TPU and Triton kernels produced on this CPU (forward and backward)
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +455,21 @@ def test_kernel_lowers_forward_and_backward(kind, cfg, platform):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-@pytest.mark.parametrize("name", ["gated_deltanet", "moneta", "memora"])
+@pytest.mark.parametrize("cfg", [MatrixChunkConfig(optimizer="momentum", window=4, chunk_size=16),
+                                 MatrixChunkConfig(optimizer="muon", ns_steps=2, window=4, chunk_size=16)],
+                         ids=["momentum-window", "muon-window"])
+def test_momentum_muon_window_kernels_lower(cfg, platform):
+    args, extra = _atlas_inputs(cfg, T=64, packed=True)
+    run = _run_atlas(cfg, extra)
+    fwd = lambda *a: run(*a)[0]  # noqa: E731
+    bwd = jax.grad(lambda *a: sum(jnp.sum(x ** 2) for x in run(*a)), argnums=tuple(range(7)))
+    for f in (fwd, bwd):
+        text = _lower(f, args, platform)
+        assert MARKERS[platform] in text and "chunk_sweep" in text
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("name", ["gated_deltanet", "moneta", "memora", "atlas"])
 def test_memorize_pallas_lowers_for_accelerators(name, platform):
     spec = _get(name)
     q, k, v, gates = random_inputs(0, 64, 16, 16)

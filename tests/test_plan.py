@@ -23,7 +23,7 @@ from tests.helpers import random_inputs
 HEBBIAN = {"linear_attention", "retnet", "mamba2", "gla"}
 DELTA = {"deltanet", "gated_deltanet", "longhorn", "deltaproduct"}
 HAND_VJP = {"ttt_linear", "ttt_mlp", "moneta", "yaad", "memora", "titans"}   # every mini-batch preset
-NO_KERNEL = {"deltaproduct", "ttt_linear", "titans", "omeganet", "atlas"}
+NO_KERNEL = {"deltaproduct", "ttt_linear", "titans"}   # titans: momentum on an MLP memory
 OMEGA = {"omeganet", "atlas"}   # the Omega / Muon chunk form (engine/omega.py)
 
 
@@ -48,6 +48,8 @@ def test_every_preset_has_the_engine_its_components_allow(name):
         assert tpu.engine == p.engine and tpu.kernel is None
     else:
         assert tpu.engine == "pallas" and tpu.kernel is not None and tpu.vjp == "kernel"
+    if name in OMEGA:   # the matrix kernel's Omega window (and Muon for atlas)
+        assert (tpu.kernel.window, tpu.kernel.optimizer) == (spec.bias.window, spec.optimizer.update_form)
 
 
 def test_chunk_caps_are_in_the_plan_not_silent():
@@ -62,8 +64,10 @@ def test_chunk_caps_are_in_the_plan_not_silent():
 
 
 def test_errors_name_the_blocking_component():
-    with pytest.raises(NotImplementedError, match="optimizer 'momentum_gd' has no Pallas kernel"):
-        mj.plan(mj.presets.get("titans"), "pallas")
+    with pytest.raises(NotImplementedError, match="'momentum_gd' has a Pallas kernel for the matrix"):
+        mj.plan(mj.presets.get("titans"), "pallas")          # MLP memory
+    with pytest.raises(NotImplementedError, match="the kernel needs chunk_size >= 3"):
+        mj.plan(mj.presets.get("omeganet", window=4), "pallas", 2)
     with pytest.raises(NotImplementedError, match="several inner steps per token"):
         mj.plan(mj.presets.get("deltaproduct"), "pallas")
     ftrl = mj.presets.get("moneta").replace(retention=mj.retention.elastic_net_ftrl_retention())

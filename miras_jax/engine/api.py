@@ -385,6 +385,12 @@ def _pallas_batched(spec, params, q, k, v, gates, chunk_size, initial_state, mes
     xs = (f32(q), f32(k), f32(v), g)
     if segment_ids is not None:
         xs += jax.vmap(segments_lib.boundaries)(segment_ids)      # (reset, real) [B, T]
+    if window_lib.is_omega(spec):   # the window over the whole row, before any split (grad_horizon)
+        heads = jax.vmap(lambda k_, v_, g_, b_: window_lib.window_inputs(spec, k_, v_, g_, b_),
+                         in_axes=(1, 1, 1, None), out_axes=1)
+        bounds = xs[4:] or None
+        k_w, v_w, g_w = jax.vmap(heads, in_axes=(0, 0, 0, None if bounds is None else 0))(*xs[1:4], bounds)
+        xs = (xs[0], k_w, v_w, g_w) + xs[4:]
 
     def run(st, xs):
         segs = None if segment_ids is None else (*xs[4:], reset_state)

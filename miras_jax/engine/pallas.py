@@ -3,7 +3,9 @@ the kernels cover, and their configuration, is the planner's (``plan.kernel_conf
 
 Matrix memory -> ``matrix_chunk``: the delta family (DeltaNet, Gated DeltaNet, Longhorn: exact
 delta rule), the scalar-decay Hebbian family (linear attention, RetNet, Mamba2: exact), and
-every other GD spec the mini-batch form runs (Moneta / Yaad / Memora with a matrix memory, ...).
+every other GD spec the mini-batch form runs (Moneta / Yaad / Memora with a matrix memory, ...),
+and momentum (Titans), Muon and the Omega window (OmegaNet, Atlas) on a matrix memory with a plain
+decay (``MatrixChunkConfig.atlas``: an Omega spec arrives with its windowed inputs, ``window.py``).
 MLP memory ``x + LN(W_1 gelu(W_0 x))`` -> ``mlp_chunk``: Moneta, Yaad, Memora, TTT-MLP.
 Anything else raises ``NotImplementedError`` with the reason (never a silent fallback).
 """
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 from miras_jax.engine.minibatch import decay
 from miras_jax.engine import plan as plan_lib
 from miras_jax.engine.tokens import MemoryState
-from pallas_kernels import MatrixChunkConfig, Segments, matrix_chunk, mlp_chunk, sharded
+from pallas_kernels import MatrixChunkConfig, Segments, Window, matrix_chunk, mlp_chunk, sharded
 
 
 def _hparams(spec) -> dict:
@@ -38,6 +40,8 @@ def run_batched(spec, state: MemoryState, q, k, v, gates: dict, *, chunk_size: i
     g = {name: bh(x) for name, x in gates.items()}
     channel = g.get("decay") is not None and g["decay"].ndim == 4
     cfg = plan_lib.kernel_config(spec, chunk_size, channel)
+    if isinstance(cfg, MatrixChunkConfig) and cfg.atlas:
+        return _run_atlas(spec, cfg, state, qh, kh, vh, g, interpret, mesh, batch_axes, head_axes, segments)
     hp = spec.hparams
     per_tok = jax.vmap(jax.vmap(jax.vmap(lambda gt, kt: spec.optimizer.lr(gt, hp["optimizer"], kt))))
     lr = per_tok(g, kh)                                                             # [B, H, T]
@@ -79,3 +83,44 @@ def run_batched(spec, state: MemoryState, q, k, v, gates: dict, *, chunk_size: i
     if mode == "scale":
         ret_state = ret.with_acc(ret_state, spec.memory.from_leaves(new_acc))
     return bh(y), MemoryState(memory, ret_state, state.optimizer)
+
+
+def _run_atlas(spec, cfg, state: MemoryState, qh, kh, vh, g: dict, interpret, mesh, batch_axes, head_axes, segments):
+    """``run_batched`` for momentum / Muon / an Omega window (``[B, H, T, ...]`` inputs; an Omega spec's
+    ``k``, ``v`` and bias gates windowed ``[B, H, T, w, ...]``: the kernel takes each token's own
+    (slot ``w - 1``), the weights ``omega [B, H, T, w]`` and the first token's ``w - 1`` predecessors)."""
+    hp = spec.hparams
+    win = None
+    gate = g.get("delta")
+    if cfg.window is not None:
+        own = lambda x: x[:, :, :, -1]  # noqa: E731
+        halo = lambda x: x[:, :, 0, :-1]  # noqa: E731
+        win = Window(g["omega"], halo(kh), halo(vh), None if gate is None else halo(gate))
+        kh, vh = own(kh), own(vh)
+        gate = None if gate is None else own(gate)
+    per_tok = jax.vmap(jax.vmap(jax.vmap(lambda gt, kt: spec.optimizer.lr(gt, hp["optimizer"], kt))))
+    lr = per_tok({n: x for n, x in g.items() if n != "omega"}, kh)                   # [B, H, T]
+    a = spec.retention.decay_value(g, hp["retention"])
+    log_decay = None if a is None else decay.log_gate(jnp.broadcast_to(a, lr.shape))
+    mom = cfg.optimizer != "gd"
+    log_m = decay.log_gate(g["momentum"]) if mom else None
+    W = spec.memory.leaves(state.memory)[0]
+    S = spec.memory.leaves(state.optimizer)[0] if mom else None
+    hps = _hparams(spec)
+    seg = None
+    if segments is not None:
+        reset, real, reset_state = segments
+        rows = lambda x: jnp.broadcast_to(x[:, None, :], lr.shape)  # noqa: E731   [B, T] -> [B, H, T]
+        seg = Segments(rows(reset), rows(real), spec.memory.leaves(reset_state.memory)[0], None,
+                       spec.memory.leaves(reset_state.optimizer)[0] if mom else None)
+
+    def kernel(qh, kh, vh, lr, log_decay, W, gate, seg, log_m, S, win, hps):
+        y, st = matrix_chunk(qh, kh, vh, lr, W, log_decay, None, gate, hps, config=cfg, interpret=interpret,
+                             segments=seg, log_momentum=log_m, s0=S, window=win)
+        return y, st.memory, st.momentum
+
+    if mesh is not None:
+        kernel = sharded(kernel, mesh, batch_axes, head_axes, replicated=("hps",))
+    y, W_new, S_new = kernel(qh, kh, vh, lr, log_decay, W, gate, seg, log_m, S, win, hps)
+    opt_state = spec.memory.from_leaves([S_new]) if mom else state.optimizer
+    return jnp.swapaxes(y, 1, 2), MemoryState(spec.memory.from_leaves([W_new]), state.retention, opt_state)

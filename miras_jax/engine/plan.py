@@ -158,10 +158,9 @@ def kernel_config(spec, chunk_size: int, channel: bool = False):
     naming the component no kernel covers."""
     mem, ret = spec.memory, spec.retention
     kind = _trait(mem, "kind")
-    if window_lib.is_omega(spec):
-        raise NotImplementedError(f"the Omega window ({spec.bias.window} tokens) has no Pallas kernel yet")
-    if _trait(spec.optimizer, "update_form") == "muon":
-        raise NotImplementedError("optimizer 'muon' has no Pallas kernel yet")
+    form = _trait(spec.optimizer, "update_form")
+    if window_lib.is_omega(spec) or form in ("momentum", "muon"):
+        return _atlas_kernel_config(spec, chunk_size, channel)
     if ret.anchor and kind != "mlp":
         raise NotImplementedError("an anchored retention (decay toward W_0) has a Pallas kernel for the "
                                   "MLP memory only")
@@ -201,6 +200,30 @@ def kernel_config(spec, chunk_size: int, channel: bool = False):
                                   f"only, got {mem}")
     return MLPChunkConfig(residual=residual, smooth=smooth, retention=mode, simplex_c=c, chunk_size=chunk_size,
                           anchor=ret.anchor)
+
+
+def _atlas_kernel_config(spec, chunk_size: int, channel: bool):
+    """The matrix kernel's momentum / Muon / Omega-window configuration (``MatrixChunkConfig.atlas``)."""
+    form = _trait(spec.optimizer, "update_form")
+    what = (f"the Omega window ({spec.bias.window} tokens)" if window_lib.is_omega(spec)
+            else f"optimizer {spec.optimizer.name!r}")
+    if _trait(spec.memory, "kind") != "linear":
+        raise NotImplementedError(f"{what} has a Pallas kernel for the matrix (linear) memory only")
+    reason = omega_lib.blocker(spec)   # matrix memory, plain decay, gradients at the chunk start, one step
+    if reason is not None:
+        raise NotImplementedError(reason)
+    if channel:
+        raise NotImplementedError(f"{what} with a channel-wise decay has no Pallas kernel")
+    residual = _trait(spec.bias, "residual_kind")
+    if residual not in KERNEL_RESIDUALS:
+        raise NotImplementedError(f"bias {type(spec.bias).__name__} has no Pallas residual map")
+    window = spec.bias.window if window_lib.is_omega(spec) else None
+    if window is not None and window > chunk_size + 1:
+        raise NotImplementedError(f"the Omega window ({window} tokens) reaches past the previous chunk at "
+                                  f"chunk_size={chunk_size}: the kernel needs chunk_size >= {window - 1}")
+    return MatrixChunkConfig(mode="minibatch", residual=residual, smooth=bool(getattr(spec.bias, "smooth", True)),
+                             chunk_size=chunk_size, optimizer=form, window=window,
+                             ns_steps=getattr(spec.optimizer, "ns_steps", 5))
 
 
 def kernel_blocker(spec, channel: bool = False) -> str | None:

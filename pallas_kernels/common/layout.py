@@ -104,3 +104,58 @@ def outputs(y, B, H, T, dtype):
     """``[R, n, c, v] -> [B, H, T, v]``."""
     return y.reshape(B, H, -1, y.shape[-1])[:, :, :T].astype(dtype)
 
+
+
+def momentum_inputs(log_m, la, c, T, packed=None):
+    """Momentum / Muon inputs, ``chunk.MOMENTUM_X_NAMES`` order, each ``[R, n, r, w]``: the in-chunk
+    cumulative log momentum ``M`` (within documents) as a column, a row and its end; ``live`` (1 on a
+    real token: not the tail's padding, not a packed row's pad) as a column and a row; the per-token
+    ``log a`` and ``log m`` columns. ``log_m, la: [B, H, T]`` (``la``: ``None`` = no decay), already
+    0 on pads."""
+    B, H = log_m.shape[:2]
+    R, n = B * H, -(-T // c)
+    tok = lambda x: jnp.pad(jnp.asarray(x, jnp.float32).reshape(R, T), ((0, 0), (0, n * c - T))).reshape(R, n, c)  # noqa: E731
+    lm = tok(log_m)
+    la = jnp.zeros_like(lm) if la is None else tok(la)
+    live = tok(jnp.ones((B, H, T)) if packed is None else packed[1])
+    M = jnp.cumsum(lm, axis=-1) if packed is None else segments.local_cumsum(lm, tok(packed[0]))
+    col = lambda x: x[..., :, None]     # noqa: E731
+    row = lambda x: x[..., None, :]     # noqa: E731
+    return (col(M), row(M), M[..., -1:, None], col(live), row(live), col(la), col(lm))
+
+
+def window_inputs(weights, k, v, gate, halo, c, real=None):
+    """Omega-window inputs, ``chunk.WINDOW_X_NAMES`` order: the previous chunk's keys ``[R, n, c, k]``,
+    values ``[R, n, c, v]`` and bias gate ``[R, n, c, 1]`` (the first chunk's: ``halo = (k, v, gate)``,
+    the ``w - 1`` tokens before the row's first, right-aligned), and the band of weights split into
+    the current chunk's ``[R, n, c, c]`` and the previous one's: ``B[t, e] = weights[t, j]`` for
+    ``e = t + c - w + 1 + j`` (the token ``t - w + 1 + j``). ``weights [B, H, T, w]``; ``real``
+    ``[B, H, T]``: pad tokens' rows are 0."""
+    B, H, T, w = weights.shape
+    R, n = B * H, -(-T // c)
+    Tp = n * c
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    wts = f32(weights) if real is None else f32(weights) * f32(real)[..., None]
+    wts = jnp.pad(wts.reshape(R, T, w), ((0, 0), (0, Tp - T), (0, 0))).reshape(R, n, c, w)
+    t = jnp.arange(c)[:, None, None]
+    one_hot = (jnp.arange(2 * c)[None, None, :] == t + c - w + 1 + jnp.arange(w)[None, :, None])
+    band = jnp.einsum("rntj,tje->rnte", wts, one_hot.astype(jnp.float32))
+    hk, hv, hg = halo
+
+    def prev(x, h):                   # [B, H, T, d], halo [B, H, w-1, d] -> [R, n, c, d]
+        d = x.shape[-1]
+        x = jnp.pad(f32(x).reshape(R, T, d), ((0, 0), (0, Tp - T), (0, 0)))
+        h = jnp.pad(f32(h).reshape(R, w - 1, d), ((0, 0), (c - w + 1, 0), (0, 0)))
+        return jnp.concatenate([h, x[:, :Tp - c]], axis=1).reshape(R, n, c, d)
+
+    return (prev(k, hk), prev(v, hv), prev(gate[..., None], hg[..., None]), band[..., c:], band[..., :c])
+
+
+def pow2(d: int, least: int = 16) -> int:
+    """The smallest power of two ``>= max(d, least)`` (Triton's block rule)."""
+    return max(least, 1 << (d - 1).bit_length())
+
+
+def pad_last(x, n: int):
+    """Zero-pad the last axis by ``n``."""
+    return x if n == 0 else jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, n),))

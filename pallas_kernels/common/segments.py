@@ -32,12 +32,14 @@ X_NAMES = ("doc_col", "doc_row", "reset_col", "real_col")
 class Segments(NamedTuple):
     """Packed rows for ``matrix_chunk`` / ``mlp_chunk``: ``reset``, ``real``: ``[B, H, T]`` (bool or
     0 / 1), ``memory``: the reset memory (shaped like ``m0``), ``accumulator``: the reset l_q
-    accumulator (``"scale"`` retention; ``None``: ``memory``)."""
+    accumulator (``"scale"`` retention; ``None``: ``memory``), ``momentum``: the reset momentum
+    ``S_*`` (momentum / Muon, ``matrix_chunk``; ``None``: zeros)."""
 
     reset: Any
     real: Any
     memory: Any
     accumulator: Any = None
+    momentum: Any = None
 
 
 def check(segments, B: int, H: int, T: int):

@@ -151,3 +151,155 @@ def make_chunk_fn(cfg, packed: bool = False):
         return (z_end,), (y,)
 
     return fn
+
+
+# --- momentum, Muon and the Omega window (Titans, Atlas): MatrixChunkConfig.atlas --------------
+
+MOMENTUM_X_NAMES = ("m_col", "m_row", "m_end", "live_col", "live_row", "la_tok", "lm_tok")
+WINDOW_X_NAMES = ("kp", "vp", "gp", "band_cur", "band_prev")
+NS_COEFFS = (3.4445, -4.7750, 2.0315)   # = miras_jax.inner_opt.NS_COEFFS
+
+
+def newton_schulz(G, steps: int):
+    """``NS(G)``: ``X = G / (||G||_F + 1e-7)``, transposed if it has more rows than columns, then
+    ``steps`` times ``A = X X^T; X = a X + (b A + c A A) X`` (= ``miras_jax.inner_opt.newton_schulz``)."""
+    a, b, c = NS_COEFFS
+    sq = km.total(G * G)
+    X = G / (jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0) + 1e-7)
+    tall = G.shape[0] > G.shape[1]
+    if tall:
+        X = X.T
+    for _ in range(steps):
+        A = km.dot_t(X, X)
+        X = a * X + km.dot(b * A + c * km.dot(A, A), X)
+    return X.T if tall else X
+
+
+def atlas_x_names(cfg, packed: bool = False) -> tuple:
+    """The per-chunk input names of ``make_atlas_fn`` in order (``layout.atlas_inputs``)."""
+    names = X_NAMES + (MOMENTUM_X_NAMES if cfg.optimizer != "gd" else ()) + (
+        WINDOW_X_NAMES if cfg.window is not None else ())
+    return names + (segments.X_NAMES if packed else ())
+
+
+def make_atlas_fn(cfg, packed: bool = False):
+    """The chunk body for momentum / Muon / an Omega window (linear retention, scalar decay). Every
+    gradient of the chunk is taken at its start memory ``P`` (a later document's at ``W_*``); the
+    window's gradient of token ``i`` is ``G_i = sum_e B_ie r_e k_e^T`` over the chunk's tokens and
+    the previous chunk's (``B = [band_prev | band_cur]``, ``r_e = phi(P k_e - v_e)``: per-token
+    residuals once, then a banded sum). With ``F [c, c]`` the coefficient of ``G_j`` in ``W_i``:
+
+        GD:        F = -R diag(lr),     W_i = e^{L_i} P + sum_j F_ij G_j
+        momentum:  F = -(R diag(real)) E diag(lr),  + (R diag(real) e^{M})_i S_0
+                   (R_ij = e^{L_i - L_j}, E_ij = e^{M_i - M_j}, j <= i, one document)
+
+    so ``y = e^{L} q P^T (+ h q S_0^T) + ((F B_cur) * q k^T) r + ((F B_prev) * q k_prev^T) r_prev``
+    (dual form). Muon: token by token, ``S = m_i S + G_i``, ``W = a_i W - lr_i NS(S)``, ``y_i = W q_i``.
+    State ``(W,)`` for GD, ``(W, S)`` otherwise; ``packed``: ``consts`` end with ``(W_*[, S_*])``."""
+    names = atlas_x_names(cfg, packed)
+    mom = cfg.optimizer != "gd"
+
+    def fn(state, xs, consts):
+        x = dict(zip(names, xs))
+        hp = dict(zip(HPARAMS, consts))
+        q, k, v, gate = x["q"], x["k"], x["v"], x["gate"]
+        c = q.shape[0]
+        docs = rs = None
+        if packed:
+            rs = consts[len(HPARAMS):]
+            docs = segments.documents(*(x[n] for n in segments.X_NAMES))
+            state = segments.swap(docs, state, rs)
+        W = state[0]
+        S = state[1] if mom else None
+        first = (lambda a, b: segments.blend(docs.first_c, a, b)) if packed else (lambda a, b: a)
+
+        def tri(strict=False):
+            return km.tri(c, strict) & docs.same if packed else km.tri(c, strict)
+
+        pred = first(km.dot_t(k, W), km.dot_t(k, rs[0])) if packed else km.dot_t(k, W)
+        r = residual_of(cfg, pred, v, gate, hp)                                # [c, v]
+        win = cfg.window is not None
+        if win:
+            kp, bc, bp = x["kp"], x["band_cur"], x["band_prev"]
+            rp = residual_of(cfg, km.dot_t(kp, W), x["vp"], x["gp"], hp)       # previous chunk, at P
+        if cfg.optimizer == "muon":
+            return _muon_tokens(cfg, x, W, S, r, (rp, kp, bc, bp) if win else None, docs, rs)
+        l_c, l_r, l_end = x["l_col"], x["l_row"], x["l_end"]
+        R = km.decay_matrix(l_c, l_r, tri())
+        ends = (segments.end_weights(l_end, l_c, docs.in_last) if packed
+                else jnp.exp(l_end - l_c))                                      # [c, 1] e^{L_end - L_j}
+        lr_c, lr_r = x["lr_col"], x["lr_row"]
+        e = jnp.exp(l_c)
+        last = (lambda a, b: segments.blend(docs.first_last, a, b)) if packed else (lambda a, b: a)
+        y = e * (first(km.dot_t(q, W), km.dot_t(q, rs[0])) if packed else km.dot_t(q, W))
+        w_end = jnp.exp(l_end) * (last(W, rs[0]) if packed else W)
+        if not mom:
+            F = -R * lr_r                                                       # [c, c]
+            w_j = -ends * lr_c                                                  # [c, 1]
+        else:
+            m_c, m_r, m_end = x["m_col"], x["m_row"], x["m_end"]
+            Rr = R * x["live_row"]
+            E = km.decay_matrix(m_c, m_r, tri())
+            F = -km.dot(Rr, E) * lr_r
+            em = jnp.exp(m_c)
+            y = y + km.dot(Rr, em) * (first(km.dot_t(q, S), km.dot_t(q, rs[1])) if packed else km.dot_t(q, S))
+            ends_r = ends * x["live_col"]                                       # [c, 1] over s
+            w_j = -km.t_dot(E, ends_r) * lr_c
+            S_last = last(S, rs[1]) if packed else S
+            w_end = w_end + km.total(ends_r * em) * S_last
+            m_ends = (segments.end_weights(m_end, m_c, docs.in_last) if packed else jnp.exp(m_end - m_c))
+            s_j = -m_ends * lr_c
+            s_end = jnp.exp(m_end) * S_last + _banded_outer(r, k, s_j, bc if win else None,
+                                                            (rp, kp, bp) if win else None)
+        if win:
+            y = (y + km.dot(km.dot(F, bc) * km.dot_t(q, k), r)
+                 + km.dot(km.dot(F, bp) * km.dot_t(q, kp), rp))
+        else:
+            y = y + km.dot(F * km.dot_t(q, k), r)
+        w_end = w_end + _banded_outer(r, k, w_j, bc if win else None, (rp, kp, bp) if win else None)
+        return ((w_end, s_end) if mom else (w_end,)), (y,)
+
+    return fn
+
+
+def residual_of(cfg, pred, v, gate, hp):
+    return residuals.residual(cfg.residual, cfg.smooth, pred, v, gate, hp)
+
+
+def _banded_outer(r, k, w, band=None, prev=None):
+    """``sum_j w_j G_j`` with ``G_j = sum_e B_je r_e k_e^T``: ``[v, k]`` (no band: ``G_j = r_j k_j^T``)."""
+    if band is None:
+        return km.t_dot(r, w * k)
+    rp, kp, bp = prev
+    return km.t_dot(r, km.t_dot(band, w) * k) + km.t_dot(rp, km.t_dot(bp, w) * kp)
+
+
+def _muon_tokens(cfg, x, W, S, r, win, docs, rs):
+    """Muon over one chunk, token by token (static loop; rows and scalars picked by one-hot
+    reductions): ``S = m_i S + G_i``, ``W = a_i W - lr_i NS(S)``, ``y_i = W q_i``; a restart
+    (``reset_col``) swaps ``(W, S)`` for the reset state first."""
+    q, k = x["q"], x["k"]
+    c = q.shape[0]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+    rT = r.T                                                                    # [v, c]
+    if win is not None:
+        rp, kp, bc, bp = win
+        rpT = rp.T
+    y = jnp.zeros((c, r.shape[1]), jnp.float32)
+    for i in range(c):
+        e = (rows == i).astype(jnp.float32)                                     # [c, 1]
+        pick = lambda col: km.total(e * col)  # noqa: E731
+        if docs is not None and i > 0:
+            rst = pick(x["reset_col"])
+            W, S = segments.blend(rst, rs[0], W), segments.blend(rst, rs[1], S)
+        if win is None:
+            G = km.t_dot(r, e * x["live_col"] * k)                              # r_i k_i^T (0 on pads)
+        else:
+            b = jnp.sum(e * bc, axis=0, keepdims=True)                          # [1, c]
+            bpr = jnp.sum(e * bp, axis=0, keepdims=True)
+            G = km.dot(rT * b, k) + km.dot(rpT * bpr, kp)
+        S = jnp.exp(pick(x["lm_tok"])) * S + G
+        W = jnp.exp(pick(x["la_tok"])) * W - pick(x["lr_col"]) * newton_schulz(S, cfg.ns_steps)
+        q_i = jnp.sum(e * q, axis=0, keepdims=True)                             # [1, k]
+        y = y + e * km.dot_t(q_i, W)
+    return (W, S), (y,)

@@ -127,3 +127,90 @@ def matrix_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, *, con
     fn = jax.vmap(jax.vmap(lambda *a: _one_row(config, hp, *a)))
     y, W, A = fn(f32(q), f32(k), f32(v), f32(lr), la, g, f32(m0), a0_)
     return y.astype(v.dtype), ChunkState(W, A if config.retention == "scale" else None)
+
+
+def _ns(G, steps):
+    """Newton-Schulz, plainly (``chunk.newton_schulz``'s twin)."""
+    a, b, c = chunk_lib.NS_COEFFS
+    sq = jnp.sum(G * G)
+    X = G / (jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0) + 1e-7)
+    tall = G.shape[0] > G.shape[1]
+    X = X.T if tall else X
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+def _atlas_row(cfg, hp, q, k, v, lr, la, lm, g, wts, hk, hv, hg, m0, s0, reset, real, w_s, s_s):
+    """One head under momentum / Muon / an Omega window, token by token: ``G_t = sum_j wts[t, j]
+    phi(P k_{t-w+1+j} - v_.) k_.^T`` at ``P`` (the chunk-start memory, ``W_*`` after a restart), then
+    GD ``W = a W - lr G``; momentum ``S = m S - lr G, W = a W + real S``; Muon ``S = m S + G,
+    W = a W - lr NS(S)``; ``y = W q``. A restart swaps ``(W, S, P)`` for ``(W_*, S_*, W_*)``."""
+    T, c, w = q.shape[0], cfg.chunk_size, cfg.window or 1
+    n = -(-T // c)
+    ext = lambda h, x: jnp.concatenate([h, x])  # noqa: E731
+    win = lambda x: jnp.stack([x[j:j + T] for j in range(w)], axis=1)  # noqa: E731   [T, w, ...]
+    kw, vw, gw = win(ext(hk, k)), win(ext(hv, v)), win(ext(hg, g))
+    wts = wts * real[:, None]
+    pad = lambda x: jnp.pad(x, ((0, n * c - T),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])  # noqa: E731
+    xs = tuple(pad(x) for x in (q, kw, vw, gw, wts, lr, la, lm, reset, real))
+    sel = lambda b, x, y: jax.tree.map(lambda u, z: jnp.where(b, u, z), x, y)  # noqa: E731
+
+    def phi(P, k_i, v_i, g_i):
+        return residuals.residual(cfg.residual, cfg.smooth, (P @ k_i)[None], v_i[None],
+                                  jnp.reshape(g_i, (1, 1)), hp)[0]
+
+    def chunk(carry, x):
+        W, S = carry
+
+        def tok(carry, t):
+            W, S, P = carry
+            q_i, k_i, v_i, g_i, w_i, lr_i, la_i, lm_i, r_i, re_i = t
+            W, S, P = sel(r_i > 0, (w_s, s_s, w_s), (W, S, P))
+            G = jnp.einsum("j,jv,jd->vd", w_i, jax.vmap(lambda a, b, e: phi(P, a, b, e))(k_i, v_i, g_i), k_i)
+            if cfg.optimizer == "gd":
+                W = jnp.exp(la_i) * W - lr_i * G
+            elif cfg.optimizer == "momentum":
+                S = jnp.exp(lm_i) * S - lr_i * G
+                W = jnp.exp(la_i) * W + re_i * S
+            else:
+                S = jnp.exp(lm_i) * S + G
+                W = jnp.exp(la_i) * W - lr_i * _ns(S, cfg.ns_steps)
+            return (W, S, P), W @ q_i
+
+        (W, S, _), y = jax.lax.scan(tok, (W, S, W), x)
+        return (W, S), y
+
+    (W, S), y = jax.lax.scan(chunk, (m0, s0), xs)
+    return y.reshape(n * c, -1)[:T], W, S
+
+
+def atlas_reference(q, k, v, lr, m0, log_decay, gate, hparams, *, config, segments=None, log_momentum=None,
+                    s0=None, window=None):
+    """``matrix_chunk``'s momentum / Muon / Omega-window semantics as token loops (inputs checked and
+    pads masked there; ``segments = (reset, real, W_*[, S_*])``)."""
+    B, H, T, dk = q.shape
+    dv = v.shape[-1]
+    hp = dict(zip(chunk_lib.HPARAMS, layout.consts(hparams, chunk_lib.HPARAMS)))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    zeros = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+    la = zeros(B, H, T) if log_decay is None else f32(log_decay)
+    lm = zeros(B, H, T) if log_momentum is None else f32(log_momentum)
+    s0 = zeros(B, H, dv, dk) if s0 is None else f32(s0)
+    if window is None:
+        wts, hk, hv, hg = jnp.ones((B, H, T, 1)), zeros(B, H, 0, dk), zeros(B, H, 0, dv), zeros(B, H, 0)
+    else:
+        wts, hk, hv, hg = (f32(x) for x in window)
+    if segments is None:
+        reset, real, w_s, s_s = zeros(B, H, T), jnp.ones((B, H, T)), f32(m0), s0
+    else:
+        reset, real, w_s, *rest = segments
+        s_s = f32(rest[0]) if rest else zeros(B, H, dv, dk)
+    fn = jax.vmap(jax.vmap(lambda *a: _atlas_row(config, hp, *a)))
+    y, W, S = fn(f32(q), f32(k), f32(v), f32(lr), la, lm, f32(gate), wts, hk, hv, hg, f32(m0), s0,
+                 f32(reset), f32(real), f32(w_s), f32(s_s))
+    if segments is not None:
+        y = jnp.where(real[..., None] > 0, y, 0.0)
+    mom = config.optimizer != "gd"
+    return y.astype(v.dtype), ChunkState(W, None, S if mom else None)
