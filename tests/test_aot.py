@@ -81,7 +81,7 @@ def test_model_flops_per_token_formula():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,implementation", [("gated_deltanet", "xla"), ("moneta", "pallas")])
+@pytest.mark.parametrize("preset,implementation", [("gated_deltanet", "xla"), ("moneta", "pallas"), ("atlas", "pallas")])
 def test_smoke_config_compiles_for_v5e_2x2(preset, implementation):
     pytest.importorskip("libtpu")
     report = _aot_cli("--config=smoke", "--mesh=data:2,fsdp:2", "--topology=v5e:2x2", f"--preset={preset}",

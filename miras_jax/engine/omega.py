@@ -4,11 +4,11 @@ The semantics are ``minibatch/reference.py``'s ("linear" retention): per chunk o
 gradient is taken at the chunk-start memory ``P``. One head, after ``window.lower_inputs``
 (``W: [v, D]``, ``q: [T, D]``, windowed ``k: [T, c, D]``, ``v: [T, c, v]``). Per chunk::
 
-    phi_jm = omega_jm residual(P k_jm, v_jm)          [C, c, v]  (the bias's map, window weights)
-    g_j    = sum_m phi_jm k_jm^T                       (the window's banded sum of per-token factors)
+    r_e = residual(P k_e, v_e)                         per token once: the chunk's and the c - 1 before it
+    g_j = sum_e B_je r_e k_e^T                         the window's banded sum (B [C, c - 1 + C]: omega)
     L_i = sum_{l<=i} log a_l,  R_ij = exp(L_i - L_j) [j <= i]   (decay.decay_matrix)
     GD:        W_i = e^{L_i} P - sum_j R_ij eta_j g_j
-               y_i = e^{L_i} P q_i - sum_j R_ij eta_j sum_m phi_jm (k_jm . q_i)     (dual form)
+               y_i = e^{L_i} P q_i + ((F B) * (q k^T)) r,  F = -R diag(eta)          (dual form)
     momentum:  S_i = m_i S_{i-1} - eta_i g_i, W_i = a_i W_{i-1} + S_i   (decay.momentum_coefficients)
     Muon:      S_i = m_i S_{i-1} + g_i = e^{M_i} S_0 + sum_j Rm_ij g_j     (linear: one masked matmul)
                U_i = -eta_i NS(S_i)                     (the Newton-Schulz step on every token's S_i)
@@ -57,6 +57,24 @@ def _windowed(spec, k, v, gates):
     return k[:, None], v[:, None], out
 
 
+def band(weights, C: int):
+    """The window's weights per chunk as a band: ``weights [n, C, w]`` (``weights[t, j]``: token
+    ``t - w + 1 + j``) -> ``[n, C, w - 1 + C]`` over the ``w - 1`` tokens before the chunk and its
+    ``C`` tokens: ``B[t, e] = weights[t, e - t]`` for ``0 <= e - t < w``."""
+    w = weights.shape[-1]
+    t, j, e = (jnp.arange(n) for n in (C, w, w - 1 + C))
+    one_hot = (e[None, None, :] == t[:, None, None] + j[None, :, None]).astype(weights.dtype)
+    return jnp.einsum("ntj,tje->nte", weights, one_hot)
+
+
+def before_chunks(own, halo, C: int, n: int):
+    """The ``w - 1`` tokens before every chunk: ``own [n C, ...]`` (each token's own input), ``halo
+    [w - 1, ...]`` (the first token's predecessors) -> ``[n, w - 1, ...]``."""
+    ext = jnp.concatenate([halo, own])
+    idx = jnp.arange(n)[:, None] * C + jnp.arange(halo.shape[0])[None, :]
+    return ext[idx]
+
+
 def memorize_omega_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk_size: int, valid_len=None,
                            segments=None):
     """``(y [T, v], final MemoryState)`` of one head under the module docstring's algebra.
@@ -88,21 +106,30 @@ def memorize_omega_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk
     if a.ndim != 1:
         raise NotImplementedError("channel-wise decay has no Omega / Muon chunk form")
     m = gates["momentum"] if with_s else jnp.ones((T,), q.dtype)
-    bias_gates = {g: gates[g] for g in spec.bias.gates if g != "omega"}
-    q, k, v, omega, bias_gates, lr, a, m = pad_to_chunks((q, k, v, gates["omega"], bias_gates, lr, a, m), n * C)
-    lr, omega = lr * mask, omega * mask[:, None]
+    # each token's own inputs (window slot w - 1), the tokens before each chunk, the band of weights
+    bg = {g: gates[g] for g in spec.bias.gates if g != "omega"}
+    own = lambda x: pad_to_chunks(x[:, -1], n * C)  # noqa: E731
+    prev = lambda x: before_chunks(own(x), x[0, :-1], C, n)  # noqa: E731
+    k_prev, v_prev, bg_prev = prev(k), prev(v), {g: prev(x) for g, x in bg.items()}
+    q, k, v, bg, lr, a, m = pad_to_chunks((q, k[:, -1], v[:, -1], {g: x[:, -1] for g, x in bg.items()}, lr, a, m),
+                                          n * C)
+    omega = pad_to_chunks(gates["omega"], n * C) * mask[:, None]
+    lr = lr * mask
     log_a = decay.log_gate(jnp.where(mask > 0, a, 1.0))
     log_m = decay.log_gate(jnp.where(mask > 0, m, 1.0))
     chunks = lambda x: x.reshape((n, C) + x.shape[1:])  # noqa: E731
-    xs = jax.tree.map(chunks, (q, k, v, omega, bias_gates, lr, log_a, log_m, mask, reset))
-    residual = jax.vmap(jax.vmap(lambda p, t, g: spec.bias.residual_map(p, t, hp["bias"], g)))
+    B = band(chunks(omega), C)                                                  # [n, C, w - 1 + C]
+    xs = (*jax.tree.map(chunks, (q, k, v, bg, lr, log_a, log_m, mask, reset)), k_prev, v_prev, bg_prev, B)
+    residual = jax.vmap(lambda p, t, g: spec.bias.residual_map(p, t, hp["bias"], g))
     W_star = state.memory["W"] if not packed else reset_state.memory["W"]
     S_star = (state.optimizer["W"] if not packed else reset_state.optimizer["W"]) if with_s else None
 
     @jax.checkpoint
     def body(carry, xs_c):
         P, S = carry
-        qc, kc, vc, om, bg, lrc, la, lm, mc, rc = xs_c
+        qc, kc, vc, bgc, lrc, la, lm, mc, rc, kp, vp, bgp, Bx = xs_c
+        w1 = kp.shape[0]
+        Bp, Bc = Bx[:, :w1], Bx[:, w1:]                                         # [C, w - 1], [C, C]
         first = jnp.cumsum(rc) == 0                        # [C]: tokens of the chunk's first document
         same = None
         if packed:
@@ -110,10 +137,13 @@ def memorize_omega_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk
             same = (dc[:, None] == dc[None, :]).astype(qc.dtype)
         pick = lambda x, y: x if not packed else jnp.where(  # noqa: E731
             first.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
-        pred = jnp.einsum("imd,vd->imv", kc, P)
-        if packed:   # later documents take their gradients at the reset memory
-            pred = pick(pred, jnp.einsum("imd,vd->imv", kc, W_star))
-        phi = residual(pred, vc, bg) * om[..., None]       # [C, c, v]
+        # per-token residuals once: this chunk's at P (later documents at W_*), the previous ones' at P
+        pred = pick(kc @ P.T, kc @ W_star.T) if packed else kc @ P.T
+        r, rp = residual(pred, vc, bgc), residual(kp @ P.T, vp, bgp)            # [C, v], [w - 1, v]
+
+        def banded(coef):   # sum_j coef_j g_j = sum_e (B^T coef)_e r_e k_e^T
+            return r.T @ ((Bc.T @ coef)[:, None] * kc) + rp.T @ ((Bp.T @ coef)[:, None] * kp)
+
         R = decay.decay_matrix(la, same)
         beta = jnp.exp(jnp.cumsum(la) if same is None else decay.segment_cumsum(la, same))
         base_y = pick(qc @ P.T, qc @ W_star.T) * beta[:, None]
@@ -121,27 +151,29 @@ def memorize_omega_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk
             Rm = decay.decay_matrix(lm, same)
             mcum = jnp.exp(jnp.cumsum(lm) if same is None else decay.segment_cumsum(lm, same))
         if form == "muon":
-            G = jnp.einsum("jmv,jmd->jvd", phi, kc)
+            G = jnp.einsum("je,ev,ed->jvd", Bc, r, kc) + jnp.einsum("je,ev,ed->jvd", Bp, rp, kp)
             S_base = pick(jnp.broadcast_to(S, (C,) + S.shape), jnp.broadcast_to(S_star, (C,) + S.shape))
             S_all = mcum[:, None, None] * S_base + jnp.einsum("ij,jvd->ivd", Rm, G)
             U = -lrc[:, None, None] * jax.vmap(lambda x: newton_schulz(x, opt.ns_steps))(S_all)
             P_base = pick(jnp.broadcast_to(P, (C,) + P.shape), jnp.broadcast_to(W_star, (C,) + P.shape))
             W_all = beta[:, None, None] * P_base + jnp.einsum("ij,jvd->ivd", R, U)
             return (W_all[-1], S_all[-1]), jnp.einsum("ivd,id->iv", W_all, qc)
-        scores = jnp.einsum("jmd,id->ijm", kc, qc)
+
+        def read(Cf):       # sum_j Cf_ij g_j q_i, dual form
+            return ((Cf @ Bc) * (qc @ kc.T)) @ r + ((Cf @ Bp) * (qc @ kp.T)) @ rp
+
         last_base = P if not packed else jnp.where(first[-1], P, W_star)
         if form == "gd":
             Cf = -R * lrc[None, :]
-            y = base_y + jnp.einsum("ij,ijm,jmv->iv", Cf, scores, phi)
-            return (beta[-1] * last_base + jnp.einsum("j,jmv,jmd->vd", Cf[-1], phi, kc), S), y
+            return (beta[-1] * last_base + banded(Cf[-1]), S), base_y + read(Cf)
         # momentum: S_i = m_i S_{i-1} - lr_i g_i;  W_i = a_i W_{i-1} + real_i S_i
         Rr = R * mc[None, :]
         Cf = -(Rr @ Rm) * lrc[None, :]
         gamma = Rr @ mcum
         S_last = S if not packed else jnp.where(first[-1], S, S_star)
-        y = base_y + gamma[:, None] * pick(qc @ S.T, qc @ S_star.T) + jnp.einsum("ij,ijm,jmv->iv", Cf, scores, phi)
-        P_new = beta[-1] * last_base + gamma[-1] * S_last + jnp.einsum("j,jmv,jmd->vd", Cf[-1], phi, kc)
-        S_new = mcum[-1] * S_last - jnp.einsum("j,jmv,jmd->vd", Rm[-1] * lrc, phi, kc)
+        y = base_y + gamma[:, None] * pick(qc @ S.T, qc @ S_star.T) + read(Cf)
+        P_new = beta[-1] * last_base + gamma[-1] * S_last + banded(Cf[-1])
+        S_new = mcum[-1] * S_last + banded(-Rm[-1] * lrc)
         return (P_new, S_new), y
 
     S0 = state.optimizer["W"] if with_s else jnp.zeros(())
