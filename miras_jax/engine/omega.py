@@ -48,15 +48,6 @@ def blocker(spec) -> str | None:
     return None
 
 
-def _windowed(spec, k, v, gates):
-    """Windowed inputs for an Omega bias; a plain bias as a window of one token with weight 1."""
-    if window_lib.is_omega(spec):
-        return (k, v, gates) if window_lib.windowed(spec, k) else window_lib.window_inputs(spec, k, v, gates)
-    out = {n: (g[:, None] if n in spec.bias.gates else g) for n, g in gates.items()}
-    out["omega"] = jnp.ones(k.shape[:1] + (1,), k.dtype)
-    return k[:, None], v[:, None], out
-
-
 def band(weights, C: int):
     """The window's weights per chunk as a band: ``weights [n, C, w]`` (``weights[t, j]``: token
     ``t - w + 1 + j``) -> ``[n, C, w - 1 + C]`` over the ``w - 1`` tokens before the chunk and its
@@ -89,9 +80,7 @@ def memorize_omega_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk
     form = opt.update_form
     with_s = form in ("momentum", "muon")
     packed = segments is not None
-    if window_lib.is_omega(spec) and not window_lib.windowed(spec, k):
-        k, v, gates = window_lib.window_inputs(spec, k, v, gates, segments)
-    k, v, gates = _windowed(spec, k, v, gates)
+    k, v, gates = window_lib.as_window(spec, k, v, gates, segments)
     T, C = q.shape[0], chunk_size
     n = -(-T // C)
     mask = (jnp.arange(n * C) < (T if valid_len is None else valid_len)).astype(q.dtype)

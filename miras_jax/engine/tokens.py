@@ -101,8 +101,7 @@ def memorize_tokens(spec, state: MemoryState, q, k, v, gates: dict, segments=Non
     state becomes ``reset_state`` before token t writes; a pad token (``real_t`` false) leaves the
     state unchanged and reads 0."""
 
-    if window_lib.is_omega(spec) and not window_lib.windowed(spec, k):
-        k, v, gates = window_lib.window_inputs(spec, k, v, gates, segments)
+    k, v, gates = window_lib.ensure_windows(spec, k, v, gates, segments)
 
     # checkpointed: the backward pass keeps only the carried state per token, not the step's
     # intermediates (MLP memories otherwise need O(T x layer activations x state) memory).

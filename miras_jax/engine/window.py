@@ -49,7 +49,16 @@ def lower_inputs(spec, q, k, gates):
     returned unchanged with its inputs)."""
     mem = spec.memory
     if getattr(mem, "feature_map", None) is not None:
-        q, k = mem.features(q), mem.features(k)
+        q = mem.features(q)
+    k, gates = lower_keys(spec, k, gates)
+    return lower_spec(spec), q, k, gates
+
+
+def lower_keys(spec, k, gates):
+    """``(k', gates')``: the keys and gates of :func:`lower_inputs` (no queries: decoding's window)."""
+    mem = spec.memory
+    if getattr(mem, "feature_map", None) is not None:
+        k = mem.features(k)
     if folds_window(spec):
         if gates is None or "omega" not in gates:
             raise ValueError(f"spec {spec.name!r} needs gate 'omega' (the Omega rule's weight gamma_t, "
@@ -57,7 +66,7 @@ def lower_inputs(spec, q, k, gates):
         gates = dict(gates)
         omega = gates.pop("omega")
         gates["lr"] = gates["lr"] * omega
-    return lower_spec(spec), q, k, gates
+    return k, gates
 
 
 def write_gain(spec) -> float:
@@ -75,6 +84,24 @@ def write_gain(spec) -> float:
 def windowed(spec, k) -> bool:
     """Whether ``k`` already holds the Omega window (``[T, c, d]``)."""
     return is_omega(spec) and k.ndim == 3
+
+
+def ensure_windows(spec, k, v, gates, segments=None):
+    """``(k, v, gates)`` windowed for an Omega spec (:func:`window_inputs`, unless the caller already
+    did: ``k [T, c, d]``); other specs' inputs unchanged."""
+    if is_omega(spec) and not windowed(spec, k):
+        return window_inputs(spec, k, v, gates, segments)
+    return k, v, gates
+
+
+def as_window(spec, k, v, gates, segments=None):
+    """Windowed inputs for any spec: an Omega spec's (:func:`ensure_windows`); a plain bias as a
+    window of one token with weight 1 (``k [T, 1, d]``, bias gates ``[T, 1]``, ``omega [T, 1]``)."""
+    if is_omega(spec):
+        return ensure_windows(spec, k, v, gates, segments)
+    out = {n: (g[:, None] if n in spec.bias.gates else g) for n, g in gates.items()}
+    out["omega"] = jnp.ones(k.shape[:1] + (1,), k.dtype)
+    return k[:, None], v[:, None], out
 
 
 def shift(x, o: int):

@@ -415,7 +415,7 @@ class MirasLayer(nnx.Module):
             return None
 
         def one(k, v, g, seg):
-            _, _, k, g = window_lib.lower_inputs(spec, k, k, g)
+            k, g = window_lib.lower_keys(spec, k, g)
             return window_lib.window_state(low, k, v, g, None if seg is None else segments_lib.boundaries(seg))
 
         th = lambda a: jnp.moveaxis(a, 2, 1)  # noqa: E731   [b, t, h, ...] -> [b, h, t, ...]

@@ -61,8 +61,7 @@ def memorize_chunked_reference(spec, state: MemoryState, q, k, v, gates: dict, c
         raise NotImplementedError("the mini-batch chunked form needs grad_at='previous' and one step per token")
     hp = spec.hparams
     ret, opt, mem = spec.retention, spec.optimizer, spec.memory
-    if window_lib.is_omega(spec) and not window_lib.windowed(spec, k):
-        k, v, gates = window_lib.window_inputs(spec, k, v, gates, segments)
+    k, v, gates = window_lib.ensure_windows(spec, k, v, gates, segments)
     T, c = q.shape[0], chunk_size
     n = -(-T // c)
     mask = jnp.arange(n * c) < (T if valid_len is None else valid_len)
