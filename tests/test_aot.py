@@ -97,8 +97,8 @@ def test_fit_table_cells_and_markdown():
     got = list(fit_table.cells(["lm340m"], ["moneta:M", "moneta:A"], ["xla", "pallas"]))
     assert got == [("lm340m", "moneta", "M", "xla"), ("lm340m", "moneta", "M", "pallas"),
                    ("lm340m", "moneta", "A", "xla")]          # attention-only: once
-    assert list(fit_table.cells(["lm170m"], ["titans:M"], ["xla", "pallas"])) == [
-        ("lm170m", "titans", "M", "xla")]                     # no kernel for an MLP memory with momentum
+    assert list(fit_table.cells(["lm170m"], ["ttt_linear:M"], ["xla", "pallas"])) == [
+        ("lm170m", "ttt_linear", "M", "xla")]                 # no kernel for a depth-1 MLP: no pallas cell
     assert fit_table._last_error("Traceback\n  ...\nValueError: bad mesh\nFor simplicity, JAX ...") == (
         "ValueError: bad mesh")
     assert fit_table.micro_batches(8) == [8, 4, 2, 1] and fit_table.micro_batches(1) == [1]

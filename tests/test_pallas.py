@@ -231,6 +231,7 @@ MATRIX_CONFIGS = [
 ]
 MLP_CONFIGS = [
     MLPChunkConfig(residual="huber_switch", chunk_size=16),
+    MLPChunkConfig(residual="l2", chunk_size=16, momentum=True, anchor=True),   # Titans
     MLPChunkConfig(residual="lp", retention="scale", chunk_size=16),
     MLPChunkConfig(residual="l2", retention="lag", chunk_size=16),
     MLPChunkConfig(residual="huber_switch", chunk_size=16, anchor=True),
@@ -257,8 +258,12 @@ def _run_mlp(cfg, args, **kw):
     def f(q, k, v, lr, la, m0):
         # anchors derived from m0 (so their gradient path is checked too): the dual of 0.8 m0
         anchor = tuple((jnp.log(0.8 * w) if cfg.retention == "lag" else 0.8 * w) for w in m0) if cfg.anchor else None
-        y, st = mlp_chunk(q, k, v, lr, m0, la, None, gate, {"p": 3.0, "q": 3.0}, anchor, config=cfg, **kw)
-        return y, st.memory
+        mom = {}
+        if cfg.momentum:   # S_0 derived from m0 too
+            mom = dict(log_momentum=jnp.log(jax.random.uniform(jax.random.key(8), lr.shape, minval=0.5, maxval=0.95)),
+                       s0=tuple(0.1 * w for w in m0))
+        y, st = mlp_chunk(q, k, v, lr, m0, la, None, gate, {"p": 3.0, "q": 3.0}, anchor, config=cfg, **mom, **kw)
+        return y, st.memory, st.momentum
     return f
 
 
@@ -290,7 +295,7 @@ def _mlp_cases():
     retention and backend in the default suite, as huber-linear keeps the un-anchored kernel."""
     out = []
     for p in rotate(MLP_CONFIGS, ["tpu", "triton"],
-                    name_id=lambda c: f"{c.residual}-{c.retention}" + "-anchor" * c.anchor):
+                    name_id=lambda c: f"{c.residual}-{c.retention}" + "-anchor" * c.anchor + "-momentum" * c.momentum):
         cfg = p.values[0]
         if not p.marks and not cfg.anchor and cfg.retention in ("scale", "lag"):
             p = pytest.param(*p.values, marks=pytest.mark.slow, id=p.id)

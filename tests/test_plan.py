@@ -23,7 +23,7 @@ from tests.helpers import random_inputs
 HEBBIAN = {"linear_attention", "retnet", "mamba2", "gla"}
 DELTA = {"deltanet", "gated_deltanet", "longhorn", "deltaproduct"}
 HAND_VJP = {"ttt_linear", "ttt_mlp", "moneta", "yaad", "memora", "titans"}   # every mini-batch preset
-NO_KERNEL = {"deltaproduct", "ttt_linear", "titans"}   # titans: momentum on an MLP memory
+NO_KERNEL = {"deltaproduct", "ttt_linear"}
 OMEGA = {"omeganet", "atlas"}   # the Omega / Muon chunk form (engine/omega.py)
 
 
@@ -64,8 +64,9 @@ def test_chunk_caps_are_in_the_plan_not_silent():
 
 
 def test_errors_name_the_blocking_component():
-    with pytest.raises(NotImplementedError, match="'momentum_gd' has a Pallas kernel for the matrix"):
-        mj.plan(mj.presets.get("titans"), "pallas")          # MLP memory
+    with pytest.raises(NotImplementedError, match="the Omega window .4 tokens. has a Pallas kernel for the matrix"):
+        mj.plan(mj.presets.get("omeganet", memory="mlp"), "pallas")
+    assert mj.plan(mj.presets.get("titans"), "pallas").kernel.momentum   # the MLP kernel's momentum
     with pytest.raises(NotImplementedError, match="the kernel needs chunk_size >= 3"):
         mj.plan(mj.presets.get("omeganet", window=4), "pallas", 2)
     with pytest.raises(NotImplementedError, match="several inner steps per token"):

@@ -6,7 +6,7 @@ delta rule), the scalar-decay Hebbian family (linear attention, RetNet, Mamba2: 
 every other GD spec the mini-batch form runs (Moneta / Yaad / Memora with a matrix memory, ...),
 and momentum (Titans), Muon and the Omega window (OmegaNet, Atlas) on a matrix memory with a plain
 decay (``MatrixChunkConfig.atlas``: an Omega spec arrives with its windowed inputs, ``window.py``).
-MLP memory ``x + LN(W_1 gelu(W_0 x))`` -> ``mlp_chunk``: Moneta, Yaad, Memora, TTT-MLP.
+MLP memory ``x + LN(W_1 gelu(W_0 x))`` -> ``mlp_chunk``: Moneta, Yaad, Memora, TTT-MLP, Titans (momentum).
 Anything else raises ``NotImplementedError`` with the reason (never a silent fallback).
 """
 
@@ -54,35 +54,42 @@ def run_batched(spec, state: MemoryState, q, k, v, gates: dict, *, chunk_size: i
     mem = spec.memory.leaves(state.memory)
     acc = spec.memory.leaves(ret.acc(state.retention)) if mode == "scale" else None
     anc = None if ret.anchor_of(state.retention) is None else spec.memory.leaves(ret.anchor_of(state.retention))
+    mom = getattr(cfg, "momentum", False)   # the MLP kernel's (the matrix one's: _run_atlas)
+    log_m = decay.log_gate(g["momentum"]) if mom else None
+    S = spec.memory.leaves(state.optimizer) if mom else None
     seg = None
     if segments is not None:
         reset, real, reset_state = segments
         B, H = lr.shape[:2]
         rows = lambda x: jnp.broadcast_to(x[:, None, :], (B, H, x.shape[-1]))  # noqa: E731   [B, T] -> [B, H, T]
         seg = (rows(reset), rows(real), spec.memory.leaves(reset_state.memory),
-               spec.memory.leaves(ret.acc(reset_state.retention)) if mode == "scale" else None)
+               spec.memory.leaves(ret.acc(reset_state.retention)) if mode == "scale" else None,
+               spec.memory.leaves(reset_state.optimizer) if mom else None)
 
-    def kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, seg, hps):
+    def kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, seg, hps, log_m, S):
         if isinstance(cfg, MatrixChunkConfig):
             packed = None if seg is None else Segments(seg[0], seg[1], seg[2][0],
                                                        None if seg[3] is None else seg[3][0])
             y, st = matrix_chunk(qh, kh, vh, lr, mem[0], log_decay, None if acc is None else acc[0], gate, hps,
                                  config=cfg, interpret=interpret, segments=packed)
-            return y, [st.memory], None if st.accumulator is None else [st.accumulator]
+            return y, [st.memory], None if st.accumulator is None else [st.accumulator], None
         packed = None if seg is None else Segments(seg[0], seg[1], tuple(seg[2]),
-                                                   None if seg[3] is None else tuple(seg[3]))
+                                                   None if seg[3] is None else tuple(seg[3]),
+                                                   None if seg[4] is None else tuple(seg[4]))
         y, st = mlp_chunk(qh, kh, vh, lr, tuple(mem), log_decay, None if acc is None else tuple(acc), gate, hps,
-                          None if anc is None else tuple(anc), config=cfg, interpret=interpret, segments=packed)
-        return y, list(st.memory), None if st.accumulator is None else list(st.accumulator)
+                          None if anc is None else tuple(anc), config=cfg, interpret=interpret, segments=packed,
+                          log_momentum=log_m, s0=None if S is None else tuple(S))
+        return (y, list(st.memory), None if st.accumulator is None else list(st.accumulator),
+                None if st.momentum is None else list(st.momentum))
 
     if mesh is not None:
         kernel = sharded(kernel, mesh, batch_axes, head_axes, replicated=("hps",))
-    y, new_mem, new_acc = kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, seg, hps)
+    y, new_mem, new_acc, new_s = kernel(qh, kh, vh, lr, log_decay, mem, acc, anc, gate, seg, hps, log_m, S)
     memory = spec.memory.from_leaves(new_mem)
     ret_state = state.retention
     if mode == "scale":
         ret_state = ret.with_acc(ret_state, spec.memory.from_leaves(new_acc))
-    return bh(y), MemoryState(memory, ret_state, state.optimizer)
+    return bh(y), MemoryState(memory, ret_state, spec.memory.from_leaves(new_s) if mom else state.optimizer)
 
 
 def _run_atlas(spec, cfg, state: MemoryState, qh, kh, vh, g: dict, interpret, mesh, batch_axes, head_axes, segments):

@@ -159,7 +159,7 @@ def kernel_config(spec, chunk_size: int, channel: bool = False):
     mem, ret = spec.memory, spec.retention
     kind = _trait(mem, "kind")
     form = _trait(spec.optimizer, "update_form")
-    if window_lib.is_omega(spec) or form in ("momentum", "muon"):
+    if window_lib.is_omega(spec) or form == "muon" or (form == "momentum" and kind != "mlp"):
         return _atlas_kernel_config(spec, chunk_size, channel)
     if ret.anchor and kind != "mlp":
         raise NotImplementedError("an anchored retention (decay toward W_0) has a Pallas kernel for the "
@@ -184,8 +184,8 @@ def kernel_config(spec, chunk_size: int, channel: bool = False):
     reason = minibatch_blocker(spec)
     if reason is not None:
         raise NotImplementedError(reason)
-    if _trait(spec.optimizer, "update_form") != "gd":
-        raise NotImplementedError(f"optimizer {spec.optimizer.name!r} has no Pallas kernel (GD only)")
+    if form not in ("gd", "momentum"):
+        raise NotImplementedError(f"optimizer {spec.optimizer.name!r} has no Pallas kernel (GD, momentum only)")
     mode = KERNEL_RETENTION.get(_trait(ret, "map_kind"))
     if mode is None:
         raise NotImplementedError(f"retention {ret.name!r} has no Pallas kernel (supported: none, decay, lq, kl)")
@@ -199,7 +199,7 @@ def kernel_config(spec, chunk_size: int, channel: bool = False):
         raise NotImplementedError("the Pallas MLP kernel covers the Miras memory x + LN(W_1 gelu(W_0 x)) "
                                   f"only, got {mem}")
     return MLPChunkConfig(residual=residual, smooth=smooth, retention=mode, simplex_c=c, chunk_size=chunk_size,
-                          anchor=ret.anchor)
+                          anchor=ret.anchor, momentum=form == "momentum")
 
 
 def _atlas_kernel_config(spec, chunk_size: int, channel: bool):

@@ -18,7 +18,7 @@ IMPLEMENTATIONS = ("pallas", "reference")
 def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None, anchor=None, *,
               config: MLPChunkConfig, implementation: str = "pallas",
               backend: str | None = None, interpret: bool | None = None,
-              segments: Segments | None = None):
+              segments: Segments | None = None, log_momentum=None, s0=None):
     """Sweep the MLP-memory recurrence over ``T`` tokens, every (batch, head) row in parallel.
 
     Args:
@@ -31,7 +31,10 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
       backend / interpret: as in ``matrix_chunk``.
       segments: packed rows (``common/segments.py``): ``Segments(reset, real [B, H, T], memory
         (W_*0, W_*1), accumulator (A_*0, A_*1) or None)``: a document restarts from the reset weights
-        (and l_q accumulators; the anchors stay); pad tokens neither write nor read (``y = 0``).
+        (and l_q accumulators; the anchors stay); pad tokens neither write nor read (``y = 0``);
+        ``segments.momentum``: the reset ``(S_*0, S_*1)`` (``None``: zeros).
+      log_momentum: ``[B, H, T]`` ``log m_t`` (``config.momentum``); s0: initial ``(S_0, S_1)``
+        (``None``: zeros).
 
     Returns:
       ``(y [B, H, T, d] in v's dtype, MLPChunkState)``; state in float32.
@@ -61,6 +64,14 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
         raise ValueError("anchor given but config.anchor is False")
     if config.residual.startswith("huber") and gate is None:
         raise ValueError(f"residual {config.residual!r} needs the threshold gate (gate=[B, H, T])")
+    zeros = (jnp.zeros((B, H, f, d), jnp.float32), jnp.zeros((B, H, d, f), jnp.float32))
+    if config.momentum:
+        if log_momentum is None:
+            raise ValueError("config.momentum needs log_momentum=[B, H, T]")
+        layout.check("log_momentum", log_momentum, (B, H, T))
+        s0 = zeros if s0 is None else tuple(s0)
+        layout.check("s0[0]", s0[0], (B, H, f, d))
+        layout.check("s0[1]", s0[1], (B, H, d, f))
     packed = rstate = None
     if segments is not None:
         packed = segments_lib.check(segments, B, H, T)
@@ -69,20 +80,30 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
         rstate = tuple(segments.memory)
         if config.retention == "scale":
             rstate += tuple(segments.memory if segments.accumulator is None else segments.accumulator)
+        if config.momentum:
+            rstate += zeros if segments.momentum is None else tuple(segments.momentum)
         for i, x in enumerate(rstate):
             layout.check(f"segments reset state[{i}]", x, (B, H, f, d) if i % 2 == 0 else (B, H, d, f))
         lr, log_decay = segments_lib.mask_gates(packed[1], lr, log_decay)
+        if config.momentum:
+            log_momentum = segments_lib.mask_gates(packed[1], log_momentum, None)[0]
     if implementation == "reference":
         return reference.mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor,
                                              config=config,
-                                             segments=None if packed is None else (*packed, rstate))
+                                             segments=None if packed is None else (*packed, rstate),
+                                             log_momentum=log_momentum, s0=s0)
     if backend is not None:
         config.validate(backend, d, f)
     xs, n = layout.chunk_inputs(q, k, v, lr, log_decay, gate, config.chunk_size, packed)
+    if config.momentum:   # before the packed rows' inputs, which stay last
+        split = len(xs) - (0 if packed is None else len(segments_lib.X_NAMES))
+        xs = xs[:split] + layout.momentum_inputs(log_momentum, log_decay, config.chunk_size, T, packed) + xs[split:]
     ks = layout.consts(hparams, chunk.HPARAMS)
     state0 = tuple(layout.rows(w) for w in m0)
     if config.retention == "scale":
         state0 += tuple(layout.rows(a) for a in a0)
+    if config.momentum:
+        state0 += tuple(layout.rows(s) for s in s0)
     if config.anchor:
         state0 += tuple(layout.rows(a) for a in anchor)
     fn = chunk.make_chunk_fn(config, packed=packed is not None)
@@ -95,5 +116,5 @@ def mlp_chunk(q, k, v, lr, m0, log_decay=None, a0=None, gate=None, hparams=None,
     y = layout.outputs(y, B, H, T, v.dtype)
     if packed is not None:   # pad tokens read 0
         y = jnp.where(packed[1][..., None] > 0, y, jnp.zeros((), y.dtype))
-    return y, MLPChunkState(final[:2], acc)
+    return y, MLPChunkState(final[:2], acc, final[2:4] if config.momentum else None)
 

@@ -14,6 +14,11 @@ Per-token gradients at the chunk-start weights ``P``, by hand (closed-form backp
 and every read / end state adds ``N_l x_i`` / ``N_l`` (``"lag"``: the linear part's anchor is
 ``c softmax(N_l)``, the first token's exact step ``c softmax(a log P + (1 - a) N + u)``). Packed rows
 (``common/segments.py``): ``xs`` end with ``segments.X_NAMES``, ``consts`` with the row's reset state.
+
+Momentum (``cfg.momentum``, Titans; linear retention): state ``(W_0, W_1, S_0, S_1[, N_0, N_1])``,
+``S_i = m_i S_{i-1} - lr_i g_i``, ``W_i = a_i W_{i-1} [+ (1 - a_i) N] + S_i``; ``xs`` add
+``matrix_chunk.chunk.MOMENTUM_X_NAMES`` after the first ten: ``C = -(R diag(live)) E diag(lr)`` and
+the reads add ``((R diag(live)) e^{M})_i S_l x_i`` (``E_ij = e^{M_i - M_j}``), as in ``make_atlas_fn``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import math as km
 from pallas_kernels.common import residuals, segments
-from pallas_kernels.matrix_chunk.chunk import HPARAMS, lag_step
+from pallas_kernels.matrix_chunk.chunk import HPARAMS, MOMENTUM_X_NAMES, lag_step
 
 __all__ = ["HPARAMS", "make_chunk_fn"]
 
@@ -43,14 +48,16 @@ def make_chunk_fn(cfg, packed: bool = False):
 
     def fn(state, xs, consts):
         q, k, v, lr_c, lr_r, l_c, l_r, l_end, gate, last = xs[:10]
+        mx = dict(zip(MOMENTUM_X_NAMES, xs[10:17])) if cfg.momentum else None
         hp = dict(zip(HPARAMS, consts))
         c = q.shape[0]
         rs = docs = None
         if packed:
-            rs = consts[len(HPARAMS):]                        # (W_*0, W_*1[, A_*0, A_*1])
-            docs = segments.documents(*xs[10:14])
+            rs = consts[len(HPARAMS):]                        # (W_*0, W_*1[, A_*0, A_*1 | S_*0, S_*1])
+            docs = segments.documents(*xs[-len(segments.X_NAMES):])
             state = segments.swap(docs, state, rs)
         P0, P1 = state[0], state[1]
+        S = tuple(state[2:4]) if cfg.momentum else None
         N = tuple(state[-2:]) if cfg.anchor else None
         # per-token factors at the chunk-start weights (packed: a later document's at W_*)
         if not packed:
@@ -108,6 +115,16 @@ def make_chunk_fn(cfg, packed: bool = False):
             c_end = -segments.end_weights(l_end, l_c, docs.in_last) * lr_c
             z_end = tuple(jnp.exp(l_end) * segments.blend(docs.first_last, b, b_s) + km.t_dot(dl, c_end * il)
                           for b, b_s, dl, il in zip(base, B_s, deltas, ins))
+        mom = None
+        if cfg.momentum:
+            mom = _momentum(mx, l_c, l_r, l_end, lr_c, lr_r, docs, c, S, None if rs is None else rs[2:4])
+            cm = mom["cm"]
+            B_end = base if not packed else tuple(segments.blend(docs.first_last, b, b_s)
+                                                  for b, b_s in zip(base, B_s))
+            z_end = tuple(jnp.exp(l_end) * b + mom["h_end"] * s + km.t_dot(dl, mom["c_end"] * il)
+                          for b, s, dl, il in zip(B_end, mom["S_last"], deltas, ins))
+            s_end = tuple(jnp.exp(mom["m_end"]) * s + km.t_dot(dl, mom["s_end"] * il)
+                          for s, dl, il in zip(mom["S_last"], deltas, ins))
         if N is not None:
             z_end = tuple(z + n for z, n in zip(z_end, N))
         if cfg.retention == "scale":
@@ -129,6 +146,12 @@ def make_chunk_fn(cfg, packed: bool = False):
             out = beta * km.dot_t(x, bases[l]) + km.dot(cm * km.dot_t(x, ins[l]), deltas[l])
             if rbases is not None:
                 out = out + rho * km.dot_t(x, rbases[l])
+            if mom is not None:                               # + h_i S_l x_i (a later document: S_*)
+                cen = _centred if l == 1 else (lambda w: w)
+                sx = km.dot_t(x, cen(S[l]))
+                if packed:
+                    sx = segments.blend(docs.first_c, sx, km.dot_t(x, cen(rs[2 + l])))
+                out = out + mom["h"] * sx
             if anchors is not None:
                 out = out + km.dot_t(x, anchors[l])
             return scales[l] * out
@@ -140,6 +163,23 @@ def make_chunk_fn(cfg, packed: bool = False):
             if packed:   # a chunk of padding keeps P
                 P_end = tuple(segments.blend(docs.any_real, pe, p) for pe, p in zip(P_end, (P0, P1)))
             return P_end + z_end + keep, (y,)
-        return z_end + keep, (y,)
+        return z_end + (s_end if cfg.momentum else ()) + keep, (y,)
 
     return fn
+
+
+def _momentum(mx, l_c, l_r, l_end, lr_c, lr_r, docs, c, S, S_reset):
+    """The momentum dual form's coefficients (see the module docstring): ``cm [c, c]``, ``h [c, 1]``,
+    the end state's ``c_end``, ``h_end``, the momentum's ``s_end``, ``m_end`` and ``S_last``."""
+    packed = docs is not None
+    mask = km.tri(c) & docs.same if packed else km.tri(c)
+    m_c, m_r, m_end = mx["m_col"], mx["m_row"], mx["m_end"]
+    Rr = km.decay_matrix(l_c, l_r, mask) * mx["live_row"]
+    E = km.decay_matrix(m_c, m_r, mask)
+    em = jnp.exp(m_c)
+    ends = segments.end_weights(l_end, l_c, docs.in_last) if packed else jnp.exp(l_end - l_c)
+    ends_r = ends * mx["live_col"]
+    m_ends = segments.end_weights(m_end, m_c, docs.in_last) if packed else jnp.exp(m_end - m_c)
+    S_last = S if not packed else tuple(segments.blend(docs.first_last, s, s_r) for s, s_r in zip(S, S_reset))
+    return {"cm": -km.dot(Rr, E) * lr_r, "h": km.dot(Rr, em), "c_end": -km.t_dot(E, ends_r) * lr_c,
+            "h_end": km.total(ends_r * em), "s_end": -m_ends * lr_c, "m_end": m_end, "S_last": S_last}

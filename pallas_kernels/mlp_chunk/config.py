@@ -25,6 +25,8 @@ class MLPChunkConfig:
     anchor: anchored retention, ``z_t = a z_{t-1} + (1 - a) N + u`` with the dual anchors
       ``N = (N_0, N_1)`` (for ``"lag"``: ``log W_0``; the linear part then uses ``c softmax(N)``)
       carried as two more (constant) state entries.
+    momentum: Titans' momentum, ``S_t = m_t S_{t-1} - lr_t g_t``, ``W_t = a_t W_{t-1} [+ (1 - a_t) N] + S_t``
+      (linear retention; ``S = (S_0, S_1)`` two more state entries).
     """
 
     residual: str = "l2"
@@ -33,6 +35,7 @@ class MLPChunkConfig:
     simplex_c: float | None = None
     chunk_size: int = 64
     anchor: bool = False
+    momentum: bool = False
 
     def __post_init__(self):
         if self.residual not in residuals.KINDS:
@@ -41,6 +44,8 @@ class MLPChunkConfig:
             raise ValueError(f"retention must be one of {RETENTIONS}, got {self.retention!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.momentum and self.retention != "linear":
+            raise ValueError("momentum needs retention='linear'")
 
     def validate(self, backend: str, d_k: int, d_f: int) -> None:
         check_blocks(backend, chunk_size=self.chunk_size, d_k=d_k, d_f=d_f)
@@ -51,6 +56,8 @@ class MLPChunkConfig:
         c = self.chunk_size
         mm = 2 * c * d * f
         flops = (13 if packed else 8) * mm + 2 * c * c * (2 * d + f) + 2 * c * c * (d + f)
+        if self.momentum:
+            flops += 2 * c ** 3 + 4 * mm
         return flops, 3 * c * f + 2 * c * c
 
 
@@ -60,3 +67,4 @@ class MLPChunkState(NamedTuple):
 
     memory: tuple
     accumulator: tuple | None
+    momentum: tuple | None = None

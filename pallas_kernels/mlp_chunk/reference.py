@@ -127,10 +127,46 @@ def _packed_row(cfg, hp, q, k, v, lr, la, g, m0, a0, n0, reset, real, w_s, a_s):
     return y.reshape(n * c, -1)[:T], W, A
 
 
-def mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor=None, *, config, segments=None):
+def _momentum_row(cfg, hp, q, k, v, lr, la, lm, g, m0, s0, n0, reset, real, w_s, s_s):
+    """One head with momentum (linear retention), token by token: at a restart ``(W, S, P)`` become
+    ``(W_*, S_*, W_*)``; ``g = grad l(P)``, ``S = m S - lr g``, ``W = a W [+ (1 - a) N] + real S``,
+    ``y = M_W(q)``; ``P``: the chunk-start weights."""
+    T, c = q.shape[0], cfg.chunk_size
+    n = -(-T // c)
+    pad = lambda x: jnp.pad(x, ((0, n * c - T),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])  # noqa: E731
+    xs = tuple(pad(x) for x in (q, k, v, lr, la, lm, g, reset, real))
+    sel = lambda b, x, y: jax.tree.map(lambda u, w: jnp.where(b, u, w), x, y)  # noqa: E731
+
+    def grad(P, k_i, v_i, g_i):
+        pred, vjp = jax.vjp(lambda W: memory(W, k_i), P)
+        phi = residuals.residual(cfg.residual, cfg.smooth, pred[None], v_i[None], jnp.reshape(g_i, (1, 1)), hp)[0]
+        return vjp(phi)[0]
+
+    def chunk(carry, x):
+        def tok(carry, t):
+            W, S, P = carry
+            q_i, k_i, v_i, lr_i, la_i, lm_i, g_i, r_i, re_i = t
+            W, S, P = sel(r_i > 0, (w_s, s_s, w_s), (W, S, P))
+            S = tuple(jnp.exp(lm_i) * s - lr_i * gl for s, gl in zip(S, grad(P, k_i, v_i, g_i)))
+            if cfg.anchor:
+                W = tuple(nn + jnp.exp(la_i) * (w - nn) + re_i * s for w, s, nn in zip(W, S, n0))
+            else:
+                W = tuple(jnp.exp(la_i) * w + re_i * s for w, s in zip(W, S))
+            return (W, S, P), memory(W, q_i)
+
+        W, S = carry
+        (W, S, _), y = jax.lax.scan(tok, (W, S, W), x)
+        return (W, S), y
+
+    (W, S), y = jax.lax.scan(chunk, (m0, s0), xs)
+    return y.reshape(n * c, -1)[:T], W, S
+
+
+def mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor=None, *, config, segments=None,
+                        log_momentum=None, s0=None):
     """Same arguments and results as ``mlp_chunk`` (inputs already checked there); ``segments``:
-    ``(reset, real, reset_state)`` float32 0 / 1 and ``(W_*0, W_*1[, A_*0, A_*1])``, gates already
-    masked."""
+    ``(reset, real, reset_state)`` float32 0 / 1 and ``(W_*0, W_*1[, A_*0, A_*1 | S_*0, S_*1])``, gates
+    already masked."""
     hp = dict(zip(chunk_lib.HPARAMS, layout.consts(hparams, chunk_lib.HPARAMS)))
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     la = jnp.zeros_like(f32(lr)) if log_decay is None else f32(log_decay)
@@ -138,6 +174,18 @@ def mlp_chunk_reference(q, k, v, lr, m0, log_decay, a0, gate, hparams, anchor=No
     m0 = tuple(f32(w) for w in m0)
     a0 = m0 if a0 is None else tuple(f32(a) for a in a0)
     n0 = m0 if anchor is None else tuple(f32(a) for a in anchor)   # unused unless config.anchor
+    if config.momentum:
+        s0 = tuple(f32(s) for s in s0)
+        if segments is None:
+            reset, real, w_s, s_s = jnp.zeros_like(f32(lr)), jnp.ones_like(f32(lr)), m0, s0
+        else:
+            reset, real, rstate = segments
+            w_s, s_s = tuple(f32(x) for x in rstate[:2]), tuple(f32(x) for x in rstate[2:4])
+        fn = jax.vmap(jax.vmap(lambda *a: _momentum_row(config, hp, *a)))
+        y, W, S = fn(f32(q), f32(k), f32(v), f32(lr), la, f32(log_momentum), g, m0, s0, n0, reset, real, w_s, s_s)
+        if segments is not None:
+            y = jnp.where(real[..., None] > 0, y, 0.0)
+        return y.astype(v.dtype), MLPChunkState(W, None, S)
     if segments is not None:
         reset, real, rstate = segments
         rstate = tuple(f32(x) for x in rstate)
