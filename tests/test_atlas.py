@@ -259,6 +259,33 @@ def test_chunk_form_equals_chunk_reference(x64, case, packed):
         np.testing.assert_allclose(sf.optimizer["W"], sr.optimizer["W"], **tight)
 
 
+@pytest.mark.parametrize("name, kw, packed", [
+    ("omeganet", dict(memory="mlp", window=3, expansion=2), True),
+    ("atlas", dict(memory="mlp", window=2, expansion=2, ns_steps=2), False),
+    ("atlas", dict(memory="linear", window=3, degree=None, anchor=True), True)])
+def test_materialised_chunk_form_equals_chunk_reference(x64, name, kw, packed):
+    """An MLP memory or an anchored decay: the materialised chunk form (engine "omega") == the
+    chunked reference, values, final states and gradients in float64."""
+    spec = presets.get(name, **kw)
+    assert mj.plan(spec, "xla", 4).engine == "omega"
+    d, T = 3, 14
+    q, k, v, g = f64(inputs(9, T, d))
+    W0 = f64(spec.memory.init(jax.random.key(3), d, d))
+    seg = jnp.asarray(SEGS[:T], jnp.int32) if packed else None
+
+    def run(impl):
+        def f(W0, q, k, v, g):
+            y, st = mj.memorize(spec, W0, q, k, v, g, chunk_size=4, implementation=impl, segment_ids=seg)
+            return y, st.memory, st.optimizer
+        return jax.jit(lambda *a: jax.vjp(f, *a))
+
+    (out_x, vjp_x), (out_r, vjp_r) = run("xla")(W0, q, k, v, g), run("reference")(W0, q, k, v, g)
+    cot = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype), out_r)
+    tight = dict(rtol=1e-8, atol=1e-10)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tight), out_x, out_r)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tight), vjp_x(cot), vjp_r(cot))
+
+
 def test_chunk_form_at_chunk_one_is_the_token_engine():
     spec = presets.get("atlas", window=3, degree=None)
     q, k, v, g = inputs(6, 10, 4)
@@ -330,14 +357,14 @@ def test_batched_and_vmapped_hparams():
 
 
 def test_mlp_memory_layer_decode_equals_forward():
-    """An MLP memory with an Omega window and Muon trains on the chunked reference (chunk 4); its
-    buffered decode runs the same loops on the partial chunk."""
+    """An MLP memory with an Omega window and Muon trains on the materialised chunk form (chunk 4);
+    its buffered decode runs the same form on the partial chunk."""
     from flax import nnx
     from miras_jax.nn import MirasLayer
 
     layer = MirasLayer(8, 2, "atlas", preset_kwargs={"memory": "mlp", "window": 3, "expansion": 2},
                        chunk_size=4, gate_rank=4, rngs=nnx.Rngs(0))
-    assert layer.plan.engine == "chunked_reference"
+    assert layer.plan.engine == "omega"
     x = jax.random.normal(jax.random.key(1), (1, 9, 8))
     full = layer(x)
     y, cache = nnx.jit(lambda m, x: m.prefill(x))(layer, x[:, :5])

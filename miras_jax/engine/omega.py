@@ -14,6 +14,11 @@ gradient is taken at the chunk-start memory ``P``. One head, after ``window.lowe
                U_i = -eta_i NS(S_i)                     (the Newton-Schulz step on every token's S_i)
                W_i = e^{L_i} P + sum_j R_ij U_j,   y_i = W_i q_i   (materialised: [C, v, D] per chunk)
 
+Any other memory (an MLP), or an anchored decay (``W_i = a_i W_{i-1} + (1 - a_i) N + u_i``: the same
+algebra on ``W - N``), runs the *materialised* form: per-token gradients ``grad l(P; k_e, v_e)`` (one
+VJP each, a pytree) banded into ``g_j``, every token's weights ``W_i`` formed by the masked matmuls
+above leaf by leaf (``[C, ...]`` per leaf: ``C`` times the memory), read by ``M_{W_i}(q_i)``.
+
 With ``C = 1`` this is the token engine. Padding (the last partial chunk, ``valid_len``, pads of
 packed rows): ``eta = 0``, ``omega = 0``, ``a = m = 1``. Packed rows: a document starting inside a
 chunk restarts from the reset state and takes its gradients there (``R`` and the cumulative logs
@@ -29,16 +34,19 @@ import jax.numpy as jnp
 from miras_jax.engine import window as window_lib
 from miras_jax.engine.minibatch import decay
 from miras_jax.engine.minibatch.reference import pad_to_chunks
-from miras_jax.engine.tokens import MemoryState
+from miras_jax.engine.tokens import MemoryState, inner_grad
 from miras_jax.inner_opt import newton_schulz
 
 
+def dual_form(spec) -> bool:
+    """Whether the dual (matrix) form runs ``spec``: a matrix memory, an unanchored decay."""
+    return getattr(spec.memory, "kind", None) == "linear" and not spec.retention.anchor
+
+
 def blocker(spec) -> str | None:
-    """Why this chunk form cannot run ``spec`` (``None`` if it can)."""
-    if getattr(spec.memory, "kind", None) != "linear":
-        return "the Omega / Muon chunk form needs a matrix (linear) memory"
-    if spec.retention.map_kind != "identity" or spec.retention.anchor:
-        return f"retention {spec.retention.name!r} is not a plain decay (identity map, no anchor)"
+    """Why this chunk form cannot run ``spec`` (``None`` if it can: the dual form or the materialised one)."""
+    if spec.retention.map_kind != "identity":
+        return f"retention {spec.retention.name!r} is not a plain decay (identity map)"
     if spec.grad_at != "previous":
         return "the Omega / Muon chunk form takes gradients at the chunk-start memory (grad_at='previous')"
     if spec.optimizer.update_form not in ("gd", "momentum", "muon") or spec.num_steps != 1:
@@ -110,6 +118,8 @@ def memorize_omega_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk
     B = band(chunks(omega), C)                                                  # [n, C, w - 1 + C]
     xs = (*jax.tree.map(chunks, (q, k, v, bg, lr, log_a, log_m, mask, reset)), k_prev, v_prev, bg_prev, B)
     residual = jax.vmap(lambda p, t, g: spec.bias.residual_map(p, t, hp["bias"], g))
+    if not dual_form(spec):
+        return _materialised(spec, state, segments, xs, with_s, T)
     W_star = state.memory["W"] if not packed else reset_state.memory["W"]
     S_star = (state.optimizer["W"] if not packed else reset_state.optimizer["W"]) if with_s else None
 
@@ -169,4 +179,72 @@ def memorize_omega_chunked(spec, state: MemoryState, q, k, v, gates: dict, chunk
     (P, S), y = jax.lax.scan(body, (state.memory["W"], S0), xs)
     final = MemoryState({"W": P}, state.retention, {"W": S} if with_s else state.optimizer)
     y = y.reshape((n * C,) + y.shape[2:])[:T]
+    return (y if not packed else jnp.where(segments[1][:, None], y, 0.0)), final
+
+
+def _materialised(spec, state: MemoryState, segments, xs, with_s: bool, T: int):
+    """The materialised form (module docstring) for any memory pytree and an anchored decay; ``xs``
+    as built by :func:`memorize_omega_chunked`."""
+    opt, mem, ret = spec.optimizer, spec.memory, spec.retention
+    form = opt.update_form
+    packed = segments is not None
+    tmap = jax.tree.map
+    base_spec = spec.replace(bias=spec.bias.base) if window_lib.is_omega(spec) else spec
+    grads = jax.vmap(lambda point, k_e, v_e, g_e: inner_grad(base_spec, point, k_e, v_e, g_e),
+                     in_axes=(None, 0, 0, 0))
+    reset_state = segments[2] if packed else state
+    anchor = lambda st: ret.anchor_of(st.retention) if ret.anchor else tmap(jnp.zeros_like, st.memory)  # noqa: E731
+    N, N_star = anchor(state), anchor(reset_state)
+    W_star = reset_state.memory
+    S_star = reset_state.optimizer if with_s else None
+    mix = lambda M, x: tmap(lambda a: jnp.einsum("ij,j...->i...", M, a), x)  # noqa: E731
+    scale = lambda c, x: tmap(lambda a: c.reshape((-1,) + (1,) * (a.ndim - 1)) * a, x)  # noqa: E731
+    C = xs[0].shape[1]
+    every = lambda x: tmap(lambda a: jnp.broadcast_to(a, (C,) + a.shape), x)  # noqa: E731
+
+    @jax.checkpoint
+    def body(carry, xs_c):
+        P, S = carry
+        qc, kc, vc, bgc, lrc, la, lm, mc, rc, kp, vp, bgp, Bx = xs_c
+        w1 = kp.shape[0]
+        Bp, Bc = Bx[:, :w1], Bx[:, w1:]
+        first = jnp.cumsum(rc) == 0
+        same = None
+        if packed:
+            dc = jnp.cumsum(rc)
+            same = (dc[:, None] == dc[None, :]).astype(qc.dtype)
+
+        def pick(x, y):     # [C, ...] leaves: the first document's x, the later ones' y
+            return x if not packed else tmap(
+                lambda a, b: jnp.where(first.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), x, y)
+
+        g_c = grads(P, kc, vc, bgc)                                             # [C, ...] per leaf
+        if packed:
+            g_c = pick(g_c, grads(W_star, kc, vc, bgc))
+        G = tmap(jnp.add, mix(Bc, g_c), mix(Bp, grads(P, kp, vp, bgp)))        # the window's g_j
+        R = decay.decay_matrix(la, same)
+        beta = jnp.exp(jnp.cumsum(la) if same is None else decay.segment_cumsum(la, same))
+        anc = pick(every(N), every(N_star))
+        dev = tmap(jnp.subtract, pick(every(P), every(W_star)), anc)            # W - N at the chunk start
+        if with_s:
+            Rm = decay.decay_matrix(lm, same)
+            mcum = jnp.exp(jnp.cumsum(lm) if same is None else decay.segment_cumsum(lm, same))
+            S0 = pick(every(S), every(S_star))
+        if form == "gd":
+            U = scale(-lrc, G)
+        elif form == "momentum":   # S_i = m_i S_{i-1} - lr_i g_i;  W_i = a_i W_{i-1} + real_i S_i
+            S_all = tmap(jnp.add, scale(mcum, S0), mix(Rm, scale(-lrc, G)))
+            U = scale(mc, S_all)
+        else:                      # Muon: S_i = m_i S_{i-1} + g_i;  u_i = -lr_i NS(S_i)
+            S_all = tmap(jnp.add, scale(mcum, S0), mix(Rm, G))
+            U = scale(-lrc, tmap(lambda a: jax.vmap(lambda x: newton_schulz(x, opt.ns_steps))(a), S_all))
+        W_all = tmap(jnp.add, tmap(jnp.add, scale(beta, dev), mix(R, U)), anc)
+        y = jax.vmap(mem.apply)(W_all, qc)
+        last = lambda x: tmap(lambda a: a[-1], x)  # noqa: E731
+        return (last(W_all), last(S_all) if with_s else S), y
+
+    S0 = state.optimizer if with_s else jnp.zeros(())
+    (P, S), y = jax.lax.scan(body, (state.memory, S0), xs)
+    final = MemoryState(P, state.retention, S if with_s else state.optimizer)
+    y = y.reshape((-1,) + y.shape[2:])[:T]
     return (y if not packed else jnp.where(segments[1][:, None], y, 0.0)), final

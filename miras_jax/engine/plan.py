@@ -10,8 +10,9 @@ Engines (``Plan.engine``):
                          token recurrence for any chunk size.
   ``minibatch``          the mini-batch chunk form (``engine/minibatch/chunk.py``; hand VJP in
                          ``engine/minibatch/vjp.py`` where it applies, else autodiff).
-  ``omega``              the mini-batch chunk form of a matrix memory with an Omega window and / or
-                         Muon (``engine/omega.py``; autodiff).
+  ``omega``              the mini-batch chunk form with an Omega window and / or Muon
+                         (``engine/omega.py``: dual form for a matrix memory, materialised per-token
+                         weights for an MLP or an anchored decay; autodiff).
   ``pallas``             the kernels of ``pallas_kernels/`` (``engine/pallas.py``).
 
 ``implementation``: ``"reference"`` (tokens, or chunked_reference when ``chunk_size > 1`` and the
@@ -209,7 +210,9 @@ def _atlas_kernel_config(spec, chunk_size: int, channel: bool):
             else f"optimizer {spec.optimizer.name!r}")
     if _trait(spec.memory, "kind") != "linear":
         raise NotImplementedError(f"{what} has a Pallas kernel for the matrix (linear) memory only")
-    reason = omega_lib.blocker(spec)   # matrix memory, plain decay, gradients at the chunk start, one step
+    reason = omega_lib.blocker(spec)   # a plain decay, gradients at the chunk start, one step
+    if reason is None and spec.retention.anchor:
+        reason = f"{what} with an anchored retention has no Pallas kernel"
     if reason is not None:
         raise NotImplementedError(reason)
     if channel:
