@@ -357,14 +357,15 @@ def test_batched_and_vmapped_hparams():
 
 
 def test_mlp_memory_layer_decode_equals_forward():
-    """An MLP memory with an Omega window and Muon trains on the materialised chunk form (chunk 4);
-    its buffered decode runs the same form on the partial chunk."""
+    """An MLP memory with an Omega window and Muon trains on the chunked reference on this CPU (auto:
+    plan.MATERIALISED_AUTO); its buffered decode runs the materialised chunk form on the partial
+    chunk: the same semantics."""
     from flax import nnx
     from miras_jax.nn import MirasLayer
 
     layer = MirasLayer(8, 2, "atlas", preset_kwargs={"memory": "mlp", "window": 3, "expansion": 2},
                        chunk_size=4, gate_rank=4, rngs=nnx.Rngs(0))
-    assert layer.plan.engine == "omega"
+    assert layer.plan.engine == "chunked_reference"
     x = jax.random.normal(jax.random.key(1), (1, 9, 8))
     full = layer(x)
     y, cache = nnx.jit(lambda m, x: m.prefill(x))(layer, x[:, :5])

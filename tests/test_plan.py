@@ -63,6 +63,14 @@ def test_chunk_caps_are_in_the_plan_not_silent():
     assert text.startswith("Plan('deltanet': engine=delta") and "chunk=32 (asked 64)" in text
 
 
+def test_auto_picks_the_materialised_form_where_it_is_meant_to_win():
+    mlp = mj.presets.get("atlas", memory="mlp")
+    assert mj.plan(mlp, "xla", 16).engine == "omega"
+    assert mj.plan(mlp, "auto", 16, backend="cpu").engine == "chunked_reference"   # measured: the loops win
+    assert mj.plan(mlp, "auto", 16, backend="gpu").engine == "omega"               # no kernel: the chunk form
+    assert mj.plan(mj.presets.get("atlas"), "auto", 16, backend="cpu").engine == "omega"   # dual form
+
+
 def test_errors_name_the_blocking_component():
     with pytest.raises(NotImplementedError, match="the Omega window .4 tokens. has a Pallas kernel for the matrix"):
         mj.plan(mj.presets.get("omeganet", memory="mlp"), "pallas")
