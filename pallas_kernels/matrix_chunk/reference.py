@@ -12,18 +12,26 @@ from pallas_kernels.matrix_chunk import chunk as chunk_lib
 from pallas_kernels.matrix_chunk.config import ChunkState
 
 
+def _phi(cfg, hp, P, k_i, v_i, g_i):
+    """The bias's residual ``phi(P k_i - v_i)`` of one token: ``[v]``."""
+    return residuals.residual(cfg.residual, cfg.smooth, (P @ k_i)[None], v_i[None], jnp.reshape(g_i, (1, 1)), hp)[0]
+
+
+def _chunks(x, n: int, c: int):
+    """``[T, ...]`` zero-padded to ``n c`` tokens, as ``[n, c, ...]``."""
+    return jnp.pad(x, ((0, n * c - x.shape[0]),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])
+
+
 def _one_row(cfg, hp, q, k, v, lr, la, g, m0, a0):
     """One head: ``q, k [T, k]``, ``v [T, v]``, ``lr, g [T]``, ``la [T]`` or ``[T, k]`` (channel-wise:
     ``exp(la_i) * Z`` scales the columns of ``Z [v, k]``), ``m0, a0 [v, k]``."""
     T, c = q.shape[0], cfg.chunk_size
     n = -(-T // c)
-    pad = lambda x: jnp.pad(x, ((0, n * c - T),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])  # noqa: E731
+    pad = lambda x: _chunks(x, n, c)  # noqa: E731
     xs = tuple(pad(x) for x in (q, k, v, lr, la, g))
     full = jnp.arange(n) < T // c                  # chunks that end on a real token
 
-    def phi(P, k_i, v_i, g_i):
-        return residuals.residual(cfg.residual, cfg.smooth, (P @ k_i)[None], v_i[None],
-                                  jnp.reshape(g_i, (1, 1)), hp)[0]
+    phi = lambda P, k_i, v_i, g_i: _phi(cfg, hp, P, k_i, v_i, g_i)  # noqa: E731
 
     def chunk(carry, x):
         W, A = carry
@@ -66,14 +74,12 @@ def _packed_row(cfg, hp, q, k, v, lr, la, g, m0, a0, reset, real, w_s, a_s):
     keeps ``W``. ``lr``, ``la`` are already 0 on padding."""
     T, c = q.shape[0], cfg.chunk_size
     n = -(-T // c)
-    pad = lambda x: jnp.pad(x, ((0, n * c - T),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])  # noqa: E731
+    pad = lambda x: _chunks(x, n, c)  # noqa: E731
     xs = tuple(pad(x) for x in (q, k, v, lr, la, g, reset, real))
     lq = lambda a: km.lq_scale(a, hp["q"], hp["norm_floor"])[0, 0]  # noqa: E731
     sel = lambda b, x, y: jax.tree.map(lambda u, w: jnp.where(b, u, w), x, y)  # noqa: E731
 
-    def phi(P, k_i, v_i, g_i):
-        return residuals.residual(cfg.residual, cfg.smooth, (P @ k_i)[None], v_i[None],
-                                  jnp.reshape(g_i, (1, 1)), hp)[0]
+    phi = lambda P, k_i, v_i, g_i: _phi(cfg, hp, P, k_i, v_i, g_i)  # noqa: E731
 
     def chunk(carry, x):
         W, A = carry
@@ -153,13 +159,11 @@ def _atlas_row(cfg, hp, q, k, v, lr, la, lm, g, wts, hk, hv, hg, m0, s0, reset, 
     win = lambda x: jnp.stack([x[j:j + T] for j in range(w)], axis=1)  # noqa: E731   [T, w, ...]
     kw, vw, gw = win(ext(hk, k)), win(ext(hv, v)), win(ext(hg, g))
     wts = wts * real[:, None]
-    pad = lambda x: jnp.pad(x, ((0, n * c - T),) + ((0, 0),) * (x.ndim - 1)).reshape((n, c) + x.shape[1:])  # noqa: E731
+    pad = lambda x: _chunks(x, n, c)  # noqa: E731
     xs = tuple(pad(x) for x in (q, kw, vw, gw, wts, lr, la, lm, reset, real))
     sel = lambda b, x, y: jax.tree.map(lambda u, z: jnp.where(b, u, z), x, y)  # noqa: E731
 
-    def phi(P, k_i, v_i, g_i):
-        return residuals.residual(cfg.residual, cfg.smooth, (P @ k_i)[None], v_i[None],
-                                  jnp.reshape(g_i, (1, 1)), hp)[0]
+    phi = lambda P, k_i, v_i, g_i: _phi(cfg, hp, P, k_i, v_i, g_i)  # noqa: E731
 
     def chunk(carry, x):
         W, S = carry
