@@ -210,7 +210,7 @@ def test_auto_runs_packed_rows_on_the_kernels_on_accelerators():
         for backend in ("tpu", "gpu"):
             assert mj.plan(spec, "auto", 64, backend=backend, channel=channel).engine == "pallas"
         assert mj.plan(spec, "pallas", 64, channel=channel).engine == "pallas"
-    assert mj.plan(_get("titans"), "auto", 64, backend="gpu").engine == "minibatch"  # no kernel
+    assert mj.plan(_get("deltaproduct"), "auto", 64, backend="gpu").engine == "delta"  # no kernel
 
 
 @pytest.mark.parametrize("name", ["gla", pytest.param("yaad-linear", marks=SLOW)])
