@@ -225,7 +225,7 @@ def test_batched_entry_point_gradients_and_carried_state(B):
 
 
 def test_pallas_for_an_uncovered_spec_is_a_clear_error_and_auto_runs():
-    spec, params, (q, k, v, gates) = _setup("titans", T=8)
+    spec, params, (q, k, v, gates) = _setup("deltaproduct", T=8)
     with pytest.raises(NotImplementedError, match="pallas"):
         mj.memorize(spec, params, q, k, v, gates, implementation="pallas")
     spec, params, (q, k, v, gates) = _setup("deltanet", T=8)
