@@ -262,7 +262,8 @@ def test_chunk_form_equals_chunk_reference(x64, case, packed):
 @pytest.mark.parametrize("name, kw, packed", [
     ("omeganet", dict(memory="mlp", window=3, expansion=2), True),
     ("atlas", dict(memory="mlp", window=2, expansion=2, ns_steps=2), False),
-    ("atlas", dict(memory="linear", window=3, degree=None, anchor=True), True)])
+    pytest.param("atlas", dict(memory="linear", window=3, degree=None, anchor=True), True,
+                 marks=pytest.mark.slow)])   # the materialised path again (the MLP cases keep it)
 def test_materialised_chunk_form_equals_chunk_reference(x64, name, kw, packed):
     """An MLP memory or an anchored decay: the materialised chunk form (engine "omega") == the
     chunked reference, values, final states and gradients in float64."""

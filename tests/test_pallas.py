@@ -71,8 +71,9 @@ def _vjp(spec, params, args, **kw):
 
 
 # retnet, deltanet and longhorn run the kernels of linear_attention and gated_deltanet with other gates
+# atlas: test_atlas.py's every-implementation test runs it on the kernel (against the reference)
 @pytest.mark.parametrize("name", some_slow(PALLAS + PAPER + ["titans-linear"], slow=("retnet", "deltanet", "longhorn",
-                                                                 "yaad-paper", "memora-paper")))
+                                                                 "yaad-paper", "memora-paper", "atlas")))
 @pytest.mark.parametrize("T,chunk", [(45, 16), pytest.param(64, 32, marks=pytest.mark.slow)])
 def test_pallas_equals_xla(name, T, chunk):
     spec, params, args = _setup(name, T, d=8)
