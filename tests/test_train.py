@@ -14,8 +14,10 @@ from experiments import configs, evaluate, generate
 from experiments import train as train_lib
 from experiments.checkpoint import Checkpointer
 
+# one block (the smoke config has two): what these tests check (metrics, checkpoints, resume,
+# evaluation) does not depend on the depth, and each run compiles half the model
 TINY = configs.override(configs.get("smoke"), ["steps=8", "log_every=1", "eval_every=4", "checkpoint_every=2",
-                                               "batch=4", "seq_len=32"])
+                                               "batch=4", "seq_len=32", "model.num_layers=1"])
 
 
 def _rows(workdir):
@@ -211,7 +213,8 @@ def test_bad_input_fails_clearly(tmp_path):
 def test_byte_level_run_samples_text(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be, that is the question. " * 200)
-    lm = configs.override(dataclasses.replace(TINY, task="charlm"), ["model.pattern=MS", "model.window=8"])
+    lm = configs.override(dataclasses.replace(TINY, task="charlm"),
+                          ["model.pattern=MS", "model.window=8", "model.num_layers=2"])   # an M and an S block
     summary = train_lib.train(lm, str(tmp_path / "run"), data_path=str(text), progress=False)
     loss = summary["eval_val_loss"]
     np.testing.assert_allclose([summary["val_bits_per_byte"], summary["val_perplexity"]],
