@@ -204,17 +204,19 @@ def test_batched_entry_point_gradients_and_carried_state(B):
     def batched(p, q_):
         return jnp.sum(ct * mj.memorize_batched(spec, p, q_, k, v, gates, **kw)[0])
 
-    def per_row(p, q_):
-        tot = 0.0
-        for b in range(B):
-            for h in range(H):
-                y, _ = mj.memorize(spec, jax.tree.map(lambda x: x[h], p), q_[b, :, h], k[b, :, h],
-                                   v[b, :, h], {n: g[b, :, h] for n, g in gates.items()}, **kw)
-                tot = tot + jnp.sum(ct[b, :, h] * y)
-        return tot
+    @jax.jit   # one row's program, run for every (b, h): the rows' sum is the reference
+    def row_grads(p_h, q_r, k_r, v_r, g_r, ct_r):
+        return jax.grad(lambda p_, q_: jnp.sum(ct_r * mj.memorize(spec, p_, q_, k_r, v_r, g_r, **kw)[0]),
+                        argnums=(0, 1))(p_h, q_r)
 
-    _close(jax.jit(jax.grad(batched, argnums=(0, 1)))(params, q), jax.jit(jax.grad(per_row, argnums=(0, 1)))(params, q),
-           grads=True)
+    gp, gq = jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            gp_h, gq_r = row_grads(jax.tree.map(lambda x: x[h], params), q[b, :, h], k[b, :, h], v[b, :, h],
+                                   {n: g[b, :, h] for n, g in gates.items()}, ct[b, :, h])
+            gp = jax.tree.map(lambda acc, x: acc.at[h].add(x), gp, gp_h)   # per-head params: summed over b
+            gq = gq.at[b, :, h].set(gq_r)
+    _close(jax.jit(jax.grad(batched, argnums=(0, 1)))(params, q), (gp, gq), grads=True)
     split = lambda t, s: jax.tree.map(lambda x: x[:, s], t)  # noqa: E731
     y_all, st_all = mj.memorize_batched(spec, params, q, k, v, gates, **kw)
     y_a, st_a = mj.memorize_batched(spec, params, *split((q, k, v, gates), slice(0, t1)), **kw)
