@@ -83,7 +83,7 @@ def test_greedy_generate_matches_argmax_of_full_forward():
                    window=4, chunk_size=CHUNK, gate_rank=4)
     model = MirasLM(cfg, rngs=nnx.Rngs(3))
     prompt = jax.random.randint(jax.random.key(4), (2, 5), 0, 30)
-    out = generate(model, prompt, 6)
+    out = nnx.jit(generate, static_argnums=2)(model, prompt, 6)   # jitted, as experiments/generate.py runs it
     assert out.shape == (2, 6) and out.dtype == jnp.int32
     seq = jnp.concatenate([prompt, out], axis=1)
     ref = jnp.argmax(_forward(model, seq)[:, 4:-1], axis=-1)
