@@ -30,7 +30,7 @@ LAYER_PRESETS = [pytest.param(n, marks=pytest.mark.slow) if n == "omeganet" else
 
 
 _prefill = nnx.jit(lambda m, x: m.prefill(x))
-_forward = nnx.jit(lambda m, x: m(x))   # an LM's full forward (eager dispatch took seconds)
+_forward = nnx.jit(lambda m, x: m(x))   # the full forward (eager dispatch took seconds)
 _step = nnx.jit(lambda m, x, cache: m.step(x, cache))
 
 
@@ -49,7 +49,7 @@ def _decode(layer_or_model, x, prompt):
 def test_layer_prefill_then_steps_equals_full_forward(preset):
     layer = MirasLayer(D, H, preset, chunk_size=CHUNK, gate_rank=4, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, T, D))
-    full = layer(x)
+    full = _forward(layer, x)
     assert full.shape == x.shape and bool(jnp.all(jnp.isfinite(full)))
     for prompt in (PROMPT, 2):  # a prompt ending mid-chunk, and one shorter than a chunk
         np.testing.assert_allclose(_decode(layer, x, prompt), full, rtol=DECODE_TOL, atol=DECODE_TOL)
