@@ -255,10 +255,12 @@ def test_batched_rows_take_their_own_segment_ids():
     params = jax.vmap(lambda kk: spec.memory.init(kk, d, d))(jax.random.split(ks[3], H))
     seg = jnp.stack([_ids([5, 7]), _ids([12])])
     y, _ = mj.memorize_batched(spec, params, q, k, v, gates, chunk_size=4, segment_ids=seg)
+    # one jitted row program for every (b, h) (eager calls retraced and recompiled the engine's scans)
+    row = jax.jit(lambda *a: mj.memorize(spec, *a[:5], chunk_size=4, segment_ids=a[5])[0])
     for b in range(B):
         for h in range(H):
-            y1, _ = mj.memorize(spec, jax.tree.map(lambda x: x[h], params), q[b, :, h], k[b, :, h], v[b, :, h],
-                                {g: x[b, :, h] for g, x in gates.items()}, chunk_size=4, segment_ids=seg[b])
+            y1 = row(jax.tree.map(lambda x: x[h], params), q[b, :, h], k[b, :, h], v[b, :, h],
+                     {g: x[b, :, h] for g, x in gates.items()}, seg[b])
             np.testing.assert_allclose(y[b, :, h], y1, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="segment_ids"):
         mj.memorize_batched(spec, params, q, k, v, gates, chunk_size=4, segment_ids=seg[0])
