@@ -174,11 +174,12 @@ def test_batched_entry_point_matches_per_head_calls():
     params = jax.vmap(lambda kk: spec.memory.init(kk, D, D))(jax.random.split(ks[2], H))
     y, st = mj.memorize_batched(spec, params, q, k, v, gates, chunk_size=8, implementation="xla")
     assert y.shape == (B, T, H, D)
+    # one jitted per-head program for every (b, h) (eager calls recompiled the engine's scans)
+    one = jax.jit(lambda *a: mj.memorize(spec, *a, chunk_size=8, implementation="xla"))
     for b in range(B):
         for h in range(H):
-            yh, sh = mj.memorize(spec, jax.tree.map(lambda x: x[h], params), q[b, :, h], k[b, :, h],
-                                 v[b, :, h], {n: g[b, :, h] for n, g in gates.items()},
-                                 chunk_size=8, implementation="xla")
+            yh, sh = one(jax.tree.map(lambda x: x[h], params), q[b, :, h], k[b, :, h], v[b, :, h],
+                         {n: g[b, :, h] for n, g in gates.items()})
             np.testing.assert_allclose(y[b, :, h], yh, **VAL_TOL)
             _close(jax.tree.map(lambda x: x[b, h], st.memory), sh.memory, grads=False)
     with pytest.raises(ValueError, match="lead with"):
