@@ -166,7 +166,8 @@ def _accumulator_growth(lr_max, T=64):
     x = jax.random.normal(jax.random.key(1), (1, T, 64))
     q, k, v, _ = layer._qkv(x, None)
     w0 = layer.memory_init()
-    _, st = memorize_batched(layer.spec, w0, q, k, v, layer._gates(x), chunk_size=16, implementation="xla")
+    _, st = jax.jit(lambda *a: memorize_batched(layer.spec, *a, chunk_size=16, implementation="xla"))(
+        w0, q, k, v, layer._gates(x))   # jitted: eager dispatch retraced and recompiled the engine's scans
     norm = lambda a: jnp.sum(jnp.abs(a) ** 4, axis=(-2, -1)) ** 0.25
     return max(float(jnp.max(norm(a_t[0]) / norm(a_0))) for a_t, a_0 in
                zip(jax.tree.leaves(st.retention), jax.tree.leaves(w0)))
