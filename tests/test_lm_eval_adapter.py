@@ -85,9 +85,14 @@ def _req(kind, args):
 def _direct(forward, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     """``-sum CE`` of ``cont`` after ``ctx`` and whether argmax reproduces it: one forward."""
     seq = ctx + cont
-    logits = forward(seq[:-1])[-len(cont):]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(cont, jnp.int32))
-    return -float(jnp.sum(ce)), bool(jnp.all(jnp.argmax(logits, -1) == jnp.asarray(cont)))
+    logp, greedy = _score(forward(seq[:-1])[-len(cont):], jnp.asarray(cont, jnp.int32))
+    return float(logp), bool(greedy)
+
+
+@jax.jit   # eagerly, each new continuation length compiled each of these ops again
+def _score(logits, cont):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, cont)
+    return -jnp.sum(ce), jnp.all(jnp.argmax(logits, -1) == cont)
 
 
 def _ids(text: str) -> list[int]:
