@@ -194,8 +194,9 @@ def test_sequence_sharded_prefill_then_decoding_equals_one_device(pattern, prese
     calls = []
     real = context.memorize_seq_sharded
     monkeypatch.setattr(context, "memorize_seq_sharded", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    cfg = LMConfig(vocab_size=40, d_model=16, num_layers=2, num_heads=2, preset=preset, pattern=pattern, window=5,
-                   chunk_size=4, gate_rank=4)
+    # one block per pattern letter
+    cfg = LMConfig(vocab_size=40, d_model=16, num_layers=len(pattern), num_heads=2, preset=preset,
+                   pattern=pattern, window=5, chunk_size=4, gate_rank=4)
     model = MirasLM(cfg, rngs=nnx.Rngs(0))
     # 3 steps: Moneta's buffer (2 tokens) fills its chunk at the second, the third opens the next
     toks = jax.random.randint(jax.random.key(2), (2, prompt + 3), 0, 40)

@@ -296,8 +296,9 @@ def _lm(preset, pattern, chunk=4, **kw):
     from flax import nnx
 
     from miras_jax.nn import LMConfig, MirasLM
-    cfg = LMConfig(vocab_size=37, d_model=16, num_layers=2, num_heads=2, preset=preset, pattern=pattern,
-                   chunk_size=chunk, window=5, gate_rank=4, **kw)
+    # one block per pattern letter
+    cfg = LMConfig(vocab_size=37, d_model=16, num_layers=len(pattern), num_heads=2, preset=preset,
+                   pattern=pattern, chunk_size=chunk, window=5, gate_rank=4, **kw)
     return MirasLM(cfg, rngs=nnx.Rngs(0))
 
 
