@@ -125,7 +125,10 @@ def test_pipeline_micro_batches_and_seq_8(microbatches):
     _close(got, ref, tol=1e-3)
 
 
-@pytest.mark.parametrize("name,mode", [("gated_deltanet", "summary"), ("gated_deltanet", "pipeline"),
+# the pipeline's packed relay (entry resets, the row's reset state) is spec-agnostic: moneta's case
+# keeps it, gated_deltanet's under -m slow (its packed chunk form: summary mode here, test_segments)
+@pytest.mark.parametrize("name,mode", [("gated_deltanet", "summary"),
+                                       pytest.param("gated_deltanet", "pipeline", marks=SLOW),
                                        ("moneta", "pipeline"), pytest.param("titans", "pipeline", marks=SLOW)])
 def test_packed_rows_equal_one_device(name, mode):
     spec, params, args = _inputs(name, T=32)
